@@ -1,0 +1,13 @@
+"""tokencompile: a compiler that makes transformers faster by processing fewer tokens.
+
+Importing the package registers the ``tokencompile::`` custom ops, which optimized programs need
+when they are loaded (``torch.export.load``) in a fresh process.
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.tokencompile.*)
+from .analysis import ModelAnalysis, analyse
+from .compiler import OptimizeResult, optimize
+from .errors import TokenCompileError, UnsupportedModelError
+
+__all__ = ["optimize", "analyse", "ModelAnalysis", "OptimizeResult", "TokenCompileError", "UnsupportedModelError"]
+__version__ = "0.1.0"

@@ -1,0 +1,188 @@
+"""Find the structure a token reduction needs from the exported graph itself.
+
+Nothing here looks at class names: blocks come from module paths recorded by torch.export
+(a ModuleList / Sequential index encloses each attention), attention from SDPA nodes, the token
+count from the attention's query length, protected tokens from the data flow (learned prefix tokens
+concatenated before the first block, tokens read by index after the last one, the [SEP] of a
+masked encoder).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .errors import UnsupportedModelError
+from .graph_utils import SDPA, aten, ancestors, descendants, module_path, node_arg, shape_of, tensor_meta
+
+# Ops that pass the token axis of their first argument through unchanged (walked when tracing
+# the residual stream back to where its tokens were assembled).
+_TOKEN_PRESERVING = {
+    aten.add.Tensor, aten.mul.Tensor, aten.dropout.default, aten.layer_norm.default, aten.clone.default,
+    aten.contiguous.default, aten.alias.default, aten.sub.Tensor, aten.to.dtype,
+}
+
+
+@dataclass
+class Block:
+    index: int
+    name: str
+    attention: Node
+    site: Node
+    nodes: list[Node] = field(repr=False)
+
+    @property
+    def keys(self) -> Node:
+        return self.attention.args[1]
+
+
+@dataclass
+class ModelAnalysis:
+    blocks: list[Block]
+    tokens: int
+    token_axis: int
+    hidden: int
+    num_prefix: int
+    mask_input: Node | None
+    protect_last_valid: bool
+    attention_kind: str = "sdpa"
+
+    def summary(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "token_axis": self.token_axis,
+            "hidden": self.hidden,
+            "blocks": len(self.blocks),
+            "attention": self.attention_kind,
+            "protected_prefix_tokens": self.num_prefix,
+            "attention_mask_input": self.mask_input.name if self.mask_input is not None else None,
+            "protect_last_valid_token": self.protect_last_valid,
+        }
+
+
+def _block_name(node: Node) -> str | None:
+    """The innermost enclosing module that is an element of a container (fqn ends in an index)."""
+    for fqn in reversed(module_path(node)):
+        if fqn.rsplit(".", 1)[-1].isdigit():
+            return fqn
+    return None
+
+
+def _in_block(node: Node, name: str) -> bool:
+    return any(fqn == name for fqn in module_path(node))
+
+
+def _find_site(attention: Node, block_nodes: list[Node], tokens: int) -> Node:
+    """The residual stream right after the attention: the first [B, N, C] node after the attention
+    that fans out (to the MLP branch and to the skip connection)."""
+    start = block_nodes.index(attention)
+    for node in block_nodes[start + 1:]:
+        shape = shape_of(node)
+        if shape is not None and len(shape) == 3 and shape[1] == tokens and len(node.users) >= 2:
+            return node
+    raise UnsupportedModelError(
+        f"block {_block_name(attention)!r}: no residual stream found after its attention",
+        "tokencompile expects attention, a residual add, then an MLP in every block")
+
+
+def _prefix_from_concat(first_block: Block, tokens: int, model_inputs: set[Node]) -> int:
+    """Tokens concatenated in front of the input-derived ones (CLS, distillation, registers)."""
+    entry = [arg for arg in first_block.nodes[0].all_input_nodes if shape_of(arg) and len(shape_of(arg)) == 3
+             and shape_of(arg)[1] == tokens and not _in_block(arg, first_block.name)]
+    node = entry[0] if entry else None
+    while node is not None and node.op == "call_function":
+        if node.target == aten.cat.default and node_arg(node, 1, "dim", 0) in (1, -2):
+            prefix = 0
+            for part in node.args[0]:
+                if (ancestors(part) | {part}) & model_inputs:
+                    break
+                prefix += shape_of(part)[1]
+            return prefix
+        if node.target not in _TOKEN_PRESERVING:
+            return 0
+        node = node.args[0]
+    return 0
+
+
+def _prefix_read_by_index(last_block: Block, tokens: int) -> int:
+    """Tokens read by a constant index after the last block (CLS pooling) must survive."""
+    prefix = 0
+    for node in descendants([last_block.nodes[-1]]):
+        if node.op != "call_function":
+            continue
+        source = shape_of(node.args[0]) if node.args else None
+        if source is None or len(source) < 2 or source[1] != tokens:
+            continue
+        if node.target == aten.select.int and node.args[1] == 1 and node.args[2] >= 0:
+            prefix = max(prefix, node.args[2] + 1)
+        elif node.target == aten.slice.Tensor and node_arg(node, 1, "dim", 0) == 1:
+            start = node_arg(node, 2, "start", 0) or 0
+            end = node_arg(node, 3, "end", None)
+            if start == 0 and end is not None and end < tokens:
+                prefix = max(prefix, end)
+    return prefix
+
+
+def _mask_input(attentions: list[Node], model_inputs: list[Node]) -> Node | None:
+    """A [B, N] integer or boolean model input that feeds the attention mask."""
+    for attention in attentions:
+        mask = node_arg(attention, 3, "attn_mask")
+        if not isinstance(mask, Node):
+            continue
+        for candidate in model_inputs:
+            value = tensor_meta(candidate)
+            if candidate in ancestors(mask) | {mask} and value is not None and value.dim() == 2 \
+                    and (not value.dtype.is_floating_point):
+                return candidate
+    return None
+
+
+def analyse(gm: GraphModule) -> ModelAnalysis:
+    """Find blocks, attention, reduction sites and protected tokens in an exported program's module."""
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    attentions = [node for node in nodes if node.op == "call_function" and node.target == SDPA]
+    if not attentions:
+        if any(node.target in (aten.softmax.int, aten._softmax.default) for node in nodes):
+            raise UnsupportedModelError(
+                "the model computes attention with matmul + softmax instead of scaled_dot_product_attention",
+                "export it with SDPA attention (timm: default; Hugging Face: attn_implementation='sdpa')")
+        raise UnsupportedModelError("no transformer blocks found: the graph has no attention",
+                                    "tokencompile optimizes transformers (ViT, BERT, ...), not CNNs or MLPs")
+
+    blocks: list[Block] = []
+    for attention in attentions:
+        name = _block_name(attention)
+        if name is None:
+            raise UnsupportedModelError(
+                f"attention node {attention.name!r} is not inside an indexed block",
+                "export the nn.Module itself (blocks in a ModuleList / Sequential) so that module paths are kept")
+        if blocks and blocks[-1].name == name:
+            raise UnsupportedModelError(f"block {name!r} has more than one attention",
+                                        "cross-attention blocks are not supported yet")
+        query, key = shape_of(attention.args[0]), shape_of(attention.args[1])
+        if query[-2] != key[-2]:
+            raise UnsupportedModelError(f"attention in {name!r} is not self-attention",
+                                        "only self-attention blocks can be reduced")
+        block_nodes = [node for node in nodes if _in_block(node, name)]
+        blocks.append(Block(len(blocks), name, attention, None, block_nodes))
+
+    tokens = shape_of(attentions[0].args[0])[-2]
+    for block in blocks:
+        if shape_of(block.attention.args[0])[-2] != tokens:
+            raise UnsupportedModelError(f"block {block.name!r} sees {shape_of(block.attention.args[0])[-2]} tokens, "
+                                        f"the first block {tokens}", "the model already changes its token count")
+        block.site = _find_site(block.attention, block.nodes, tokens)
+    hidden = shape_of(blocks[0].site)[-1]
+
+    model_inputs = [node for node in nodes if node.op == "placeholder"]
+    mask_input = _mask_input(attentions, model_inputs)
+    num_prefix = max(_prefix_from_concat(blocks[0], tokens, set(model_inputs)),
+                     _prefix_read_by_index(blocks[-1], tokens))
+    if mask_input is not None:
+        num_prefix = max(num_prefix, 1)  # [CLS] of a masked encoder
+    return ModelAnalysis(blocks=blocks, tokens=tokens, token_axis=1, hidden=hidden, num_prefix=num_prefix,
+                         mask_input=mask_input, protect_last_valid=mask_input is not None)

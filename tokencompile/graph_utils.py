@@ -1,0 +1,113 @@
+"""Small helpers over torch.fx graphs of exported programs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.fx import Graph, Node
+
+aten = torch.ops.aten
+
+SDPA = aten.scaled_dot_product_attention.default
+
+
+def tensor_meta(node) -> torch.Tensor | None:
+    """The fake tensor recorded for a node, or None for non-tensor values."""
+    if not isinstance(node, Node):
+        return None
+    value = node.meta.get("val")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def shape_of(node) -> tuple | None:
+    value = tensor_meta(node)
+    return tuple(value.shape) if value is not None else None
+
+
+def module_path(node: Node) -> list[str]:
+    """Module fqns enclosing a node, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [fqn for fqn, _ in stack.values() if fqn]
+
+
+def input_nodes(node: Node) -> list[Node]:
+    """Nodes a node reads, in argument order, without duplicates."""
+    return list(dict.fromkeys(node.all_input_nodes))
+
+
+def ancestors(node: Node) -> set[Node]:
+    seen: set[Node] = set()
+    todo = list(node.all_input_nodes)
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(current.all_input_nodes)
+    return seen
+
+
+def descendants(nodes: Iterable[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    todo = [user for node in nodes for user in node.users]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(current.users)
+    return seen
+
+
+def user_inputs(graph: Graph) -> list[Node]:
+    return [node for node in graph.nodes if node.op == "placeholder"]
+
+
+def nodes_with_target(graph: Graph, *targets) -> Iterator[Node]:
+    return (node for node in graph.nodes if node.op == "call_function" and node.target in targets)
+
+
+def node_arg(node: Node, index: int, name: str, default=None):
+    """An argument given either positionally or by keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def set_node_arg(node: Node, index: int, name: str, value) -> None:
+    if len(node.args) > index:
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.update_kwarg(name, value)
+
+
+class GraphBuilder:
+    """Inserts call_function nodes one after another and records their fake values, so that later
+    passes (and the shape propagation) see correct shapes without re-tracing."""
+
+    def __init__(self, gm, after: Node):
+        from torch._guards import detect_fake_mode
+
+        self.graph = gm.graph
+        self.cursor = after
+        self.fake_mode = detect_fake_mode([node.meta.get("val") for node in gm.graph.nodes])
+
+    def call(self, target, *args, name: str | None = None, **kwargs) -> Node:
+        from torch.fx.node import map_arg
+
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.call_function(target, args, kwargs)
+        if name:
+            node.name = self.graph._graph_namespace.create_name(name, node)
+        with self.fake_mode:
+            node.meta["val"] = target(*map_arg(args, lambda n: n.meta["val"]),
+                                      **map_arg(kwargs, lambda n: n.meta["val"]))
+        self.cursor = node
+        return node
+
+
+def latest(gm, *nodes: Node) -> Node:
+    """The node among ``nodes`` that comes last in graph order (where new nodes may read them all)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    return max(nodes, key=order.__getitem__)

@@ -1,0 +1,20 @@
+"""Token-reduction methods: each decides *which* tokens stay, go or merge (a plan); the passes apply
+the plan to every per-token tensor. Adding a method means adding one file and one registry line."""
+
+from __future__ import annotations
+
+from ..errors import TokenCompileError
+from .base import Method, SiteInputs
+from .tome import ToMe
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ToMe,)}
+
+
+def get_method(name: str, options: dict[str, str] | None = None) -> Method:
+    if name not in METHODS:
+        raise TokenCompileError(f"unknown method {name!r}",
+                                f"choose one of: {', '.join(sorted(METHODS))} (see `tokencompile methods`)")
+    return METHODS[name](**Method.parse_options(METHODS[name], options or {}))
+
+
+__all__ = ["METHODS", "Method", "SiteInputs", "get_method"]

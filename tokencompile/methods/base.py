@@ -1,0 +1,62 @@
+"""What every method provides: option parsing, a per-site cap on removed tokens, and plan nodes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch.fx import Node
+
+from ..errors import TokenCompileError
+from ..graph_utils import GraphBuilder
+
+
+@dataclass
+class SiteInputs:
+    """Graph values a method may read at a reduction site."""
+
+    block: int
+    x: Node             # residual stream [B, N, C] after the attention
+    keys: Node          # attention keys [B, H, N, D]
+    valid: Node | None  # [B, N] bool, False on padding (masked encoders)
+    sizes: Node         # [B, N] tokens merged into each token so far
+    num_prefix: int
+    protect_last_valid: bool
+
+
+@dataclass
+class Method:
+    name: ClassVar[str]
+    family: ClassVar[str]
+    summary: ClassVar[str]
+    reference: ClassVar[str]
+    merges: ClassVar[bool]  # True: removed tokens are averaged into kept ones (sizes grow)
+
+    @staticmethod
+    def parse_options(cls, options: dict[str, str]) -> dict:
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        parsed = {}
+        for key, text in options.items():
+            if key not in fields:
+                known = ", ".join(fields) or "none"
+                raise TokenCompileError(f"method {cls.name!r} has no option {key!r}", f"its options are: {known}")
+            kind = type(fields[key].default)
+            try:
+                parsed[key] = (text.lower() in ("1", "true", "yes", "on")) if kind is bool else kind(text)
+            except ValueError:
+                raise TokenCompileError(f"option {key}={text!r} of method {cls.name!r} is not a {kind.__name__}",
+                                        f"give {key}=<{kind.__name__}>") from None
+        return parsed
+
+    def max_reduction(self, tokens: int, protected: int) -> int:
+        """The most tokens one site may remove from ``tokens`` with ``protected`` never removed."""
+        return max(tokens - protected - 1, 0)
+
+    def plan_flops(self, tokens: int, metric_dim: int) -> int:
+        """FLOPs of the plan computation (matches the flop formulas of the plan ops)."""
+        return 0
+
+    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> tuple[Node, Node]:
+        """Insert nodes computing (dest [B, N], rep [B, N - r]) for removing r tokens."""
+        raise NotImplementedError

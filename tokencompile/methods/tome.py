@@ -1,0 +1,39 @@
+"""ToMe: bipartite soft matching on attention keys (Bolya et al., ICLR 2023)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import operator
+
+import torch
+from torch.fx import Node
+
+from .. import ops  # noqa: F401  (registers tokencompile:: ops)
+from ..graph_utils import GraphBuilder, aten
+from .base import Method, SiteInputs
+
+
+@dataclass
+class ToMe(Method):
+    name = "tome"
+    family = "merge"
+    summary = "bipartite soft matching of alternate tokens on head-averaged keys; size-weighted merge"
+    reference = "Bolya et al., Token Merging: Your ViT but Faster, ICLR 2023"
+    merges = True
+
+    def max_reduction(self, tokens: int, protected: int) -> int:
+        return max((tokens + 1) // 2 - protected, 0)
+
+    def plan_flops(self, tokens: int, metric_dim: int) -> int:
+        return 2 * ((tokens + 1) // 2) * (tokens // 2) * metric_dim
+
+    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> tuple[Node, Node]:
+        metric = builder.call(aten.mean.dim, site.keys, [1], name=f"block{site.block}_tome_metric")
+        plan = builder.call(torch.ops.tokencompile.tome_plan.default, metric, site.valid, r, site.num_prefix,
+                            site.protect_last_valid, name=f"block{site.block}_tome_plan")
+        dest = builder.call(operator.getitem, plan, 0, name=f"block{site.block}_tome_dest")
+        rep = builder.call(operator.getitem, plan, 1, name=f"block{site.block}_tome_rep")
+        return dest, rep
+
+

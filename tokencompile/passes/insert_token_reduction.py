@@ -1,0 +1,96 @@
+"""Insert a reduction after the attention of every block the schedule reduces.
+
+At each site the method inserts its plan (dest, rep); the pass then merges the residual stream,
+sums the token sizes, gathers every other per-token tensor that later blocks read (attention mask,
+validity, position tensors), and re-specialises all downstream shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .. import ops  # noqa: F401
+from ..graph_utils import GraphBuilder, aten, descendants, shape_of, tensor_meta
+from ..methods import SiteInputs
+from .context import ReductionSite, RewriteContext
+from .respecialize_token_shapes import respecialize_token_shapes
+
+tc = torch.ops.tokencompile
+
+
+def _token_dims(node: Node, tokens: int) -> list[int]:
+    """Dims of a tensor that index tokens: size ``tokens``, past the batch axis. Parameters qualify
+    only when batch-broadcast ([1, N, ...]), so that weight matrices are never mistaken for them."""
+    value = tensor_meta(node)
+    if value is None or value.dim() < 2:
+        return []
+    if node.op == "get_attr" and value.shape[0] != 1:
+        return []
+    return [d for d in range(1, value.dim()) if value.shape[d] == tokens]
+
+
+def _insert_validity(gm: GraphModule, ctx: RewriteContext) -> Node | None:
+    mask = ctx.analysis.mask_input
+    if mask is None:
+        return None
+    builder = GraphBuilder(gm, mask)
+    return builder.call(aten.ne.Scalar, mask, 0, name="token_valid")
+
+
+def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, r: int, valid: Node | None,
+                 sizes: Node | None) -> tuple[Node | None, Node]:
+    block = ctx.analysis.blocks[block_index]
+    site = block.site
+    n_in = shape_of(site)[1]
+    n_out = n_in - r
+    downstream = descendants([site])
+    live_ins = {}
+    for user in downstream:
+        for arg in user.all_input_nodes:
+            if arg is not site and arg not in downstream and arg not in live_ins:
+                dims = _token_dims(arg, n_in)
+                if dims:
+                    live_ins[arg] = dims
+
+    builder = GraphBuilder(gm, site)
+    prefix = f"block{block_index}"
+    if sizes is None:
+        first = builder.call(aten.select.int, site, -1, 0, name="token_first_channel")
+        sizes = builder.call(aten.ones_like.default, first, name="token_sizes")
+    inputs = SiteInputs(block=block_index, x=site, keys=block.keys, valid=valid, sizes=sizes,
+                        num_prefix=ctx.analysis.num_prefix, protect_last_valid=ctx.analysis.protect_last_valid)
+    dest, rep = ctx.method.plan(builder, inputs, r)
+    weight = sizes if ctx.method.merges else builder.call(aten.ones_like.default, sizes)
+    merged = builder.call(tc.merge_tokens.default, site, weight, dest, n_out, name=f"{prefix}_merge")
+    new_sizes = builder.call(tc.sum_tokens.default, sizes, dest, n_out, name=f"{prefix}_sizes")
+    replaced = {merged: site.meta["val"]}
+    gathered = {}
+    for arg, dims in live_ins.items():
+        value = arg
+        for dim in dims:
+            value = builder.call(tc.gather_tokens.default, value, rep, dim, name=f"{prefix}_gather_{arg.name}")
+        value.meta["tc_original_val"] = arg.meta.get("tc_original_val", arg.meta["val"])
+        gathered[arg] = value
+        replaced[value] = arg.meta["val"]
+    new_valid = builder.call(tc.gather_tokens.default, valid, rep, 1, name=f"{prefix}_valid") \
+        if valid is not None else None
+    merged.meta["tc_original_val"] = site.meta.get("tc_original_val", site.meta["val"])
+
+    for user in downstream:
+        user.replace_input_with(site, merged)
+        for arg, value in gathered.items():
+            user.replace_input_with(arg, value)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    respecialize_token_shapes(gm, sorted(downstream, key=order.__getitem__), replaced, ctx.analysis.num_prefix)
+    ctx.sites.append(ReductionSite(block_index, n_in, n_out, dest, rep, new_sizes))
+    return new_valid, new_sizes
+
+
+def insert_token_reduction(gm: GraphModule, ctx: RewriteContext) -> GraphModule:
+    valid = _insert_validity(gm, ctx) if any(ctx.schedule) else None
+    sizes = None
+    for block_index, r in enumerate(ctx.schedule):
+        if r > 0:
+            valid, sizes = _insert_site(gm, ctx, block_index, r, valid, sizes)
+    return gm
