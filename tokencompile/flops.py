@@ -18,9 +18,9 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# The CPU fused attention kernel is missing from torch's flop registry.
+# The CPU fused attention kernel is missing from torch's flop registry (keys are op packets).
 EXTRA_FORMULAS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     **ops.FLOP_FORMULAS,
 }
 

@@ -143,4 +143,4 @@ def _tome_plan_flops(metric_shape, valid_shape, r, num_prefix, protect_last_vali
 
 
 # Extra FLOPs the flop counter must see: the similarity matrix is the only non-linear-time part.
-FLOP_FORMULAS = {torch.ops.tokencompile.tome_plan.default: _tome_plan_flops}
+FLOP_FORMULAS = {torch.ops.tokencompile.tome_plan: _tome_plan_flops}  # keyed by packet, as FlopCounterMode looks them up

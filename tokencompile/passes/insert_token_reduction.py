@@ -11,7 +11,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import ops  # noqa: F401
-from ..graph_utils import GraphBuilder, aten, descendants, shape_of, tensor_meta
+from ..graph_utils import GraphBuilder, aten, descendants, latest, tensor_meta
 from ..methods import SiteInputs
 from .context import ReductionSite, RewriteContext
 from .respecialize_token_shapes import respecialize_token_shapes
@@ -38,11 +38,12 @@ def _insert_validity(gm: GraphModule, ctx: RewriteContext) -> Node | None:
     return builder.call(aten.ne.Scalar, mask, 0, name="token_valid")
 
 
-def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, r: int, valid: Node | None,
-                 sizes: Node | None) -> tuple[Node | None, Node]:
+def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: int, r: int, valid: Node | None,
+                 sizes: Node | None, replaced: dict) -> tuple[Node | None, Node]:
+    """Insert one site's nodes. Shapes downstream stay stale until the single propagation at the end;
+    ``replaced`` collects, for every new node standing in for an old tensor, that tensor's original value."""
     block = ctx.analysis.blocks[block_index]
     site = block.site
-    n_in = shape_of(site)[1]
     n_out = n_in - r
     downstream = descendants([site])
     live_ins = {}
@@ -64,15 +65,17 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, r: int,
     weight = sizes if ctx.method.merges else builder.call(aten.ones_like.default, sizes)
     merged = builder.call(tc.merge_tokens.default, site, weight, dest, n_out, name=f"{prefix}_merge")
     new_sizes = builder.call(tc.sum_tokens.default, sizes, dest, n_out, name=f"{prefix}_sizes")
-    replaced = {merged: site.meta["val"]}
+    replaced[merged] = site.meta.get("tc_original_val", site.meta["val"])
     gathered = {}
     for arg, dims in live_ins.items():
         value = arg
+        # a live-in may be computed late in graph order (e.g. a pooling mask after the last block)
+        gather_builder = GraphBuilder(gm, latest(gm, builder.cursor, arg))
         for dim in dims:
-            value = builder.call(tc.gather_tokens.default, value, rep, dim, name=f"{prefix}_gather_{arg.name}")
+            value = gather_builder.call(tc.gather_tokens.default, value, rep, dim, name=f"{prefix}_gather_{arg.name}")
         value.meta["tc_original_val"] = arg.meta.get("tc_original_val", arg.meta["val"])
         gathered[arg] = value
-        replaced[value] = arg.meta["val"]
+        replaced[value] = value.meta["tc_original_val"]
     new_valid = builder.call(tc.gather_tokens.default, valid, rep, 1, name=f"{prefix}_valid") \
         if valid is not None else None
     merged.meta["tc_original_val"] = site.meta.get("tc_original_val", site.meta["val"])
@@ -81,16 +84,20 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, r: int,
         user.replace_input_with(site, merged)
         for arg, value in gathered.items():
             user.replace_input_with(arg, value)
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    respecialize_token_shapes(gm, sorted(downstream, key=order.__getitem__), replaced, ctx.analysis.num_prefix)
     ctx.sites.append(ReductionSite(block_index, n_in, n_out, dest, rep, new_sizes))
     return new_valid, new_sizes
 
 
 def insert_token_reduction(gm: GraphModule, ctx: RewriteContext) -> GraphModule:
-    valid = _insert_validity(gm, ctx) if any(ctx.schedule) else None
-    sizes = None
+    if not any(ctx.schedule):
+        return gm
+    valid = _insert_validity(gm, ctx)
+    sizes, replaced, n = None, {}, ctx.analysis.tokens
     for block_index, r in enumerate(ctx.schedule):
         if r > 0:
-            valid, sizes = _insert_site(gm, ctx, block_index, r, valid, sizes)
+            valid, sizes = _insert_site(gm, ctx, block_index, n, r, valid, sizes, replaced)
+            n -= r
+    first = ctx.analysis.blocks[ctx.sites[0].block].site
+    nodes = list(gm.graph.nodes)
+    respecialize_token_shapes(gm, nodes[nodes.index(first) + 1:], replaced, ctx.analysis.num_prefix)
     return gm

@@ -1,0 +1,134 @@
+"""Load a model given on the command line: a .pt2 program, timm:<name>, hf:<dir>, or a trusted pickle."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.export import ExportedProgram
+
+from .compiler import export_module
+from .errors import TokenCompileError, UnsupportedModelError
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(size <= 0 for size in shape):
+        raise TokenCompileError(f"cannot read input shape {text!r}", "give sizes like 8,3,224,224 (images) or 8,128 (text)")
+    return shape
+
+
+def _inputs_for(module: torch.nn.Module, shape: tuple[int, ...] | None, default: tuple[int, ...]) -> tuple:
+    shape = shape or default
+    if len(shape) == 2:  # token ids + attention mask
+        return torch.randint(1000, 2000, shape), torch.ones(shape, dtype=torch.long)
+    return (torch.randn(shape),)
+
+
+def _export(module: torch.nn.Module, inputs: tuple, source: str) -> ExportedProgram:
+    try:
+        return export_module(module.eval(), inputs)
+    except Exception as error:
+        raise UnsupportedModelError(f"torch.export could not trace {source}: {str(error).splitlines()[0]}",
+                                    "check --input-shape, or export the model yourself and pass the .pt2") from error
+
+
+def _load_timm(name: str, shape) -> tuple[ExportedProgram, tuple]:
+    try:
+        import timm
+    except ImportError:
+        raise TokenCompileError("timm is not installed", "pip install 'tokencompile[models]'") from None
+    try:
+        module = timm.create_model(name, pretrained=False)
+    except Exception as error:
+        raise TokenCompileError(f"timm has no model {name!r} ({str(error).splitlines()[0]})",
+                                "see timm.list_models()") from None
+    default = (2, *module.pretrained_cfg.get("input_size", (3, 224, 224)))
+    inputs = _inputs_for(module, shape, default)
+    return _export(module, inputs, f"timm:{name}"), inputs
+
+
+class _PlainOutputs(torch.nn.Module):
+    """Return plain tensors from a Hugging Face model (ModelOutput .pt2 files do not load elsewhere)."""
+
+    def __init__(self, model, vision: bool):
+        super().__init__()
+        self.model = model
+        self.vision = vision
+
+    def forward(self, *inputs):
+        if self.vision:
+            out = self.model(pixel_values=inputs[0])
+            return out.last_hidden_state[:, 0]
+        ids, mask = inputs
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def _load_hf(directory: str, shape) -> tuple[ExportedProgram, tuple]:
+    if not os.path.isdir(directory):
+        raise TokenCompileError(f"no such model directory: {directory}",
+                                "hf: takes a local directory with config.json and the weights")
+    try:
+        from transformers import AutoConfig, AutoModel
+    except ImportError:
+        raise TokenCompileError("transformers is not installed", "pip install 'tokencompile[models]'") from None
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        model = AutoModel.from_pretrained(directory, local_files_only=True, attn_implementation="sdpa")
+    except Exception as error:
+        raise TokenCompileError(f"cannot load a Hugging Face model from {directory}: {str(error).splitlines()[0]}",
+                                "the directory needs config.json and safetensors weights") from None
+    vision = hasattr(config, "image_size")
+    default = (2, getattr(config, "num_channels", 3), config.image_size, config.image_size) if vision else (2, 128)
+    inputs = _inputs_for(model, shape, default)
+    return _export(_PlainOutputs(model.eval(), vision), inputs, f"hf:{directory}"), inputs
+
+
+def load_model(spec: str, input_shape: str | None = None, trust_pickle: bool = False) -> tuple[ExportedProgram, tuple]:
+    """(program, example inputs) for a model given as a path or `timm:` / `hf:` id."""
+    shape = parse_shape(input_shape)
+    if spec.startswith("timm:"):
+        return _load_timm(spec[5:], shape)
+    if spec.startswith("hf:"):
+        return _load_hf(spec[3:], shape)
+    if not os.path.exists(spec):
+        raise TokenCompileError(f"no such file: {spec}", "give a .pt2 program, timm:<name> or hf:<directory>")
+    if spec.endswith(".pt2"):
+        try:
+            program = torch.export.load(spec)
+        except Exception as error:
+            raise TokenCompileError(f"cannot read {spec} as a torch.export program ({type(error).__name__})",
+                                    "save it with torch.export.save; optimized programs need `import tokencompile`") \
+                from None
+        inputs = None
+        if shape is not None:
+            inputs = _inputs_for(None, shape, shape)
+        elif program.example_inputs and not program.example_inputs[1]:
+            inputs = tuple(program.example_inputs[0])
+        if inputs is None:
+            raise TokenCompileError(f"{spec} stores no example inputs", "pass --input-shape")
+        return program, inputs
+    if spec.endswith((".pt", ".pth", ".pkl")):
+        if not trust_pickle:
+            raise TokenCompileError(f"{spec} is a pickle: loading it runs arbitrary code",
+                                    "pass --trust-pickle if you trust its source, or export it to .pt2")
+        try:
+            module = torch.load(spec, weights_only=False)
+        except Exception as error:
+            raise TokenCompileError(f"cannot unpickle {spec} ({type(error).__name__}: {error})",
+                                    "save the nn.Module with torch.save(module)") from None
+        if not isinstance(module, torch.nn.Module):
+            raise TokenCompileError(f"{spec} holds a {type(module).__name__}, not an nn.Module",
+                                    "save the module itself, not its state_dict")
+        if shape is None:
+            raise TokenCompileError("a pickled module needs --input-shape to be traced", "e.g. --input-shape 2,3,224,224")
+        inputs = _inputs_for(module, shape, shape)
+        return _export(module, inputs, spec), inputs
+    raise TokenCompileError(f"unknown model format: {spec}", "give a .pt2 program, a .pt pickle, timm:<name> or hf:<dir>")
