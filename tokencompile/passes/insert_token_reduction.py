@@ -20,10 +20,11 @@ tc = torch.ops.tokencompile
 
 
 def _token_dims(node: Node, tokens: int) -> list[int]:
-    """Dims of a tensor that index tokens: size ``tokens``, past the batch axis. Parameters qualify
-    only when batch-broadcast ([1, N, ...]), so that weight matrices are never mistaken for them."""
-    value = tensor_meta(node)
-    if value is None or value.dim() < 2:
+    """Dims of a tensor that index tokens: of the original token count, past the batch axis (judged on
+    original shapes: shapes stay stale until the propagation). Parameters qualify only when
+    batch-broadcast ([1, N, ...]), so that weight matrices are never mistaken for them."""
+    value = node.meta.get("tc_original_val", tensor_meta(node))
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return []
     if node.op == "get_attr" and value.shape[0] != 1:
         return []
@@ -50,7 +51,7 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
     for user in downstream:
         for arg in user.all_input_nodes:
             if arg is not site and arg not in downstream and arg not in live_ins:
-                dims = _token_dims(arg, n_in)
+                dims = _token_dims(arg, ctx.analysis.tokens)
                 if dims:
                     live_ins[arg] = dims
 

@@ -1,0 +1,29 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the model recipes in models/
+
+import models  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def recipe():
+    """recipe(name) -> (module, program with symbolic batch); built once per session."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            module, inputs = models.build(name, batch=2)
+            from tokencompile.compiler import export_module
+
+            cache[name] = (module, export_module(module, inputs))
+        return cache[name]
+    return get
