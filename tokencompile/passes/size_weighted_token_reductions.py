@@ -32,10 +32,10 @@ def size_weighted_token_reductions(gm: GraphModule, ctx: RewriteContext) -> Grap
         node.replace_input_with(source, weighted)
         if node.target == aten.mean.dim:
             keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            with gm.graph.inserting_after(node):
-                total = gm.graph.call_function(aten.sum.dim_IntList, (weighted, [1], keepdim))
-                count = gm.graph.call_function(aten.sum.dim_IntList, (weight, [1], keepdim))
-                ratio = gm.graph.call_function(aten.div.Tensor, (total, count))
+            after = GraphBuilder(gm, node)
+            total = after.call(aten.sum.dim_IntList, weighted, [1], keepdim)
+            count = after.call(aten.sum.dim_IntList, weight, [1], keepdim)
+            ratio = after.call(aten.div.Tensor, total, count, name=f"{node.name}_size_weighted")
             node.replace_all_uses_with(ratio)
             gm.graph.erase_node(node)
     return gm

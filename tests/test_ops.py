@@ -1,0 +1,53 @@
+"""The custom ops against the loop reference, per sample, with protection and padding."""
+
+import torch
+
+import tokencompile  # noqa: F401
+
+from tome_reference import tome_merge
+
+tc = torch.ops.tokencompile
+
+
+def test_tome_plan_and_merge_match_reference_per_sample():
+    g = torch.Generator().manual_seed(0)
+    batch, n, c, r = 4, 21, 8, 6
+    x, metric = torch.randn(batch, n, c, generator=g), torch.randn(batch, n, c, generator=g)
+    size = torch.rand(batch, n, generator=g) + 0.5
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[1, 15:] = False
+    valid[3, 9:] = False
+    dest, rep = tc.tome_plan(metric, valid, r, 1, True)
+    merged = tc.merge_tokens(x, size, dest, n - r)
+    sizes = tc.sum_tokens(size, dest, n - r)
+    kept_valid = tc.gather_tokens(valid, rep, 1)
+    for b in range(batch):
+        last = int(valid[b].sum()) - 1
+        want_x, want_size, want_valid = tome_merge(x[b], metric[b], size[b].tolist(), r, {0, last},
+                                                   valid[b].tolist())
+        assert torch.allclose(merged[b], want_x, atol=1e-6)
+        assert torch.allclose(sizes[b], torch.tensor(want_size), atol=1e-6)
+        assert kept_valid[b].tolist() == want_valid
+
+
+def test_plan_keeps_order_and_protected_tokens():
+    metric = torch.randn(2, 11, 4)
+    dest, rep = tc.tome_plan(metric, None, 4, 2, False)
+    assert rep.shape == (2, 7)
+    assert (rep[:, :2] == torch.tensor([0, 1])).all()          # protected prefix kept, in place
+    assert (rep[:, 1:] > rep[:, :-1]).all()                    # original order
+    assert int(dest.max()) == 6 and int(dest.min()) == 0
+
+
+def test_r_zero_is_identity():
+    x = torch.randn(3, 9, 5)
+    dest, rep = tc.tome_plan(torch.randn(3, 9, 4), None, 0, 1, False)
+    assert (rep == torch.arange(9)).all()
+    assert torch.equal(tc.merge_tokens(x, torch.ones(3, 9), dest, 9), x)
+
+
+def test_gather_broadcasts_batch_one_over_plan_batch():
+    table = torch.arange(10.0).reshape(1, 10, 1).expand(1, 10, 3)
+    rep = torch.tensor([[0, 2, 4], [1, 3, 5]])
+    out = tc.gather_tokens(table, rep, 1)
+    assert out.shape == (2, 3, 3) and out[1, :, 0].tolist() == [1.0, 3.0, 5.0]

@@ -1,0 +1,157 @@
+"""Passes on small graphs: which nodes they insert, and shapes re-specialised by data flow, not value."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokencompile
+from tokencompile.analysis import analyse
+from tokencompile.compiler import export_module
+from tokencompile.methods import get_method
+from tokencompile.passes import REDUCTION_PASSES, RewriteContext, run_passes
+
+tc = torch.ops.tokencompile
+aten = torch.ops.aten
+
+
+class Block(torch.nn.Module):
+    """Flattens tokens with the batch around every linear ([B*N, C]), as many exported graphs do."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm1(x).reshape(b * n, c)).reshape(b, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, c)
+        x = x + self.proj(attn).reshape(b, n, c)
+        hidden = self.fc2(F.gelu(self.fc1(self.norm2(x).reshape(b * n, c))))
+        return x + hidden.view(b, n, c)
+
+
+class Tiny(torch.nn.Module):
+    """A class token plus 15 input tokens: N = 16 equals the head dim (32 / 2), on purpose."""
+
+    def __init__(self, dim=32, heads=2, depth=3):
+        super().__init__()
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = torch.nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.head = torch.nn.Linear(dim, 5)
+
+    def forward(self, tokens):
+        x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x[:, 0]), x.mean(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    module = Tiny().eval()
+    return module, export_module(module, (torch.randn(2, 15, 32),))
+
+
+def _rewrite(program, schedule, prop_attn=True):
+    gm = program.module()
+    ctx = RewriteContext(analyse(gm), get_method("tome"), schedule, prop_attn)
+    return run_passes(gm, ctx, REDUCTION_PASSES), ctx
+
+
+def _calls(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def test_analysis_of_tiny(tiny):
+    analysis = analyse(tiny[1].module())
+    assert [b.name for b in analysis.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert analysis.tokens == 16 and analysis.num_prefix == 1 and analysis.mask_input is None
+    assert all(b.site.target == aten.add.Tensor for b in analysis.blocks)
+
+
+def test_inserts_one_plan_merge_and_size_sum_per_site(tiny):
+    gm, ctx = _rewrite(tiny[1], [3, 0, 2])
+    assert len(_calls(gm, tc.tome_plan.default)) == 2
+    assert len(_calls(gm, tc.merge_tokens.default)) == 2
+    assert len(_calls(gm, tc.sum_tokens.default)) == 2
+    assert [s.n_out for s in ctx.sites] == [13, 11]
+
+
+def test_flattened_token_views_follow_the_new_count(tiny):
+    """[B*N, C] views after a site carry the new N even though N == head dim == 16."""
+    gm, _ = _rewrite(tiny[1], [3, 0, 0])
+    views = [n for n in _calls(gm, aten.view.default) + _calls(gm, aten.reshape.default)
+             if any(fqn in ("blocks.1", "blocks.2") for fqn, _ in (n.meta.get("nn_module_stack") or {}).values())]
+    assert len(views) == 12  # 6 per block
+    for view in views:
+        shape = view.meta["val"].shape
+        if len(shape) == 5:
+            assert shape[1:] == (13, 3, 2, 16)   # tokens follow, head dim 16 stays
+        elif len(shape) == 2:
+            assert str(shape[0]).startswith("13*") and shape[1] in (32, 64, 96)   # [13*B, C]
+        else:
+            assert shape[1] == 13
+    sdpa = _calls(gm, aten.scaled_dot_product_attention.default)
+    assert [n.args[0].meta["val"].shape[-2] for n in sdpa] == [16, 13, 13]
+
+
+def test_proportional_attention_feeds_sdpa_mask(tiny):
+    gm, _ = _rewrite(tiny[1], [3, 0, 0])
+    masks = [n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+             for n in _calls(gm, aten.scaled_dot_product_attention.default)]
+    assert masks[0] is None and all(m is not None for m in masks[1:])
+    gm, _ = _rewrite(tiny[1], [3, 0, 0], prop_attn=False)
+    assert all(len(n.args) <= 3 and n.kwargs.get("attn_mask") is None
+               for n in _calls(gm, aten.scaled_dot_product_attention.default))
+
+
+def test_token_mean_becomes_size_weighted(tiny):
+    module, program = tiny
+    result = tokencompile.optimize(program, schedule=[0, 0, 2], proportional_attention=False)
+    x = torch.randn(2, 15, 32)
+    # the final mean over tokens after a merge equals the mean over the original tokens of the
+    # merged stream: merging does not change a size-weighted mean at the merge point
+    _, pooled = result.program.module()(x)
+    assert pooled.shape == (2, 32)
+    gm = result.program.module()
+    weighted = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.mul.Tensor
+                and any(a.op == "call_function" and a.target in (aten.unsqueeze.default, aten.to.dtype)
+                        for a in n.all_input_nodes)]
+    assert weighted, "the token mean must be weighted by token sizes"
+
+
+def test_zero_schedule_changes_nothing(tiny):
+    module, program = tiny
+    result = tokencompile.optimize(program, schedule=[0])
+    x = torch.randn(3, 15, 32)
+    for got, want in zip(result.program.module()(x), module(x)):
+        assert (got - want).abs().max() <= 1e-6
+
+
+def test_reduced_tiny_matches_manual_merge(tiny):
+    """With one site in the last block, the output equals merging by hand at that point."""
+    module, program = tiny
+    result = tokencompile.optimize(program, schedule=[0, 0, 4], proportional_attention=False)
+    x = torch.randn(2, 15, 32)
+    with torch.no_grad():
+        h = torch.cat([module.cls.expand(2, -1, -1), x], dim=1)
+        for block in module.blocks[:2]:
+            h = block(h)
+        last = module.blocks[2]
+        b, n, c = h.shape
+        qkv = last.qkv(last.norm1(h)).reshape(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        h = h + last.proj(F.scaled_dot_product_attention(*qkv.unbind(0)).transpose(1, 2).reshape(b, n, c))
+        dest, _ = tc.tome_plan(qkv[1].mean(1), None, 4, 1, False)
+        ones = torch.ones(b, n)
+        merged = tc.merge_tokens(h, ones, dest, n - 4)
+        sizes = tc.sum_tokens(ones, dest, n - 4)
+        merged = merged + last.fc2(F.gelu(last.fc1(last.norm2(merged))))
+        pooled = (merged * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True)
+    cls_logits, got_pooled = result.program.module()(x)
+    assert torch.allclose(cls_logits, module.head(merged[:, 0]), atol=1e-5)
+    assert torch.allclose(got_pooled, pooled, atol=1e-5)
