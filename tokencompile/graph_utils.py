@@ -86,12 +86,13 @@ class GraphBuilder:
     """Inserts call_function nodes one after another and records their fake values, so that later
     passes (and the shape propagation) see correct shapes without re-tracing."""
 
-    def __init__(self, gm, after: Node):
+    def __init__(self, gm, after: Node, module_stack: dict | None = None):
         from torch._guards import detect_fake_mode
 
         self.graph = gm.graph
         self.cursor = after
         self.fake_mode = detect_fake_mode([node.meta.get("val") for node in gm.graph.nodes])
+        self.module_stack = module_stack
 
     def call(self, target, *args, name: str | None = None, **kwargs) -> Node:
         from torch.fx.node import map_arg
@@ -103,6 +104,8 @@ class GraphBuilder:
         with self.fake_mode:
             node.meta["val"] = target(*map_arg(args, lambda n: n.meta["val"]),
                                       **map_arg(kwargs, lambda n: n.meta["val"]))
+        if self.module_stack is not None:
+            node.meta["nn_module_stack"] = dict(self.module_stack)
         self.cursor = node
         return node
 
@@ -111,3 +114,18 @@ def latest(gm, *nodes: Node) -> Node:
     """The node among ``nodes`` that comes last in graph order (where new nodes may read them all)."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     return max(nodes, key=order.__getitem__)
+
+
+def pseudo_module_stack(anchor: Node, fqn: str) -> dict:
+    """The module stack of ``anchor`` plus a pseudo-module ``fqn``: exported programs keep it, so inserted
+    nodes stay attributed to their block (and ONNX node names show where they came from)."""
+    parent = fqn.rsplit(".", 1)[0]
+    stack = {}
+    for key, (name, kind) in (anchor.meta.get("nn_module_stack") or {}).items():
+        if name == parent or not parent.startswith(name):
+            if name == parent:
+                stack[key] = (name, kind)
+            break
+        stack[key] = (name, kind)
+    stack[f"tokencompile.{fqn}"] = (fqn, "tokencompile.TokenReduction")
+    return stack

@@ -11,7 +11,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import ops  # noqa: F401
-from ..graph_utils import GraphBuilder, aten, descendants, latest, tensor_meta
+from ..graph_utils import GraphBuilder, aten, descendants, latest, pseudo_module_stack, tensor_meta
 from ..methods import SiteInputs
 from .context import ReductionSite, RewriteContext
 from .respecialize_token_shapes import respecialize_token_shapes
@@ -55,7 +55,8 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
                 if dims:
                     live_ins[arg] = dims
 
-    builder = GraphBuilder(gm, site)
+    scope = pseudo_module_stack(site, f"{block.name}.token_reduction")
+    builder = GraphBuilder(gm, site, scope)
     prefix = f"block{block_index}"
     if sizes is None:
         first = builder.call(aten.select.int, site, -1, 0, name="token_first_channel")
@@ -71,7 +72,7 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
     for arg, dims in live_ins.items():
         value = arg
         # a live-in may be computed late in graph order (e.g. a pooling mask after the last block)
-        gather_builder = GraphBuilder(gm, latest(gm, builder.cursor, arg))
+        gather_builder = GraphBuilder(gm, latest(gm, builder.cursor, arg), scope)
         for dim in dims:
             value = gather_builder.call(tc.gather_tokens.default, value, rep, dim, name=f"{prefix}_gather_{arg.name}")
         value.meta["tc_original_val"] = arg.meta.get("tc_original_val", arg.meta["val"])

@@ -1,0 +1,1 @@
+"""Lowering optimized programs to deployable artifacts (ONNX; TensorRT readiness)."""

@@ -1,0 +1,105 @@
+"""Export an (optimized) program to ONNX with standard ops, a dynamic batch axis and readable names."""
+
+from __future__ import annotations
+
+import ast
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch.export import ExportedProgram
+
+from ..errors import TokenCompileError
+from .onnx_ops import translation_table
+
+DEFAULT_OPSET = 18
+
+
+@dataclass
+class OnnxExport:
+    path: str
+    seconds: float
+    op_counts: dict[str, int]
+    token_op_nodes: int
+
+
+def _readable_names(model) -> int:
+    """Name nodes after their module and fx node, e.g. blocks.3.token_reduction/tome_plan/TopK.
+    Returns how many nodes belong to inserted token-reduction scopes."""
+    used: dict[str, int] = {}
+    token_nodes = 0
+    for node in model.graph:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if not scopes:
+            continue
+        parts = [part for part in ast.literal_eval(scopes) if part]
+        if not parts:
+            continue
+        # scopes: the enclosing modules' fqns, outermost first, then the fx node: keep the innermost
+        prefix = "/".join(parts[-2:]) if len(parts) > 1 else parts[0]
+        count = used.get(prefix + node.op_type, 0)
+        used[prefix + node.op_type] = count + 1
+        node.name = f"{prefix}/{node.op_type}" + (f"_{count}" if count else "")
+        if "token_reduction" in prefix or "proportional_attention" in prefix:
+            token_nodes += 1
+    return token_nodes
+
+
+def export_onnx(program: ExportedProgram, path: str, example_inputs: tuple, opset: int = DEFAULT_OPSET,
+                check: bool = True) -> OnnxExport:
+    """torch.onnx (dynamo) export with the tokencompile ops lowered to standard ONNX ops."""
+    import tokencompile.ops  # noqa: F401
+
+    started = time.perf_counter()
+    try:
+        exported = torch.onnx.export(program, tuple(example_inputs), dynamo=True, opset_version=opset,
+                                     custom_translation_table=translation_table(), verbose=False)
+    except Exception as error:
+        raise TokenCompileError(f"ONNX export failed: {str(error).splitlines()[0]}",
+                                "rerun with --debug and report the model") from error
+    model = exported.model
+    batch = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape else None
+    if batch is not None and not isinstance(batch, int):
+        exported.rename_axes({str(batch): "batch"})
+    token_nodes = _readable_names(model)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    exported.save(path, external_data=False)
+    if check:
+        onnx.checker.check_model(path, full_check=True)
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return OnnxExport(path, time.perf_counter() - started, counts, token_nodes)
+
+
+def ort_session(path: str, threads: int = 2, profile: bool = False):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_profiling = profile
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def ort_feeds(session, inputs: tuple) -> dict:
+    return {meta.name: np.ascontiguousarray(x.detach().cpu().numpy()) for meta, x in zip(session.get_inputs(), inputs)}
+
+
+def verify_onnx(program: ExportedProgram, path: str, inputs_by_batch: list[tuple], atol: float = 1e-4) -> list[dict]:
+    """Max abs error of ONNX Runtime against the program, for each set of inputs."""
+    session = ort_session(path)
+    module = program.module()
+    results = []
+    for inputs in inputs_by_batch:
+        with torch.no_grad():
+            expected = module(*inputs)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = session.run(None, ort_feeds(session, inputs))
+        error = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+        results.append({"batch": int(inputs[0].shape[0]), "max_abs_error": error, "ok": error <= atol})
+    return results

@@ -1,0 +1,104 @@
+"""The tokencompile ops written with standard ONNX ops (opset 18), for torch.onnx's dynamo exporter.
+
+Each function receives the op's tensor arguments as ONNX values and its integer arguments as Python
+ints, exactly as the custom op is called in the graph, and must compute the same result as the
+PyTorch reference in ``tokencompile.ops`` (checked by the parity tests in ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnxscript import opset18 as op
+
+INT64_MAX = 2**63 - 1
+
+
+def _ints(*values):
+    return op.Constant(value_ints=list(values))
+
+
+def _every_other(t, start: int, axis: int):
+    return op.Slice(t, _ints(start), _ints(INT64_MAX), _ints(axis), _ints(2))
+
+
+def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool):
+    norm = op.Max(op.ReduceL2(metric, _ints(-1), keepdims=1), op.CastLike(op.Constant(value_float=1e-12), metric))
+    m = op.Div(metric, norm)
+    n = op.Shape(metric, start=1, end=2)
+    positions = op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
+    protect = op.Unsqueeze(op.Less(positions, op.Constant(value_int=num_prefix)), _ints(0))
+    if valid is not None and protect_last_valid:
+        last = op.Sub(op.ReduceSum(op.Cast(valid, to=onnx.TensorProto.INT64), _ints(1), keepdims=1),
+                      op.Constant(value_int=1))
+        protect = op.Or(protect, op.Equal(op.Unsqueeze(positions, _ints(0)), last))
+    scores = op.MatMul(_every_other(m, 0, 1), op.Transpose(_every_other(m, 1, 1), perm=[0, 2, 1]))
+    if valid is not None:
+        pad_a = op.Unsqueeze(op.Not(_every_other(valid, 0, 1)), _ints(2))
+        pad_b = op.Unsqueeze(op.Not(_every_other(valid, 1, 1)), _ints(1))
+        bonus = op.CastLike(op.Constant(value_float=4.0), scores)
+        scores = op.Add(scores, op.Mul(op.CastLike(op.And(pad_a, pad_b), scores), bonus))
+        scores = op.Sub(scores, op.Mul(op.CastLike(op.Xor(pad_a, pad_b), scores), bonus))
+    neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), scores)
+    scores = op.Where(op.Unsqueeze(_every_other(protect, 0, 1), _ints(2)), neg_inf, scores)
+    scores = op.Where(op.Unsqueeze(_every_other(protect, 1, 1), _ints(1)), neg_inf, scores)
+    best = op.ReduceMax(scores, _ints(-1), keepdims=0)
+    match = op.ArgMax(scores, axis=-1, keepdims=0, select_last_index=0)
+    # TopK breaks ties towards the lower index, like the reference's stable descending sort
+    _, merged_a = op.TopK(best, _ints(r), axis=-1, largest=1, sorted=1)
+    two, one = op.Constant(value_int=2), op.Constant(value_int=1)
+    merged = op.Mul(merged_a, two)
+    keep = op.ScatterElements(op.Expand(one, op.Shape(metric, start=0, end=2)), merged,
+                              op.Mul(merged, op.Constant(value_int=0)), axis=1)
+    slot = op.Sub(op.CumSum(keep, op.Constant(value_int=1)), one)
+    target = op.Add(op.Mul(op.GatherElements(match, merged_a, axis=1), two), one)
+    dest = op.ScatterElements(slot, merged, op.GatherElements(slot, target, axis=1), axis=1)
+    # kept positions in ascending order: the largest values of -position among kept tokens
+    key = op.Where(op.Cast(keep, to=onnx.TensorProto.BOOL), op.Neg(op.Cast(positions, to=onnx.TensorProto.FLOAT)),
+                   op.Constant(value_float=-1e30))
+    _, rep = op.TopK(key, op.Sub(n, _ints(r)), axis=1, largest=1, sorted=1)
+    return dest, rep
+
+
+def _scatter_sum(values, index, batch, n_out: int, trailing=None):
+    zero = op.CastLike(op.Constant(value_float=0.0), values)
+    shape = op.Concat(batch, _ints(n_out + 1), *([trailing] if trailing is not None else []), axis=0)
+    total = op.ScatterElements(op.Expand(zero, shape), index, values, axis=1, reduction="add")
+    return op.Slice(total, _ints(0), _ints(n_out), _ints(1))
+
+
+def merge_tokens(x, weight, dest, n_out: int):
+    batch, channels = op.Shape(x, start=0, end=1), op.Shape(x, start=2, end=3)
+    w = op.CastLike(weight, x)
+    index = op.Expand(op.Unsqueeze(dest, _ints(2)), op.Shape(x))
+    total = _scatter_sum(op.Mul(x, op.Unsqueeze(w, _ints(2))), index, batch, n_out, channels)
+    norm = _scatter_sum(w, dest, batch, n_out)
+    return op.Div(total, op.Unsqueeze(norm, _ints(2)))
+
+
+def sum_tokens(weight, dest, n_out: int):
+    return _scatter_sum(weight, dest, op.Shape(weight, start=0, end=1), n_out)
+
+
+def gather_tokens(t, rep, dim: int):
+    rank = len(t.shape)
+    batch, n = op.Shape(rep, start=0, end=1), op.Shape(rep, start=1, end=2)
+    t = op.Expand(t, op.Concat(batch, op.Shape(t, start=1), axis=0))
+    parts = [batch] + ([op.Shape(t, start=1, end=dim)] if dim > 1 else []) + [n]
+    if dim + 1 < rank:
+        parts.append(op.Shape(t, start=dim + 1))
+    others = [i for i in range(1, rank) if i != dim]
+    index = op.Unsqueeze(rep, _ints(*others)) if others else rep
+    return op.GatherElements(t, op.Expand(index, op.Concat(*parts, axis=0)), axis=dim)
+
+
+def translation_table() -> dict:
+    import tokencompile.ops  # noqa: F401
+
+    tc = torch.ops.tokencompile
+    return {
+        tc.tome_plan.default: tome_plan,
+        tc.merge_tokens.default: merge_tokens,
+        tc.sum_tokens.default: sum_tokens,
+        tc.gather_tokens.default: gather_tokens,
+    }
