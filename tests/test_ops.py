@@ -17,9 +17,9 @@ def test_tome_plan_and_merge_match_reference_per_sample():
     valid = torch.ones(batch, n, dtype=torch.bool)
     valid[1, 15:] = False
     valid[3, 9:] = False
-    dest, rep = tc.tome_plan(metric, valid, r, 1, True)
-    merged = tc.merge_tokens(x, size, dest, n - r)
-    sizes = tc.sum_tokens(size, dest, n - r)
+    rep, src, dst = tc.tome_plan(metric, valid, r, 1, True)
+    merged = tc.merge_tokens(x, size, rep, src, dst)
+    sizes = tc.sum_tokens(size, rep, src, dst)
     kept_valid = tc.gather_tokens(valid, rep, 1)
     for b in range(batch):
         last = int(valid[b].sum()) - 1
@@ -32,18 +32,20 @@ def test_tome_plan_and_merge_match_reference_per_sample():
 
 def test_plan_keeps_order_and_protected_tokens():
     metric = torch.randn(2, 11, 4)
-    dest, rep = tc.tome_plan(metric, None, 4, 2, False)
-    assert rep.shape == (2, 7)
+    rep, src, dst = tc.tome_plan(metric, None, 4, 2, False)
+    assert rep.shape == (2, 7) and src.shape == dst.shape == (2, 4)
     assert (rep[:, :2] == torch.tensor([0, 1])).all()          # protected prefix kept, in place
     assert (rep[:, 1:] > rep[:, :-1]).all()                    # original order
-    assert int(dest.max()) == 6 and int(dest.min()) == 0
+    assert (src % 2 == 0).all() and (src >= 2).all()           # only unprotected A (even) tokens merge
+    # each removed token folds into the slot of an odd (B) token
+    assert (torch.gather(rep, 1, dst) % 2 == 1).all()
 
 
 def test_r_zero_is_identity():
     x = torch.randn(3, 9, 5)
-    dest, rep = tc.tome_plan(torch.randn(3, 9, 4), None, 0, 1, False)
-    assert (rep == torch.arange(9)).all()
-    assert torch.equal(tc.merge_tokens(x, torch.ones(3, 9), dest, 9), x)
+    rep, src, dst = tc.tome_plan(torch.randn(3, 9, 4), None, 0, 1, False)
+    assert (rep == torch.arange(9)).all() and src.shape == (3, 0)
+    assert torch.equal(tc.merge_tokens(x, torch.ones(3, 9), rep, src, dst), x)
 
 
 def test_gather_broadcasts_batch_one_over_plan_batch():

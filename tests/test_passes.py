@@ -146,10 +146,10 @@ def test_reduced_tiny_matches_manual_merge(tiny):
         b, n, c = h.shape
         qkv = last.qkv(last.norm1(h)).reshape(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
         h = h + last.proj(F.scaled_dot_product_attention(*qkv.unbind(0)).transpose(1, 2).reshape(b, n, c))
-        dest, _ = tc.tome_plan(qkv[1].mean(1), None, 4, 1, False)
+        plan = tc.tome_plan(qkv[1].mean(1), None, 4, 1, False)
         ones = torch.ones(b, n)
-        merged = tc.merge_tokens(h, ones, dest, n - 4)
-        sizes = tc.sum_tokens(ones, dest, n - 4)
+        merged = tc.merge_tokens(h, ones, *plan)
+        sizes = tc.sum_tokens(ones, *plan)
         merged = merged + last.fc2(F.gelu(last.fc1(last.norm2(merged))))
         pooled = (merged * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True)
     cls_logits, got_pooled = result.program.module()(x)

@@ -81,11 +81,12 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--no-prop-attn", is_flag=True, help="Turn off proportional attention (log size on attention logits).")
 @click.option("-o", "--output", help="Write the optimized program (.pt2).")
 @click.option("--report", "report_path", help="Write the report (JSON).")
+@click.option("--onnx", "onnx_path", help="Also export the optimized program to ONNX (standard ops).")
 @_shape
 @_pickle
 @_debug
-def optimize(model, budget, method, schedule, method_options, no_prop_attn, output, report_path, input_shape,
-             trust_pickle, debug):
+def optimize(model, budget, method, schedule, method_options, no_prop_attn, output, report_path, onnx_path,
+             input_shape, trust_pickle, debug):
     """Rewrite MODEL so it processes fewer tokens, within a FLOPs budget."""
     import torch
 
@@ -110,10 +111,79 @@ def optimize(model, budget, method, schedule, method_options, no_prop_attn, outp
         torch.export.save(result.program, output)
         report["output"] = output
         click.echo(f"wrote {output} (load it after `import tokencompile`)")
+    if onnx_path:
+        from .lowering.onnx_export import export_onnx
+
+        info = export_onnx(result.program, onnx_path, inputs)
+        report["onnx"] = onnx_path
+        click.echo(f"wrote {onnx_path} ({sum(info.op_counts.values())} nodes, {info.token_op_nodes} in token ops)")
     if report_path:
         with open(report_path, "w") as handle:
             json.dump(report, handle, indent=2)
         click.echo(f"wrote {report_path}")
+
+
+@main.command(cls=_Command)
+@_model
+@click.option("-o", "--output", required=True, help="The .onnx file to write.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (TensorRT 10 reads 9..20).")
+@click.option("--verify", is_flag=True, help="Compare ONNX Runtime with the program at batch 1 and 8 (atol 1e-4).")
+@click.option("--check", "check_target", type=click.Choice(["trt"]), help="Report ops TensorRT cannot build.")
+@_shape
+@_pickle
+@_debug
+def export(model, output, opset, verify, check_target, input_shape, trust_pickle, debug):
+    """Lower a program to ONNX (standard ops, dynamic batch axis)."""
+    from .bench import batch_inputs
+    from .lowering.onnx_export import export_onnx, verify_onnx
+    from .load import load_model
+
+    program, inputs = load_model(model, input_shape, trust_pickle)
+    info = export_onnx(program, output, inputs, opset=opset)
+    click.echo(f"wrote {output}: {sum(info.op_counts.values())} nodes ({info.token_op_nodes} in token ops), "
+               f"opset {opset}, checker passed, {info.seconds:.0f} s")
+    failed = False
+    if verify:
+        for row in verify_onnx(program, output, [batch_inputs(inputs, 1), batch_inputs(inputs, 8)]):
+            click.echo(f"verify batch {row['batch']}: max abs error {row['max_abs_error']:.2e} "
+                       f"({'ok' if row['ok'] else 'FAILED'}, atol 1e-4)")
+            failed |= not row["ok"]
+    if check_target == "trt":
+        import onnx
+
+        from .lowering.tensorrt_check import check_tensorrt
+
+        findings = check_tensorrt(onnx.load(output))
+        blocking = [f for f in findings if f.blocking]
+        for finding in findings:
+            click.echo(str(finding))
+        click.echo(f"TensorRT check: {len(blocking)} blocking, {len(findings) - len(blocking)} notes")
+        failed |= bool(blocking)
+    if failed:
+        sys.exit(1)
+
+
+@main.command(cls=_Command)
+@click.argument("original")
+@click.argument("optimized")
+@click.option("--runtime", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--rounds", type=int, default=20, show_default=True, help="Interleaved rounds (A B A B ...).")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (two extra processes).")
+@click.option("--json", "json_path", help="Write the result as JSON.")
+@_debug
+def bench(original, optimized, runtime, batch, rounds, threads, no_memory, json_path, debug):
+    """Latency of ORIGINAL vs OPTIMIZED, in one process, interleaved."""
+    from .bench import bench as run_bench
+    from .bench import format_bench
+
+    result = run_bench(original, optimized, runtime, batch, rounds, threads=threads, memory=not no_memory,
+                       progress=lambda text: click.echo(text, err=True))
+    click.echo(format_bench(result))
+    if json_path:
+        with open(json_path, "w") as handle:
+            handle.write(result.to_json())
 
 
 @main.command(cls=_Command)

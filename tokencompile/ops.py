@@ -1,13 +1,17 @@
 """Token-reduction operators as ``torch.library`` custom ops.
 
-A reduction site computes a *plan* once and applies it to every per-token tensor that flows on:
+A reduction site computes a *plan* once and applies it to every per-token tensor that flows on.
+A plan is sparse and has static shapes:
 
-- ``dest[b, i]``: the output slot of input token ``i`` (``n_out`` means "dropped");
-- ``rep[b, j]``:  the input token that represents output slot ``j`` (kept tokens, original order).
+- ``rep [B, n_out]``: the input tokens kept, in their original order (slot j holds token rep[j]);
+- ``src [B, m]``:     the input tokens removed;
+- ``dst [B, m]``:     the slot each removed token folds into, or ``n_out`` if it is dropped.
 
-Weighted merging (``merge_tokens``) averages every token into its slot; ``gather_tokens`` takes the
-representative's value (masks, position ids, validity flags). Output shapes depend only on input
-shapes and integer arguments, so programs that contain these ops export with static token counts.
+Weighted merging (``merge_tokens``) averages removed tokens into their slots; ``gather_tokens`` takes
+the kept token's value (masks, position ids, validity flags). Kept tokens are gathered and only the
+m removed ones are scattered, so applying a plan costs O(n_out + m) rows, not a scatter over all N.
+Output shapes depend only on input shapes and integer arguments, so programs that contain these ops
+export with static token counts.
 """
 
 from __future__ import annotations
@@ -34,26 +38,11 @@ def protected_mask(valid: Tensor | None, shape: tuple[int, int], num_prefix: int
     return protect
 
 
-def plan_from_keep(keep: Tensor, target: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
-    """Build (dest, rep) from a keep mask and, for tokens that are not kept, the token they merge into
-    (``target`` = -1 drops the token). Kept tokens keep their original order."""
-    batch, n = keep.shape
-    slot = torch.cumsum(keep.to(torch.int64), dim=1) - 1
-    merged_slot = torch.gather(slot, 1, target.clamp(min=0))
-    dropped = torch.full_like(slot, n_out)
-    dest = torch.where(keep, slot, torch.where(target >= 0, merged_slot, dropped))
-    scatter_at = torch.where(keep, slot, torch.full_like(slot, n_out))
-    positions = torch.arange(n, device=keep.device, dtype=torch.int64).expand(batch, n)
-    rep = torch.zeros(batch, n_out + 1, dtype=torch.int64, device=keep.device)
-    rep = rep.scatter(1, scatter_at, positions)[:, :n_out]
-    return dest, rep
-
-
 @torch.library.custom_op("tokencompile::tome_plan", mutates_args=())
 def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int,
-              protect_last_valid: bool) -> tuple[Tensor, Tensor]:
+              protect_last_valid: bool) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe bipartite soft matching: A = even positions, B = odd; the r A tokens with the most similar
-    B partner merge into it. Returns (dest [B, N], rep [B, N - r])."""
+    B partner merge into it. Returns the plan (rep [B, N - r], src [B, r], dst [B, r])."""
     batch, n, _ = metric.shape
     m = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)
@@ -67,49 +56,61 @@ def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int,
     scores = scores.masked_fill(protect[:, None, 1::2], NEG_INF)
 
     best, best_b = scores.max(dim=-1)
-    order = torch.sort(best, dim=1, descending=True, stable=True).indices
-    merged_a = torch.zeros_like(best, dtype=torch.bool).scatter(1, order[:, :r], True)
-
+    merged_a = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
     keep = torch.ones(batch, n, dtype=torch.bool, device=metric.device)
-    keep[:, 0::2] = ~merged_a
-    target = torch.full((batch, n), -1, dtype=torch.int64, device=metric.device)
-    target[:, 0::2] = torch.where(merged_a, 2 * best_b + 1, -1)
-    return plan_from_keep(keep, target, n - r)
+    keep.scatter_(1, 2 * merged_a, False)
+    slot = torch.cumsum(keep.to(torch.int64), dim=1) - 1
+    src = 2 * merged_a
+    dst = torch.gather(slot, 1, 2 * torch.gather(best_b, 1, merged_a) + 1)
+    rep = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n - r]
+    return rep, src, dst
 
 
 @tome_plan.register_fake
 def _(metric, valid, r, num_prefix, protect_last_valid):
     batch, n, _ = metric.shape
-    return (metric.new_empty((batch, n), dtype=torch.int64),
-            metric.new_empty((batch, n - r), dtype=torch.int64))
+    return (metric.new_empty((batch, n - r), dtype=torch.int64),
+            metric.new_empty((batch, r), dtype=torch.int64),
+            metric.new_empty((batch, r), dtype=torch.int64))
+
+
+def _rows(t: Tensor, index: Tensor) -> Tensor:
+    """Per-sample rows of t [B, N, ...] at index [B, k] -> [B, k, ...]."""
+    view = index.reshape(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
+    return torch.gather(t, 1, view)
+
+
+def _fold(kept: Tensor, moved: Tensor, dst: Tensor) -> Tensor:
+    """kept [B, n_out, ...] plus moved [B, m, ...] added into slots dst (slot n_out discards)."""
+    padded = torch.cat([kept, kept.new_zeros((kept.shape[0], 1, *kept.shape[2:]))], dim=1)
+    index = dst.reshape(*dst.shape, *([1] * (moved.dim() - 2))).expand_as(moved)
+    return padded.scatter_add(1, index, moved)[:, :kept.shape[1]]
 
 
 @torch.library.custom_op("tokencompile::merge_tokens", mutates_args=())
-def merge_tokens(x: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
-    """Weighted mean of the tokens of x [B, N, C] that share a slot: sum(x*w) / sum(w)."""
-    batch, _, channels = x.shape
+def merge_tokens(x: Tensor, weight: Tensor, rep: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+    """Weighted mean of x [B, N, C] over the tokens that share a slot: sum(x*w) / sum(w)."""
     w = weight.to(x.dtype)
-    index = dest.unsqueeze(-1).expand(-1, -1, channels)
-    total = x.new_zeros((batch, n_out + 1, channels)).scatter_add(1, index, x * w.unsqueeze(-1))
-    norm = w.new_zeros((batch, n_out + 1)).scatter_add(1, dest, w)
-    return (total[:, :n_out] / norm[:, :n_out].unsqueeze(-1)).contiguous()
+    xw = x * w.unsqueeze(-1)
+    total = _fold(_rows(xw, rep), _rows(xw, src), dst)
+    norm = _fold(torch.gather(w, 1, rep), torch.gather(w, 1, src), dst)
+    return (total / norm.unsqueeze(-1)).contiguous()
 
 
 @merge_tokens.register_fake
-def _(x, weight, dest, n_out):
-    return x.new_empty((x.shape[0], n_out, x.shape[2]))
+def _(x, weight, rep, src, dst):
+    return x.new_empty((x.shape[0], rep.shape[1], x.shape[2]))
 
 
 @torch.library.custom_op("tokencompile::sum_tokens", mutates_args=())
-def sum_tokens(weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
+def sum_tokens(weight: Tensor, rep: Tensor, src: Tensor, dst: Tensor) -> Tensor:
     """Per-slot sum of a [B, N] tensor (token sizes)."""
-    total = weight.new_zeros((weight.shape[0], n_out + 1)).scatter_add(1, dest, weight)
-    return total[:, :n_out].contiguous()
+    return _fold(torch.gather(weight, 1, rep), torch.gather(weight, 1, src), dst).contiguous()
 
 
 @sum_tokens.register_fake
-def _(weight, dest, n_out):
-    return weight.new_empty((weight.shape[0], n_out))
+def _(weight, rep, src, dst):
+    return weight.new_empty((weight.shape[0], rep.shape[1]))
 
 
 def _gather_index(t_shape, rep: Tensor, dim: int) -> tuple[list[int], Tensor]:

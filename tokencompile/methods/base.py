@@ -57,6 +57,7 @@ class Method:
         """FLOPs of the plan computation (matches the flop formulas of the plan ops)."""
         return 0
 
-    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> tuple[Node, Node]:
-        """Insert nodes computing (dest [B, N], rep [B, N - r]) for removing r tokens."""
+    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> tuple[Node, Node, Node]:
+        """Insert nodes computing the plan (rep [B, N - r], src [B, m], dst [B, m]) that removes r tokens
+        (see tokencompile.ops)."""
         raise NotImplementedError

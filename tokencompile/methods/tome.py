@@ -28,12 +28,11 @@ class ToMe(Method):
     def plan_flops(self, tokens: int, metric_dim: int) -> int:
         return 2 * ((tokens + 1) // 2) * (tokens // 2) * metric_dim
 
-    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> tuple[Node, Node]:
+    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> tuple[Node, Node, Node]:
         metric = builder.call(aten.mean.dim, site.keys, [1], name=f"block{site.block}_tome_metric")
         plan = builder.call(torch.ops.tokencompile.tome_plan.default, metric, site.valid, r, site.num_prefix,
                             site.protect_last_valid, name=f"block{site.block}_tome_plan")
-        dest = builder.call(operator.getitem, plan, 0, name=f"block{site.block}_tome_dest")
-        rep = builder.call(operator.getitem, plan, 1, name=f"block{site.block}_tome_rep")
-        return dest, rep
+        return tuple(builder.call(operator.getitem, plan, i, name=f"block{site.block}_tome_{part}")
+                     for i, part in enumerate(("rep", "src", "dst")))
 
 

@@ -15,8 +15,9 @@ class ReductionSite:
     block: int
     n_in: int
     n_out: int
-    dest: Node
     rep: Node
+    src: Node
+    dst: Node
     sizes: Node  # token sizes after the site, [B, n_out]
 
 

@@ -1,6 +1,6 @@
 """Insert a reduction after the attention of every block the schedule reduces.
 
-At each site the method inserts its plan (dest, rep); the pass then merges the residual stream,
+At each site the method inserts its plan (rep, src, dst); the pass then merges the residual stream,
 sums the token sizes, gathers every other per-token tensor that later blocks read (attention mask,
 validity, position tensors), and re-specialises all downstream shapes.
 """
@@ -63,10 +63,10 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
         sizes = builder.call(aten.ones_like.default, first, name="token_sizes")
     inputs = SiteInputs(block=block_index, x=site, keys=block.keys, valid=valid, sizes=sizes,
                         num_prefix=ctx.analysis.num_prefix, protect_last_valid=ctx.analysis.protect_last_valid)
-    dest, rep = ctx.method.plan(builder, inputs, r)
+    rep, src, dst = ctx.method.plan(builder, inputs, r)
     weight = sizes if ctx.method.merges else builder.call(aten.ones_like.default, sizes)
-    merged = builder.call(tc.merge_tokens.default, site, weight, dest, n_out, name=f"{prefix}_merge")
-    new_sizes = builder.call(tc.sum_tokens.default, sizes, dest, n_out, name=f"{prefix}_sizes")
+    merged = builder.call(tc.merge_tokens.default, site, weight, rep, src, dst, name=f"{prefix}_merge")
+    new_sizes = builder.call(tc.sum_tokens.default, sizes, rep, src, dst, name=f"{prefix}_sizes")
     replaced[merged] = site.meta.get("tc_original_val", site.meta["val"])
     gathered = {}
     for arg, dims in live_ins.items():
@@ -86,7 +86,7 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
         user.replace_input_with(site, merged)
         for arg, value in gathered.items():
             user.replace_input_with(arg, value)
-    ctx.sites.append(ReductionSite(block_index, n_in, n_out, dest, rep, new_sizes))
+    ctx.sites.append(ReductionSite(block_index, n_in, n_out, rep, src, dst, new_sizes))
     return new_valid, new_sizes
 
 
