@@ -27,3 +27,17 @@ def recipe():
             cache[name] = (module, export_module(module, inputs))
         return cache[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def optimized(recipe):
+    """optimized(name, budget) -> OptimizeResult; built once per session."""
+    import tokencompile
+
+    cache = {}
+
+    def get(name, budget):
+        if (name, budget) not in cache:
+            cache[name, budget] = tokencompile.optimize(recipe(name)[1], budget=budget)
+        return cache[name, budget]
+    return get

@@ -27,17 +27,6 @@ def _outputs(program, inputs):
     return out if isinstance(out, tuple) else (out,)
 
 
-@pytest.fixture(scope="module")
-def optimized(recipe):
-    cache = {}
-
-    def get(name, budget):
-        if (name, budget) not in cache:
-            cache[name, budget] = tokencompile.optimize(recipe(name)[1], budget=budget)
-        return cache[name, budget]
-    return get
-
-
 @pytest.mark.parametrize("name", FAST_MODELS)
 def test_budget_one_reproduces_original(recipe, optimized, name):
     module, _ = recipe(name)

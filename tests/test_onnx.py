@@ -1,0 +1,120 @@
+"""ONNX lowering: standard ops only, dynamic batch, ONNX Runtime parity, TensorRT readiness."""
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import helper
+
+import tokencompile
+from models import RECIPES, text_inputs
+from tokencompile.bench import batch_inputs
+from tokencompile.cli import main
+from tokencompile.lowering.onnx_export import export_onnx, ort_feeds, ort_session, verify_onnx
+from tokencompile.lowering.tensorrt_check import check_tensorrt
+
+MODELS = ["vit_small", "deit_small_distilled", "hf_vit", "hf_bert", "minilm"]
+tc = torch.ops.tokencompile
+
+
+def _inputs(name, batch):
+    example = RECIPES[name].example_inputs(2)
+    if name in ("hf_bert", "minilm"):
+        return text_inputs(batch, example[0].shape[1], seed=11)
+    return (torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch)),)
+
+
+def _export_and_check(result, name, tmp_path):
+    path = str(tmp_path / f"{name}.onnx")
+    info = export_onnx(result.program, path, _inputs(name, 2))  # runs onnx.checker full_check
+    model = onnx.load(path)
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}   # standard ops only
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert not [f for f in check_tensorrt(model) if f.blocking]
+    rows = verify_onnx(result.program, path, [_inputs(name, 1), _inputs(name, 8)])
+    assert all(row["max_abs_error"] <= 1e-4 for row in rows), rows
+    return info, model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_parity_budget_half(optimized, name, tmp_path):
+    info, model = _export_and_check(optimized(name, 0.5), name, tmp_path)
+    assert info.token_op_nodes > 0
+    names = [node.name for node in model.graph.node]
+    assert any(".token_reduction/tome_plan" in n for n in names)    # recognisable in Netron
+    assert "ScatterND" not in info.op_counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [1.0, 0.75, 0.25])
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_parity_other_budgets(optimized, name, budget, tmp_path):
+    _export_and_check(optimized(name, budget), name, tmp_path)
+
+
+class _AllOps(torch.nn.Module):
+    def __init__(self, use_valid):
+        super().__init__()
+        self.use_valid = use_valid
+        self.table = torch.nn.Parameter(torch.randn(1, 12, 3))
+
+    def forward(self, x, valid):
+        rep, src, dst = tc.tome_plan(x, valid if self.use_valid else None, 4, 1, self.use_valid)
+        sizes = x[..., 0].abs() + 1
+        merged = tc.merge_tokens(x, sizes, rep, src, dst)
+        mask = valid[:, None, :, None] & valid[:, None, None, :]
+        return (merged, tc.sum_tokens(sizes, rep, src, dst), tc.gather_tokens(self.table, rep, 1),
+                tc.gather_tokens(tc.gather_tokens(mask, rep, 2), rep, 3))
+
+
+@pytest.mark.parametrize("use_valid", [False, True])
+def test_each_op_lowers_exactly(tmp_path, use_valid):
+    module = _AllOps(use_valid)
+    x = torch.randn(3, 12, 5)
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[1, 7:] = False
+    program = torch.export.export(module, (x, valid), dynamic_shapes=({0: torch.export.Dim("b")}, {0: torch.export.Dim("b")}))
+    path = str(tmp_path / "ops.onnx")
+    export_onnx(program, path, (x, valid))
+    session = ort_session(path)
+    for batch in (1, 5):
+        xs, vs = torch.randn(batch, 12, 5), torch.ones(batch, 12, dtype=torch.bool)
+        vs[0, 9:] = False
+        got = session.run(None, ort_feeds(session, (xs, vs)))
+        for g, want in zip(got, module(xs, vs)):
+            assert (torch.from_numpy(g).float() - want.detach().float()).abs().max() <= 1e-5
+
+
+def test_tensorrt_check_flags_what_the_parser_cannot_build():
+    topk = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="bad_topk", sorted=0)
+    custom = helper.make_node("Magic", ["x"], ["y"], name="magic", domain="my.ops")
+    unsupported = helper.make_node("StringNormalizer", ["s"], ["t"], name="strings")
+    graph = helper.make_graph([topk, custom, unsupported], "g", [], [],
+                              initializer=[helper.make_tensor("k", onnx.TensorProto.INT64, [1], [5000])])
+    findings = {(f.node, f.problem) for f in check_tensorrt(helper.make_model(graph)) if f.blocking}
+    assert ("bad_topk", "sorted=0 is not supported") in findings
+    assert ("bad_topk", "k > 3840") in findings
+    assert any(node == "magic" and "custom domain" in problem for node, problem in findings)
+    assert any(node == "strings" and "not supported" in problem for node, problem in findings)
+
+
+def test_cli_export_verify_check_and_bench(recipe, tmp_path):
+    _, program = recipe("hf_bert")
+    original = tmp_path / "bert.pt2"
+    torch.export.save(program, str(original))
+    runner = CliRunner()
+    out = runner.invoke(main, ["optimize", str(original), "--budget", "0.5", "-o", str(tmp_path / "bert.tc.pt2"),
+                               "--onnx", str(tmp_path / "bert.tc.onnx")])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(main, ["export", str(tmp_path / "bert.tc.pt2"), "-o", str(tmp_path / "x.onnx"), "--verify",
+                               "--check", "trt"])
+    assert out.exit_code == 0, out.output
+    assert "verify batch 8" in out.output and "TensorRT check: 0 blocking" in out.output
+    json_path = tmp_path / "bench.json"
+    out = runner.invoke(main, ["bench", str(original), str(tmp_path / "bert.tc.pt2"), "--runtime", "torch",
+                               "--batch", "4", "--rounds", "3", "--no-memory", "--json", str(json_path)])
+    assert out.exit_code == 0, out.output
+    assert "speed-up" in out.output
+    import json
+    result = json.loads(json_path.read_text())
+    assert result["batch"] == 4 and result["original"]["median_s"] > 0 and result["speedup"] > 0
