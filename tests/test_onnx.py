@@ -6,9 +6,7 @@ import torch
 from click.testing import CliRunner
 from onnx import helper
 
-import tokencompile
 from models import RECIPES, text_inputs
-from tokencompile.bench import batch_inputs
 from tokencompile.cli import main
 from tokencompile.lowering.onnx_export import export_onnx, ort_feeds, ort_session, verify_onnx
 from tokencompile.lowering.tensorrt_check import check_tensorrt

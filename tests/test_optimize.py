@@ -1,7 +1,6 @@
 """End-to-end optimize() on every supported model: parity at budget 1.0, budgets honoured on the
 final program, token counts as reported, batch independence, reload in a fresh process."""
 
-import os
 import subprocess
 import sys
 

@@ -155,3 +155,17 @@ def test_reduced_tiny_matches_manual_merge(tiny):
     cls_logits, got_pooled = result.program.module()(x)
     assert torch.allclose(cls_logits, module.head(merged[:, 0]), atol=1e-5)
     assert torch.allclose(got_pooled, pooled, atol=1e-5)
+
+
+class TinyDense(Tiny):
+    def forward(self, tokens):
+        x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_per_token_outputs_are_refused():
+    program = export_module(TinyDense().eval(), (torch.randn(2, 15, 32),))
+    with pytest.raises(tokencompile.TokenCompileError, match="output 0 of the model is per-token"):
+        tokencompile.optimize(program, schedule=[2])

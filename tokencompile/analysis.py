@@ -9,10 +9,8 @@ masked encoder).
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
-import torch
 from torch.fx import GraphModule, Node
 
 from .errors import UnsupportedModelError

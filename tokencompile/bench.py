@@ -9,9 +9,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from .errors import TokenCompileError
@@ -36,7 +35,6 @@ class BenchResult:
     optimized: Timing
     speedup: float
     token_op_share: float | None = None
-    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -143,7 +141,6 @@ def bench(original: str, optimized: str, runtime: str = "ort", batch: int = 8, r
     """Interleaved latency of two models given as .pt2 (torch, or exported to ONNX for ort) or .onnx."""
     if runtime not in ("ort", "torch"):
         raise TokenCompileError(f"unknown runtime {runtime!r}", "use --runtime ort or --runtime torch")
-    notes = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for label, path in (("original", original), ("optimized", optimized)):
@@ -175,8 +172,7 @@ def bench(original: str, optimized: str, runtime: str = "ort", batch: int = 8, r
                 times[which].append(time.perf_counter() - start)
             if progress:
                 progress(f"round {index + 1}/{rounds}: {times[0][-1] * 1e3:.0f} ms vs {times[1][-1] * 1e3:.0f} ms")
-        result = BenchResult(runtime, batch, rounds, _timing(times[0], batch), _timing(times[1], batch), 0.0,
-                             notes=notes)
+        result = BenchResult(runtime, batch, rounds, _timing(times[0], batch), _timing(times[1], batch), 0.0)
         result.speedup = result.original.median_s / result.optimized.median_s
         if runtime == "ort":
             result.token_op_share = token_op_share(paths[1], inputs, threads)
@@ -187,6 +183,7 @@ def bench(original: str, optimized: str, runtime: str = "ort", batch: int = 8, r
 
 
 def format_bench(result: BenchResult) -> str:
+    # peak MB: peak resident memory of a fresh process that loads the model and runs one batch
     rows = [f"{'':<10} {'median ms':>10} {'p90 ms':>9} {'samples/s':>10} {'peak MB':>9}"]
     for label, t in (("original", result.original), ("optimized", result.optimized)):
         memory = f"{t.peak_memory_mb:>9.0f}" if t.peak_memory_mb is not None else f"{'-':>9}"

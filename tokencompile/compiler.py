@@ -69,6 +69,21 @@ def attention_token_counts(module: torch.fx.GraphModule) -> list[int]:
             if node.op == "call_function" and node.target == SDPA]
 
 
+def _output_shapes(ep: ExportedProgram) -> list:
+    output = next(node for node in ep.graph.nodes if node.op == "output")
+    return [tuple(arg.meta["val"].shape) if hasattr(arg, "meta") and hasattr(arg.meta.get("val"), "shape") else None
+            for arg in output.args[0]]
+
+
+def _check_outputs_keep_shape(original: ExportedProgram, optimized: ExportedProgram) -> None:
+    """A drop-in replacement must return what the original returns: per-token outputs would shrink."""
+    for index, (before, after) in enumerate(zip(_output_shapes(original), _output_shapes(optimized))):
+        if before != after:
+            raise TokenCompileError(
+                f"output {index} of the model is per-token ({before} would become {after})",
+                "return pooled outputs (e.g. the [CLS] state or a mean); un-merging dense outputs is not supported yet")
+
+
 def resolve_schedule(cost: CostModel, analysis: ModelAnalysis, method: Method, budget: float | None,
                      schedule) -> list[int]:
     blocks = len(analysis.blocks)
@@ -133,7 +148,7 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
         if not derived:
             raise TokenCompileError(f"schedule r={','.join(map(str, plan))} gives a FLOPs ratio of {ratio:.3f}, "
                                     f"above the budget {budget:g}", "remove --schedule or raise the budget")
-        # The cost model was optimistic: remove one more token where it is cheapest to (the last reducible block).
+        # The cost model was optimistic: remove one more token in the earliest block that can still take one.
         bumped = list(plan)
         for index in range(len(bumped)):
             trial = capped([r + (1 if i <= index else 0) for i, r in enumerate(bumped)], analysis.tokens,
@@ -146,6 +161,7 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
                                     f"use --budget {ratio + 0.005:.2f} or more")
         plan = bumped
 
+    _check_outputs_keep_shape(ep, new_ep)
     tokens = cost.tokens_per_block(plan)
     report = {
         "method": reducer.name,

@@ -23,7 +23,7 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
-def _inputs_for(module: torch.nn.Module, shape: tuple[int, ...] | None, default: tuple[int, ...]) -> tuple:
+def _inputs_for(shape: tuple[int, ...] | None, default: tuple[int, ...]) -> tuple:
     shape = shape or default
     if len(shape) == 2:  # token ids + attention mask
         return torch.randint(1000, 2000, shape), torch.ones(shape, dtype=torch.long)
@@ -49,7 +49,7 @@ def _load_timm(name: str, shape) -> tuple[ExportedProgram, tuple]:
         raise TokenCompileError(f"timm has no model {name!r} ({str(error).splitlines()[0]})",
                                 "see timm.list_models()") from None
     default = (2, *module.pretrained_cfg.get("input_size", (3, 224, 224)))
-    inputs = _inputs_for(module, shape, default)
+    inputs = _inputs_for(shape, default)
     return _export(module, inputs, f"timm:{name}"), inputs
 
 
@@ -87,7 +87,7 @@ def _load_hf(directory: str, shape) -> tuple[ExportedProgram, tuple]:
                                 "the directory needs config.json and safetensors weights") from None
     vision = hasattr(config, "image_size")
     default = (2, getattr(config, "num_channels", 3), config.image_size, config.image_size) if vision else (2, 128)
-    inputs = _inputs_for(model, shape, default)
+    inputs = _inputs_for(shape, default)
     return _export(_PlainOutputs(model.eval(), vision), inputs, f"hf:{directory}"), inputs
 
 
@@ -109,7 +109,7 @@ def load_model(spec: str, input_shape: str | None = None, trust_pickle: bool = F
                 from None
         inputs = None
         if shape is not None:
-            inputs = _inputs_for(None, shape, shape)
+            inputs = _inputs_for(shape, shape)
         elif program.example_inputs and not program.example_inputs[1]:
             inputs = tuple(program.example_inputs[0])
         if inputs is None:
@@ -129,6 +129,6 @@ def load_model(spec: str, input_shape: str | None = None, trust_pickle: bool = F
                                     "save the module itself, not its state_dict")
         if shape is None:
             raise TokenCompileError("a pickled module needs --input-shape to be traced", "e.g. --input-shape 2,3,224,224")
-        inputs = _inputs_for(module, shape, shape)
+        inputs = _inputs_for(shape, shape)
         return _export(module, inputs, spec), inputs
     raise TokenCompileError(f"unknown model format: {spec}", "give a .pt2 program, a .pt pickle, timm:<name> or hf:<dir>")
