@@ -72,12 +72,12 @@ def _hf_vit():
     return ClsPooled(ViTModel(config).eval()).eval()
 
 
-def _hf_bert():
+def _hf_bert(attention: str = "sdpa"):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=1024, attn_implementation="sdpa")
+    config = BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=8, num_attention_heads=4,
+                        intermediate_size=1024, attn_implementation=attention)
     return MeanPooled(BertModel(config).eval()).eval()
 
 
@@ -115,8 +115,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            _timm("deit_small_distilled_patch16_224"), _images),
     Recipe("hf_vit", "Hugging Face ViTModel (6 layers, 384 wide), random weights, returns CLS + pooled",
            _hf_vit, _images),
-    Recipe("hf_bert", "Hugging Face BertModel (4 layers, 256 wide), random weights, masked mean pooling",
+    Recipe("hf_bert", "Hugging Face BertModel (8 layers, 256 wide), random weights, masked mean pooling",
            _hf_bert, lambda batch: text_inputs(batch, 64)),
+    Recipe("hf_bert_eager", "hf_bert with eager attention (matmul-softmax-matmul instead of SDPA)",
+           lambda: _hf_bert("eager"), lambda batch: text_inputs(batch, 64)),
     Recipe("minilm", "all-MiniLM-L6-v2 (real weights), masked mean pooling, 128 tokens",
            _minilm, lambda batch: text_inputs(batch, 128)),
 ]}

@@ -11,13 +11,13 @@ from tokencompile.cli import main
 from tokencompile.lowering.onnx_export import export_onnx, ort_feeds, ort_session, verify_onnx
 from tokencompile.lowering.tensorrt_check import check_tensorrt
 
-MODELS = ["vit_small", "deit_small_distilled", "hf_vit", "hf_bert", "minilm"]
+MODELS = ["vit_small", "deit_small_distilled", "hf_vit", "hf_bert", "hf_bert_eager", "minilm"]
 tc = torch.ops.tokencompile
 
 
 def _inputs(name, batch):
     example = RECIPES[name].example_inputs(2)
-    if name in ("hf_bert", "minilm"):
+    if name in ("hf_bert", "hf_bert_eager", "minilm"):
         return text_inputs(batch, example[0].shape[1], seed=11)
     return (torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch)),)
 

@@ -10,12 +10,12 @@ import torch
 import tokencompile
 from models import RECIPES
 
-FAST_MODELS = ["vit_small", "deit_small_distilled", "hf_vit", "hf_bert", "minilm"]
+FAST_MODELS = ["vit_small", "deit_small_distilled", "hf_vit", "hf_bert", "hf_bert_eager", "minilm"]
 
 
 def _inputs(name, batch, seed=1):
     inputs = RECIPES[name].example_inputs(batch)
-    if name in ("hf_bert", "minilm"):
+    if name in ("hf_bert", "hf_bert_eager", "minilm"):
         from models import text_inputs
         return text_inputs(batch, inputs[0].shape[1], seed=seed)
     return (torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed)),)

@@ -22,10 +22,12 @@ def test_vit_matches_loop_reference(recipe, prop_attn):
     assert result.report["attention_tokens"][-1] == 197 - 11 * 8
 
 
-def test_bert_with_padding_matches_loop_reference(recipe):
-    module, program = recipe("hf_bert")
+@pytest.mark.parametrize("name", ["hf_bert", "hf_bert_eager"])
+def test_bert_with_padding_matches_loop_reference(recipe, name):
+    module, program = recipe(name)
     schedule = [10, 8, 6, 4]
     result = tokencompile.optimize(program, schedule=schedule)
+    assert result.report["analysis"]["attention"] == ("eager" if name.endswith("eager") else "sdpa")
     ids, mask = text_inputs(4, 64, seed=5)
     assert (mask == 0).any(), "the test needs padded samples"
     expected = bert_mean_pooled(module.model, ids, mask, schedule)

@@ -1,7 +1,8 @@
 """Find the structure a token reduction needs from the exported graph itself.
 
 Nothing here looks at class names: blocks come from module paths recorded by torch.export
-(a ModuleList / Sequential index encloses each attention), attention from SDPA nodes, the token
+(a ModuleList / Sequential index encloses each attention), attention from SDPA nodes or the eager
+matmul-softmax-matmul pattern (``attention.py``), the token
 count from the attention's query length, protected tokens from the data flow (learned prefix tokens
 concatenated before the first block, tokens read by index after the last one, the [SEP] of a
 masked encoder).
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule, Node
 
+from .attention import Attention, find_attention
 from .errors import UnsupportedModelError
-from .graph_utils import SDPA, aten, ancestors, descendants, module_path, node_arg, shape_of, tensor_meta
+from .graph_utils import aten, ancestors, descendants, module_path, node_arg, shape_of, tensor_meta
 
 # Ops that pass the token axis of their first argument through unchanged (walked when tracing
 # the residual stream back to where its tokens were assembled).
@@ -28,13 +30,13 @@ _TOKEN_PRESERVING = {
 class Block:
     index: int
     name: str
-    attention: Node
+    attention: Attention
     site: Node
     nodes: list[Node] = field(repr=False)
 
     @property
     def keys(self) -> Node:
-        return self.attention.args[1]
+        return self.attention.keys
 
 
 @dataclass
@@ -46,7 +48,10 @@ class ModelAnalysis:
     num_prefix: int
     mask_input: Node | None
     protect_last_valid: bool
-    attention_kind: str = "sdpa"
+
+    @property
+    def attention_kind(self) -> str:
+        return "+".join(sorted({block.attention.kind for block in self.blocks}))
 
     def summary(self) -> dict:
         return {
@@ -73,16 +78,16 @@ def _in_block(node: Node, name: str) -> bool:
     return any(fqn == name for fqn in module_path(node))
 
 
-def _find_site(attention: Node, block_nodes: list[Node], tokens: int) -> Node:
+def _find_site(attention: Attention, block_nodes: list[Node], tokens: int) -> Node:
     """The residual stream right after the attention: the first [B, N, C] node after the attention
     that fans out (to the MLP branch and to the skip connection)."""
-    start = block_nodes.index(attention)
+    start = block_nodes.index(attention.quadratic[-1])
     for node in block_nodes[start + 1:]:
         shape = shape_of(node)
         if shape is not None and len(shape) == 3 and shape[1] == tokens and len(node.users) >= 2:
             return node
     raise UnsupportedModelError(
-        f"block {_block_name(attention)!r}: no residual stream found after its attention",
+        f"block {_block_name(attention.node)!r}: no residual stream found after its attention",
         "tokencompile expects attention, a residual add, then an MLP in every block")
 
 
@@ -124,10 +129,10 @@ def _prefix_read_by_index(last_block: Block, tokens: int) -> int:
     return prefix
 
 
-def _mask_input(attentions: list[Node], model_inputs: list[Node]) -> Node | None:
-    """A [B, N] integer or boolean model input that feeds the attention mask."""
+def _mask_input(attentions: list[Attention], model_inputs: list[Node]) -> Node | None:
+    """A [B, N] integer or boolean model input that feeds the attention mask (or, eager, the logits)."""
     for attention in attentions:
-        mask = node_arg(attention, 3, "attn_mask")
+        mask = attention.mask() if attention.kind == "sdpa" else attention.logits
         if not isinstance(mask, Node):
             continue
         for candidate in model_inputs:
@@ -142,36 +147,31 @@ def analyse(gm: GraphModule) -> ModelAnalysis:
     """Find blocks, attention, reduction sites and protected tokens in an exported program's module."""
     graph = gm.graph
     nodes = list(graph.nodes)
-    attentions = [node for node in nodes if node.op == "call_function" and node.target == SDPA]
+    attentions = find_attention(gm)
     if not attentions:
-        if any(node.target in (aten.softmax.int, aten._softmax.default) for node in nodes):
-            raise UnsupportedModelError(
-                "the model computes attention with matmul + softmax instead of scaled_dot_product_attention",
-                "export it with SDPA attention (timm: default; Hugging Face: attn_implementation='sdpa')")
         raise UnsupportedModelError("no transformer blocks found: the graph has no attention",
                                     "tokencompile optimizes transformers (ViT, BERT, ...), not CNNs or MLPs")
 
     blocks: list[Block] = []
     for attention in attentions:
-        name = _block_name(attention)
+        name = _block_name(attention.node)
         if name is None:
             raise UnsupportedModelError(
-                f"attention node {attention.name!r} is not inside an indexed block",
+                f"attention node {attention.node.name!r} is not inside an indexed block",
                 "export the nn.Module itself (blocks in a ModuleList / Sequential) so that module paths are kept")
         if blocks and blocks[-1].name == name:
             raise UnsupportedModelError(f"block {name!r} has more than one attention",
                                         "cross-attention blocks are not supported yet")
-        query, key = shape_of(attention.args[0]), shape_of(attention.args[1])
-        if query[-2] != key[-2]:
+        if attention.tokens != attention.key_tokens:
             raise UnsupportedModelError(f"attention in {name!r} is not self-attention",
                                         "only self-attention blocks can be reduced")
         block_nodes = [node for node in nodes if _in_block(node, name)]
         blocks.append(Block(len(blocks), name, attention, None, block_nodes))
 
-    tokens = shape_of(attentions[0].args[0])[-2]
+    tokens = attentions[0].tokens
     for block in blocks:
-        if shape_of(block.attention.args[0])[-2] != tokens:
-            raise UnsupportedModelError(f"block {block.name!r} sees {shape_of(block.attention.args[0])[-2]} tokens, "
+        if block.attention.tokens != tokens:
+            raise UnsupportedModelError(f"block {block.name!r} sees {block.attention.tokens} tokens, "
                                         f"the first block {tokens}", "the model already changes its token count")
         block.site = _find_site(block.attention, block.nodes, tokens)
     hidden = shape_of(blocks[0].site)[-1]

@@ -11,7 +11,7 @@ from torch.export import Dim, ExportedProgram
 from .analysis import ModelAnalysis, analyse
 from .errors import TokenCompileError
 from .flops import CostModel, build_cost_model, count_flops
-from .graph_utils import SDPA, shape_of
+from .attention import find_attention
 from .methods import Method, get_method
 from .passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .schedule import capped, check_explicit, expand_explicit, parse_schedule, schedule_for_budget
@@ -65,8 +65,7 @@ def export_module(module: torch.nn.Module, example_inputs: tuple, dynamic_batch:
 
 def attention_token_counts(module: torch.fx.GraphModule) -> list[int]:
     """Query length of every attention in graph order: the tokens each block actually processes."""
-    return [shape_of(node.args[0])[-2] for node in module.graph.nodes
-            if node.op == "call_function" and node.target == SDPA]
+    return [attention.tokens for attention in find_attention(module)]
 
 
 def _output_shapes(ep: ExportedProgram) -> list:

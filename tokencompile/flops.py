@@ -11,7 +11,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from . import ops
 from .analysis import ModelAnalysis
-from .graph_utils import SDPA
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -111,11 +110,11 @@ def build_cost_model(gm: GraphModule, analysis: ModelAnalysis, example_inputs: t
             outside += flops
             continue
         index, after = owner[name]
-        node_is_attention = name == analysis.blocks[index].attention.name
-        field = ("after_" if after else "before_") + ("quadratic" if node_is_attention else "linear")
+        quadratic = name in {node.name for node in analysis.blocks[index].attention.quadratic}
+        field = ("after_" if after else "before_") + ("quadratic" if quadratic else "linear")
         setattr(costs[index], field, getattr(costs[index], field) + flops)
     metric_dim = analysis.blocks[0].keys.meta["val"].shape[-1]
     return CostModel(analysis.tokens, outside, costs, metric_dim)
 
 
-__all__ = ["count_flops", "flops_per_node", "build_cost_model", "CostModel", "BlockCost", "SDPA"]
+__all__ = ["count_flops", "flops_per_node", "build_cost_model", "CostModel", "BlockCost"]

@@ -7,7 +7,6 @@ from torch.export import ExportedProgram
 
 from .analysis import analyse
 from .flops import build_cost_model, count_flops
-from .graph_utils import SDPA
 
 
 def inspect_program(program: ExportedProgram, example_inputs: tuple) -> dict:
@@ -21,8 +20,8 @@ def inspect_program(program: ExportedProgram, example_inputs: tuple) -> dict:
             "index": block.index,
             "name": block.name,
             "tokens": n,
-            "attention": "sdpa",
-            "attention_node": block.attention.name,
+            "attention": block.attention.kind,
+            "attention_node": block.attention.node.name,
             "reduction_site": block.site.name,
             "flops": c.before_linear + c.before_quadratic + c.after_linear + c.after_quadratic,
             # flops(n) = per_token * n + per_token_pair * n^2 (per sample)
@@ -30,7 +29,7 @@ def inspect_program(program: ExportedProgram, example_inputs: tuple) -> dict:
             "flops_per_token_pair": (c.before_quadratic + c.after_quadratic) / (n * n),
         })
     batch = next(x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor))
-    fused = sum(1 for node in module.graph.nodes if node.op == "call_function" and node.target == SDPA)
+    fused = sum(1 for block in analysis.blocks if block.attention.kind == "sdpa")
     return {
         **analysis.summary(),
         "fused_attention_nodes": fused,
