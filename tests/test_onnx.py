@@ -61,8 +61,12 @@ class _AllOps(torch.nn.Module):
         sizes = x[..., 0].abs() + 1
         merged = tc.merge_tokens(x, sizes, rep, src, dst)
         mask = valid[:, None, :, None] & valid[:, None, None, :]
+        score = x[..., 1]
+        plans = [tc.topk_plan(score, valid if self.use_valid else None, 6, 2, self.use_valid, fuse)
+                 for fuse in (False, True)]
         return (merged, tc.sum_tokens(sizes, rep, src, dst), tc.gather_tokens(self.table, rep, 1),
-                tc.gather_tokens(tc.gather_tokens(mask, rep, 2), rep, 3))
+                tc.gather_tokens(tc.gather_tokens(mask, rep, 2), rep, 3), *plans[0], *plans[1],
+                tc.merge_tokens(x, sizes, *plans[1]))
 
 
 @pytest.mark.parametrize("use_valid", [False, True])

@@ -96,6 +96,7 @@ def find_attention(gm: GraphModule) -> list[Attention]:
             found.append(Attention("sdpa", node, node.args[0], node.args[1], (node,)))
         elif node.target in _SOFTMAX:
             attention = _eager(node)
-            if attention is not None:
+            # eager self-attention only: a probe row (queries << keys) scores tokens, it is not a block's attention
+            if attention is not None and attention.tokens == attention.key_tokens:
                 found.append(attention)
     return found

@@ -101,9 +101,16 @@ class GraphBuilder:
             node = self.graph.call_function(target, args, kwargs)
         if name:
             node.name = self.graph._graph_namespace.create_name(name, node)
-        with self.fake_mode:
-            node.meta["val"] = target(*map_arg(args, lambda n: n.meta["val"]),
-                                      **map_arg(kwargs, lambda n: n.meta["val"]))
+        # Shapes downstream of an earlier site are stale until the final propagation, so a value may not
+        # be computable yet: leave it to the propagation then (methods take token counts from SiteInputs).
+        inputs = [n for n in node.all_input_nodes]
+        if all("val" in n.meta for n in inputs):
+            try:
+                with self.fake_mode:
+                    node.meta["val"] = target(*map_arg(args, lambda n: n.meta["val"]),
+                                              **map_arg(kwargs, lambda n: n.meta["val"]))
+            except RuntimeError:
+                pass
         if self.module_stack is not None:
             node.meta["nn_module_stack"] = dict(self.module_stack)
         self.cursor = node

@@ -74,6 +74,33 @@ def _(metric, valid, r, num_prefix, protect_last_valid):
             metric.new_empty((batch, r), dtype=torch.int64))
 
 
+@torch.library.custom_op("tokencompile::topk_plan", mutates_args=())
+def topk_plan(score: Tensor, valid: Tensor | None, n_keep: int, num_prefix: int, protect_last_valid: bool,
+              fuse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the n_keep highest-scoring tokens (protected ones always, padding last); the others are
+    dropped, or with ``fuse`` folded into one extra token placed last. Returns (rep, src, dst)."""
+    batch, n = score.shape
+    protect = protected_mask(valid, (batch, n), num_prefix, protect_last_valid, score.device)
+    s = score.to(torch.float32).masked_fill(protect, float("inf"))
+    if valid is not None:
+        s = s.masked_fill(~valid & ~protect, NEG_INF)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    kept = torch.sort(order[:, :n_keep], dim=1).values
+    # with fuse, the best removed token seeds the fused slot (its representative); the others fold into it
+    src = torch.sort(order[:, n_keep + int(fuse):], dim=1).values
+    rep = torch.cat([kept, order[:, n_keep:n_keep + 1]], dim=1) if fuse else kept
+    dst = torch.full_like(src, n_keep)  # the fused slot, or (without fuse) the discarded one
+    return rep, src, dst
+
+
+@topk_plan.register_fake
+def _(score, valid, n_keep, num_prefix, protect_last_valid, fuse):
+    batch, n = score.shape
+    return (score.new_empty((batch, n_keep + int(fuse)), dtype=torch.int64),
+            score.new_empty((batch, n - n_keep - int(fuse)), dtype=torch.int64),
+            score.new_empty((batch, n - n_keep - int(fuse)), dtype=torch.int64))
+
+
 def _rows(t: Tensor, index: Tensor) -> Tensor:
     """Per-sample rows of t [B, N, ...] at index [B, k] -> [B, k, ...]."""
     view = index.reshape(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])

@@ -59,6 +59,41 @@ def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool):
     return rep, src, dst
 
 
+def _protect(shape_source, valid, num_prefix: int, protect_last_valid: bool):
+    n = op.Shape(shape_source, start=1, end=2)
+    positions = op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
+    protect = op.Unsqueeze(op.Less(positions, op.Constant(value_int=num_prefix)), _ints(0))
+    if valid is not None and protect_last_valid:
+        last = op.Sub(op.ReduceSum(op.Cast(valid, to=onnx.TensorProto.INT64), _ints(1), keepdims=1),
+                      op.Constant(value_int=1))
+        protect = op.Or(protect, op.Equal(op.Unsqueeze(positions, _ints(0)), last))
+    return protect, positions, n
+
+
+def _ascending(indices, k):
+    """Sort int64 indices [B, k] ascending (TopK of their negation)."""
+    _, order = op.TopK(op.Neg(op.Cast(indices, to=onnx.TensorProto.FLOAT)), _ints(k), axis=1, largest=1, sorted=1)
+    return op.GatherElements(indices, order, axis=1)
+
+
+def topk_plan(score, valid, n_keep: int, num_prefix: int, protect_last_valid: bool, fuse: bool):
+    protect, _, n = _protect(score, valid, num_prefix, protect_last_valid)
+    s = op.Cast(score, to=onnx.TensorProto.FLOAT)
+    s = op.Where(protect, op.Constant(value_float=float("inf")), s)
+    if valid is not None:
+        s = op.Where(op.And(op.Not(valid), op.Not(protect)), op.Constant(value_float=float("-inf")), s)
+    _, order = op.TopK(s, n, axis=1, largest=1, sorted=1)
+    n_removed = op.Sub(n, _ints(n_keep + int(fuse)))
+    kept = _ascending(op.Slice(order, _ints(0), _ints(n_keep), _ints(1)), n_keep)
+    removed = op.Slice(order, _ints(n_keep + int(fuse)), _ints(INT64_MAX), _ints(1))
+    _, removed_order = op.TopK(op.Neg(op.Cast(removed, to=onnx.TensorProto.FLOAT)), n_removed, axis=1, largest=1,
+                               sorted=1)
+    src = op.GatherElements(removed, removed_order, axis=1)
+    rep = op.Concat(kept, op.Slice(order, _ints(n_keep), _ints(n_keep + 1), _ints(1)), axis=1) if fuse else kept
+    dst = op.Expand(op.Constant(value_int=n_keep), op.Shape(src))
+    return rep, src, dst
+
+
 def _rows(t, index):
     """Per-sample rows t[b, index[b, k]] as one Gather over [B*N, ...] (copies whole rows)."""
     n = op.Shape(t, start=1, end=2)
@@ -114,6 +149,7 @@ def translation_table() -> dict:
     tc = torch.ops.tokencompile
     return {
         tc.tome_plan.default: tome_plan,
+        tc.topk_plan.default: topk_plan,
         tc.merge_tokens.default: merge_tokens,
         tc.sum_tokens.default: sum_tokens,
         tc.gather_tokens.default: gather_tokens,

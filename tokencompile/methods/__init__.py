@@ -4,10 +4,13 @@ the plan to every per-token tensor. Adding a method means adding one file and on
 from __future__ import annotations
 
 from ..errors import TokenCompileError
-from .base import Method, SiteInputs
+from .base import Method, Plan, PruneMethod, SiteInputs
+from .dart import DART
+from .evit import EViT
+from .random import RandomPrune
 from .tome import ToMe
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ToMe,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ToMe, EViT, DART, RandomPrune)}
 
 
 def get_method(name: str, options: dict[str, str] | None = None) -> Method:
@@ -17,4 +20,4 @@ def get_method(name: str, options: dict[str, str] | None = None) -> Method:
     return METHODS[name](**Method.parse_options(METHODS[name], options or {}))
 
 
-__all__ = ["METHODS", "Method", "SiteInputs", "get_method"]
+__all__ = ["METHODS", "Method", "Plan", "PruneMethod", "SiteInputs", "get_method"]

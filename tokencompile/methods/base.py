@@ -18,11 +18,13 @@ class SiteInputs:
 
     block: int
     x: Node             # residual stream [B, N, C] after the attention
+    query: Node         # attention queries [B, H, N, D]
     keys: Node          # attention keys [B, H, N, D]
     valid: Node | None  # [B, N] bool, False on padding (masked encoders)
     sizes: Node         # [B, N] tokens merged into each token so far
     num_prefix: int
     protect_last_valid: bool
+    n: int              # tokens at the site
 
 
 @dataclass
@@ -57,7 +59,45 @@ class Method:
         """FLOPs of the plan computation (matches the flop formulas of the plan ops)."""
         return 0
 
-    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> tuple[Node, Node, Node]:
+    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> Plan:
         """Insert nodes computing the plan (rep [B, N - r], src [B, m], dst [B, m]) that removes r tokens
         (see tokencompile.ops)."""
         raise NotImplementedError
+
+
+@dataclass
+class Plan:
+    rep: Node
+    src: Node
+    dst: Node
+    weight: Node | None = None  # merge weight per token; None: token sizes
+
+
+@dataclass
+class PruneMethod(Method):
+    """Score tokens, keep the best ones; the rest are dropped or (``fuse``) averaged into one token."""
+
+    merges = False
+    fuse: ClassVar[bool] = False
+
+    def max_reduction(self, tokens: int, protected: int) -> int:
+        return max(tokens - protected - 1 - int(self.fuse), 0)
+
+    def score(self, builder: GraphBuilder, site: SiteInputs) -> Node:
+        """[B, N] importance: higher stays."""
+        raise NotImplementedError
+
+    def merge_weight(self, builder: GraphBuilder, site: SiteInputs, score: Node) -> Node | None:
+        return None
+
+    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> Plan:
+        import operator
+
+        import torch
+
+        score = self.score(builder, site)
+        n_keep = site.n - r - int(self.fuse)
+        plan = builder.call(torch.ops.tokencompile.topk_plan.default, score, site.valid, n_keep, site.num_prefix,
+                            site.protect_last_valid, self.fuse, name=f"block{site.block}_{self.name}_plan")
+        parts = [builder.call(operator.getitem, plan, i) for i in range(3)]
+        return Plan(*parts, weight=self.merge_weight(builder, site, score))

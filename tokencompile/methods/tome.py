@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import operator
 
 import torch
-from torch.fx import Node
 
 from .. import ops  # noqa: F401  (registers tokencompile:: ops)
 from ..graph_utils import GraphBuilder, aten
-from .base import Method, SiteInputs
+from .base import Method, Plan, SiteInputs
 
 
 @dataclass
@@ -28,11 +27,11 @@ class ToMe(Method):
     def plan_flops(self, tokens: int, metric_dim: int) -> int:
         return 2 * ((tokens + 1) // 2) * (tokens // 2) * metric_dim
 
-    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> tuple[Node, Node, Node]:
+    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> Plan:
         metric = builder.call(aten.mean.dim, site.keys, [1], name=f"block{site.block}_tome_metric")
         plan = builder.call(torch.ops.tokencompile.tome_plan.default, metric, site.valid, r, site.num_prefix,
                             site.protect_last_valid, name=f"block{site.block}_tome_plan")
-        return tuple(builder.call(operator.getitem, plan, i, name=f"block{site.block}_tome_{part}")
-                     for i, part in enumerate(("rep", "src", "dst")))
+        return Plan(*(builder.call(operator.getitem, plan, i, name=f"block{site.block}_tome_{part}")
+                      for i, part in enumerate(("rep", "src", "dst"))))
 
 

@@ -61,10 +61,12 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
     if sizes is None:
         first = builder.call(aten.select.int, site, -1, 0, name="token_first_channel")
         sizes = builder.call(aten.ones_like.default, first, name="token_sizes")
-    inputs = SiteInputs(block=block_index, x=site, keys=block.keys, valid=valid, sizes=sizes,
-                        num_prefix=ctx.analysis.num_prefix, protect_last_valid=ctx.analysis.protect_last_valid)
-    rep, src, dst = ctx.method.plan(builder, inputs, r)
-    weight = sizes if ctx.method.merges else builder.call(aten.ones_like.default, sizes)
+    inputs = SiteInputs(block=block_index, x=site, query=block.attention.query, keys=block.keys, valid=valid,
+                        sizes=sizes, num_prefix=ctx.analysis.num_prefix,
+                        protect_last_valid=ctx.analysis.protect_last_valid, n=n_in)
+    plan = ctx.method.plan(builder, inputs, r)
+    rep, src, dst = plan.rep, plan.src, plan.dst
+    weight = sizes if plan.weight is None else plan.weight
     merged = builder.call(tc.merge_tokens.default, site, weight, rep, src, dst, name=f"{prefix}_merge")
     new_sizes = builder.call(tc.sum_tokens.default, sizes, rep, src, dst, name=f"{prefix}_sizes")
     replaced[merged] = site.meta.get("tc_original_val", site.meta["val"])
@@ -75,7 +77,8 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
         gather_builder = GraphBuilder(gm, latest(gm, builder.cursor, arg), scope)
         for dim in dims:
             value = gather_builder.call(tc.gather_tokens.default, value, rep, dim, name=f"{prefix}_gather_{arg.name}")
-        value.meta["tc_original_val"] = arg.meta.get("tc_original_val", arg.meta["val"])
+        value.meta["tc_original_val"] = arg.meta["tc_original_val"] if "tc_original_val" in arg.meta \
+            else arg.meta["val"]
         gathered[arg] = value
         replaced[value] = value.meta["tc_original_val"]
     new_valid = builder.call(tc.gather_tokens.default, valid, rep, 1, name=f"{prefix}_valid") \

@@ -193,7 +193,9 @@ class _Propagation:
                 node.meta.setdefault("tc_original_val", node.meta["val"])
         fake_mode = detect_fake_mode([node.meta.get("val") for node in self.graph.nodes])
         for node in nodes:
-            if node.target in _VIEWS:
+            if node not in self.old:  # inserted by a pass, with sizes already right
+                pass
+            elif node.target in _VIEWS:
                 self.rewrite_view(node)
             elif node.target == aten.expand.default:
                 self.rewrite_expand(node)
