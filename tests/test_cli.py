@@ -105,3 +105,28 @@ def test_real_process_exit_code_and_no_traceback():
 def test_debug_shows_traceback():
     code, out = run("optimize", "missing.pt2", "--budget", "0.5", "--debug")
     assert code == 2 and "Traceback" in out
+
+
+def test_inspect_timm_id():
+    code, out = run("inspect", "timm:deit_small_distilled_patch16_224", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["tokens"] == 198 and info["protected_prefix_tokens"] == 2
+
+
+def test_inspect_hf_directory():
+    import models
+
+    result = CliRunner().invoke(main, ["inspect", f"hf:{models.minilm_dir()}", "--input-shape", "2,32", "--json"])
+    info = json.loads(result.stdout)  # transformers reports loading progress on stderr
+    assert result.exit_code == 0 and info["tokens"] == 32 and info["blocks"] == 6
+    assert info["attention_mask_input"] is not None and info["protect_last_valid_token"]
+
+
+def test_trusted_pickle_of_a_transformer(tmp_path):
+    from test_passes import Tiny
+
+    path = tmp_path / "tiny.pt"
+    torch.save(Tiny().eval(), path)
+    code, out = run("optimize", str(path), "--trust-pickle", "--input-shape", "2,15,32", "--schedule", "r=3")
+    assert code == 0, out
+    assert "tokens entering each block: 16 13 10" in out

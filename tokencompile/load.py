@@ -53,21 +53,28 @@ def _load_timm(name: str, shape) -> tuple[ExportedProgram, tuple]:
     return _export(module, inputs, f"timm:{name}"), inputs
 
 
-class _PlainOutputs(torch.nn.Module):
-    """Return plain tensors from a Hugging Face model (ModelOutput .pt2 files do not load elsewhere)."""
+class _VisionOutputs(torch.nn.Module):
+    """A Hugging Face vision encoder returning its final [CLS] state as a plain tensor (a .pt2 whose
+    program returns a ModelOutput does not load in another process)."""
 
-    def __init__(self, model, vision: bool):
+    def __init__(self, model):
         super().__init__()
         self.model = model
-        self.vision = vision
 
-    def forward(self, *inputs):
-        if self.vision:
-            out = self.model(pixel_values=inputs[0])
-            return out.last_hidden_state[:, 0]
-        ids, mask = inputs
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+
+class _TextOutputs(torch.nn.Module):
+    """A Hugging Face text encoder returning the masked mean of its final states."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
@@ -88,7 +95,8 @@ def _load_hf(directory: str, shape) -> tuple[ExportedProgram, tuple]:
     vision = hasattr(config, "image_size")
     default = (2, getattr(config, "num_channels", 3), config.image_size, config.image_size) if vision else (2, 128)
     inputs = _inputs_for(shape, default)
-    return _export(_PlainOutputs(model.eval(), vision), inputs, f"hf:{directory}"), inputs
+    wrapper = _VisionOutputs(model.eval()) if vision else _TextOutputs(model.eval())
+    return _export(wrapper, inputs, f"hf:{directory}"), inputs
 
 
 def load_model(spec: str, input_shape: str | None = None, trust_pickle: bool = False) -> tuple[ExportedProgram, tuple]:
