@@ -159,6 +159,9 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
             raise TokenCompileError(f"budget {budget:g} cannot be met: the best reachable FLOPs ratio is {ratio:.3f}",
                                     f"use --budget {ratio + 0.005:.2f} or more")
         plan = bumped
+    else:
+        raise TokenCompileError(f"budget {budget:g} was not met after 8 schedules (last FLOPs ratio {ratio:.3f})",
+                                "give an explicit --schedule or a larger budget")
 
     _check_outputs_keep_shape(ep, new_ep)
     tokens = cost.tokens_per_block(plan)
