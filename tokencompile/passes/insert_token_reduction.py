@@ -11,7 +11,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import ops  # noqa: F401
-from ..graph_utils import GraphBuilder, aten, descendants, latest, pseudo_module_stack, tensor_meta
+from ..graph_utils import GraphBuilder, aten, descendants, latest, pseudo_module_stack
 from ..methods import SiteInputs
 from .context import ReductionSite, RewriteContext
 from .respecialize_token_shapes import respecialize_token_shapes
@@ -19,11 +19,16 @@ from .respecialize_token_shapes import respecialize_token_shapes
 tc = torch.ops.tokencompile
 
 
+def _original_value(node: Node):
+    """A node's value before any site changed token counts (gathers stand for their source)."""
+    return node.meta["tc_original_val"] if "tc_original_val" in node.meta else node.meta.get("val")
+
+
 def _token_dims(node: Node, tokens: int) -> list[int]:
     """Dims of a tensor that index tokens: of the original token count, past the batch axis (judged on
     original shapes: shapes stay stale until the propagation). Parameters qualify only when
     batch-broadcast ([1, N, ...]), so that weight matrices are never mistaken for them."""
-    value = node.meta.get("tc_original_val", tensor_meta(node))
+    value = _original_value(node)
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return []
     if node.op == "get_attr" and value.shape[0] != 1:
@@ -69,7 +74,7 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
     weight = sizes if plan.weight is None else plan.weight
     merged = builder.call(tc.merge_tokens.default, site, weight, rep, src, dst, name=f"{prefix}_merge")
     new_sizes = builder.call(tc.sum_tokens.default, sizes, rep, src, dst, name=f"{prefix}_sizes")
-    replaced[merged] = site.meta.get("tc_original_val", site.meta["val"])
+    merged.meta["tc_original_val"] = replaced[merged] = _original_value(site)
     gathered = {}
     for arg, dims in live_ins.items():
         value = arg
@@ -77,13 +82,10 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
         gather_builder = GraphBuilder(gm, latest(gm, builder.cursor, arg), scope)
         for dim in dims:
             value = gather_builder.call(tc.gather_tokens.default, value, rep, dim, name=f"{prefix}_gather_{arg.name}")
-        value.meta["tc_original_val"] = arg.meta["tc_original_val"] if "tc_original_val" in arg.meta \
-            else arg.meta["val"]
+        value.meta["tc_original_val"] = replaced[value] = _original_value(arg)
         gathered[arg] = value
-        replaced[value] = value.meta["tc_original_val"]
     new_valid = builder.call(tc.gather_tokens.default, valid, rep, 1, name=f"{prefix}_valid") \
         if valid is not None else None
-    merged.meta["tc_original_val"] = site.meta.get("tc_original_val", site.meta["val"])
 
     for user in downstream:
         user.replace_input_with(site, merged)
