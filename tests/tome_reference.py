@@ -61,6 +61,7 @@ def _attention(q, k, v, size, scale, key_ok=None, prop_attn=True):
 @torch.no_grad()
 def timm_vit(model, images, schedule, prop_attn=True):
     """ToMe on a timm VisionTransformer with a class token; returns logits [B, classes]."""
+    assert len(schedule) == len(model.blocks), "one r per block"
     outputs = []
     for image in images:
         x = model.patch_embed(image[None])
@@ -83,6 +84,7 @@ def timm_vit(model, images, schedule, prop_attn=True):
 @torch.no_grad()
 def bert_mean_pooled(model, input_ids, attention_mask, schedule, prop_attn=True):
     """ToMe on a Hugging Face BertModel followed by masked mean pooling."""
+    assert len(schedule) == len(model.encoder.layer), "one r per layer"
     outputs = []
     for ids, mask in zip(input_ids, attention_mask):
         x = model.embeddings(input_ids=ids[None])[0]
