@@ -37,6 +37,7 @@ def _reference_scores(method, q, k, block, n):
     return torch.tensor([float(((i + 1) * 2654435761 + 7919 * (1 + block)) % (1 << 24)) for i in range(n)])
 
 
+@torch.no_grad()
 def _reference_forward(module, tokens, method, r):
     """Tiny with one pruning site after the attention of its last block."""
     outputs, pooled = [], []
