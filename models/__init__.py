@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from tokencompile.load import MeanPooled
+
 
 @dataclass
 class Recipe:
@@ -48,19 +50,6 @@ class ClsPooled(torch.nn.Module):
     def forward(self, pixel_values):
         out = self.model(pixel_values=pixel_values)
         return out.last_hidden_state[:, 0], out.pooler_output
-
-
-class MeanPooled(torch.nn.Module):
-    """A BERT-style encoder with masked mean pooling (how sentence-transformers embeds a sentence)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def _hf_vit():

@@ -65,8 +65,9 @@ class _VisionOutputs(torch.nn.Module):
         return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
 
 
-class _TextOutputs(torch.nn.Module):
-    """A Hugging Face text encoder returning the masked mean of its final states."""
+class MeanPooled(torch.nn.Module):
+    """A BERT-style encoder with masked mean pooling of its final states (how sentence-transformers
+    embeds a sentence), returned as a plain tensor."""
 
     def __init__(self, model):
         super().__init__()
@@ -95,7 +96,7 @@ def _load_hf(directory: str, shape) -> tuple[ExportedProgram, tuple]:
     vision = hasattr(config, "image_size")
     default = (2, getattr(config, "num_channels", 3), config.image_size, config.image_size) if vision else (2, 128)
     inputs = _inputs_for(shape, default)
-    wrapper = _VisionOutputs(model.eval()) if vision else _TextOutputs(model.eval())
+    wrapper = _VisionOutputs(model.eval()) if vision else MeanPooled(model.eval())
     return _export(wrapper, inputs, f"hf:{directory}"), inputs
 
 

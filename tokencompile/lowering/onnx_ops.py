@@ -22,16 +22,21 @@ def _every_other(t, start: int, axis: int):
     return op.Slice(t, _ints(start), _ints(INT64_MAX), _ints(axis), _ints(2))
 
 
-def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool):
-    norm = op.Max(op.ReduceL2(metric, _ints(-1), keepdims=1), op.CastLike(op.Constant(value_float=1e-12), metric))
-    m = op.Div(metric, norm)
-    n = op.Shape(metric, start=1, end=2)
+def _protect(shape_source, valid, num_prefix: int, protect_last_valid: bool):
+    n = op.Shape(shape_source, start=1, end=2)
     positions = op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
     protect = op.Unsqueeze(op.Less(positions, op.Constant(value_int=num_prefix)), _ints(0))
     if valid is not None and protect_last_valid:
         last = op.Sub(op.ReduceSum(op.Cast(valid, to=onnx.TensorProto.INT64), _ints(1), keepdims=1),
                       op.Constant(value_int=1))
         protect = op.Or(protect, op.Equal(op.Unsqueeze(positions, _ints(0)), last))
+    return protect, positions, n
+
+
+def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool):
+    norm = op.Max(op.ReduceL2(metric, _ints(-1), keepdims=1), op.CastLike(op.Constant(value_float=1e-12), metric))
+    m = op.Div(metric, norm)
+    protect, positions, n = _protect(metric, valid, num_prefix, protect_last_valid)
     scores = op.MatMul(_every_other(m, 0, 1), op.Transpose(_every_other(m, 1, 1), perm=[0, 2, 1]))
     if valid is not None:
         pad_a = op.Unsqueeze(op.Not(_every_other(valid, 0, 1)), _ints(2))
@@ -57,17 +62,6 @@ def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool):
                    op.Constant(value_float=-1e30))
     _, rep = op.TopK(key, op.Sub(n, _ints(r)), axis=1, largest=1, sorted=1)
     return rep, src, dst
-
-
-def _protect(shape_source, valid, num_prefix: int, protect_last_valid: bool):
-    n = op.Shape(shape_source, start=1, end=2)
-    positions = op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
-    protect = op.Unsqueeze(op.Less(positions, op.Constant(value_int=num_prefix)), _ints(0))
-    if valid is not None and protect_last_valid:
-        last = op.Sub(op.ReduceSum(op.Cast(valid, to=onnx.TensorProto.INT64), _ints(1), keepdims=1),
-                      op.Constant(value_int=1))
-        protect = op.Or(protect, op.Equal(op.Unsqueeze(positions, _ints(0)), last))
-    return protect, positions, n
 
 
 def _ascending(indices, k):
