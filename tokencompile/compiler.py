@@ -129,7 +129,8 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
     original = ep.module()
     analysis = analyse(original)
     cost = build_cost_model(original, analysis, inputs)
-    original_flops = count_flops(original, inputs)
+    batch = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor))
+    original_flops = cost.original * batch  # the per-node counts the model is built from, summed
     plan = resolve_schedule(cost, analysis, reducer, budget, schedule)
     protected = analysis.num_prefix + int(analysis.protect_last_valid)
     derived = not isinstance(schedule, list) and (schedule is None or not str(schedule).startswith("r="))
@@ -178,7 +179,7 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
         "flops_optimized": flops,
         "flops_ratio": flops / original_flops,
         "flops_ratio_modelled": cost.flops(plan, reducer) / cost.original,
-        "example_batch": int(next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor))),
+        "example_batch": int(batch),
         "analysis": analysis.summary(),
         "seconds": round(time.perf_counter() - started, 2),
     }

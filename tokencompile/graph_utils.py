@@ -129,10 +129,8 @@ def pseudo_module_stack(anchor: Node, fqn: str) -> dict:
     parent = fqn.rsplit(".", 1)[0]
     stack = {}
     for key, (name, kind) in (anchor.meta.get("nn_module_stack") or {}).items():
-        if name == parent or not parent.startswith(name):
-            if name == parent:
-                stack[key] = (name, kind)
-            break
+        if name and name != parent and not parent.startswith(name + "."):
+            break  # below the parent block: the anchor's own submodule is not where inserted nodes live
         stack[key] = (name, kind)
     stack[f"tokencompile.{fqn}"] = (fqn, "tokencompile.TokenReduction")
     return stack
