@@ -101,6 +101,7 @@ class GraphBuilder:
             node = self.graph.call_function(target, args, kwargs)
         if name:
             node.name = self.graph._graph_namespace.create_name(name, node)
+        node.meta["tc_inserted"] = True  # its size arguments are right already (see respecialize_token_shapes)
         # Shapes downstream of an earlier site are stale until the final propagation, so a value may not
         # be computable yet: leave it to the propagation then (methods take token counts from SiteInputs).
         inputs = [n for n in node.all_input_nodes]

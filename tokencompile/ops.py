@@ -101,6 +101,72 @@ def _(score, valid, n_keep, num_prefix, protect_last_valid, fuse):
             score.new_empty((batch, n - n_keep - int(fuse)), dtype=torch.int64))
 
 
+@torch.library.custom_op("tokencompile::route_plan", mutates_args=())
+def route_plan(removed: Tensor, target: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The plan that removes the distinct tokens ``removed [B, m]`` from n, each folding into the kept
+    token ``target [B, m]`` (or dropped where target < 0). For methods that choose pairs themselves."""
+    batch, m = removed.shape
+    keep = torch.ones(batch, n, dtype=torch.int64, device=removed.device).scatter(1, removed, 0)
+    slot = torch.cumsum(keep, dim=1) - 1
+    rep = torch.sort(1 - keep, dim=1, stable=True).indices[:, :n - m]
+    dst = torch.where(target >= 0, torch.gather(slot, 1, target.clamp(min=0)), n - m)
+    return rep, removed.clone(), dst
+
+
+@route_plan.register_fake
+def _(removed, target, n):
+    batch, m = removed.shape
+    return removed.new_empty((batch, n - m)), removed.new_empty((batch, m)), removed.new_empty((batch, m))
+
+
+@torch.library.custom_op("tokencompile::farthest_point_rank", mutates_args=())
+def farthest_point_rank(metric: Tensor, valid: Tensor | None, k: int, num_prefix: int,
+                        protect_last_valid: bool) -> Tensor:
+    """Greedy max-min diversity (farthest-point) selection on cosine distance, a fixed k steps.
+
+    Starts from the protected tokens (without any: from the token farthest from the mean); each step
+    picks the token whose nearest selected token is farthest. Returns [B, N] scores for topk_plan:
+    k - step for the token picked at a step, -1 for the rest. Padding is picked only after every
+    real token."""
+    batch, n, _ = metric.shape
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    distance = 1 - unit @ unit.transpose(1, 2)                                    # [B, N, N]
+    protect = protected_mask(valid, (batch, n), num_prefix, protect_last_valid, metric.device)
+    mean = unit.mean(1, keepdim=True)
+    from_mean = 1 - (unit * mean).sum(-1) / mean.norm(dim=-1).clamp(min=1e-12)   # [B, N]
+    nearest = torch.where(protect.any(1, keepdim=True),
+                          distance.masked_fill(~protect[:, None, :], float("inf")).amin(-1), from_mean)
+    taken = protect.clone()
+    pad_floor = torch.full_like(nearest, -1e30)
+    rank = torch.full((batch, n), -1.0, device=metric.device)
+    for step in range(k):
+        candidate = nearest if valid is None else torch.where(valid, nearest, pad_floor)
+        pick = candidate.masked_fill(taken, NEG_INF).argmax(1, keepdim=True)      # [B, 1]
+        rank.scatter_(1, pick, float(k - step))
+        taken.scatter_(1, pick, True)
+        row = torch.gather(distance, 1, pick[:, :, None].expand(batch, 1, n))[:, 0]
+        nearest = torch.minimum(nearest, row)
+    return rank
+
+
+@farthest_point_rank.register_fake
+def _(metric, valid, k, num_prefix, protect_last_valid):
+    return metric.new_empty(metric.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("tokencompile::max_tokens", mutates_args=())
+def max_tokens(t: Tensor, rep: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+    """Per-slot maximum of a [B, N] tensor over the tokens that share a slot."""
+    kept = torch.gather(t, 1, rep)
+    padded = torch.cat([kept, kept.new_full((kept.shape[0], 1), NEG_INF)], dim=1)
+    return padded.scatter_reduce(1, dst, torch.gather(t, 1, src), "amax")[:, :kept.shape[1]].contiguous()
+
+
+@max_tokens.register_fake
+def _(t, rep, src, dst):
+    return t.new_empty(rep.shape)
+
+
 def _rows(t: Tensor, index: Tensor) -> Tensor:
     """Per-sample rows of t [B, N, ...] at index [B, k] -> [B, k, ...]."""
     view = index.reshape(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
@@ -170,5 +236,11 @@ def _tome_plan_flops(metric_shape, valid_shape, r, num_prefix, protect_last_vali
     return 2 * batch * ((n + 1) // 2) * (n // 2) * channels
 
 
+def _farthest_point_flops(metric_shape, valid_shape, k, num_prefix, protect_last_valid, out_shape=None, **_):
+    batch, n, channels = metric_shape
+    return 2 * batch * n * n * channels
+
+
 # Extra FLOPs the flop counter must see: the similarity matrix is the only non-linear-time part.
-FLOP_FORMULAS = {torch.ops.tokencompile.tome_plan: _tome_plan_flops}  # keyed by packet, as FlopCounterMode looks them up
+FLOP_FORMULAS = {torch.ops.tokencompile.tome_plan: _tome_plan_flops,
+                torch.ops.tokencompile.farthest_point_rank: _farthest_point_flops}  # keyed by packet, as FlopCounterMode looks them up

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import onnx
 import torch
+from onnxscript import BOOL, FLOAT, INT64, script
 from onnxscript import opset18 as op
 
 INT64_MAX = 2**63 - 1
@@ -53,15 +54,32 @@ def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool):
     _, merged_a = op.TopK(best, _ints(r), axis=-1, largest=1, sorted=1)
     two, one = op.Constant(value_int=2), op.Constant(value_int=1)
     src = op.Mul(merged_a, two)
-    keep = op.ScatterElements(op.Expand(one, op.Shape(metric, start=0, end=2)), src,
-                              op.Mul(src, op.Constant(value_int=0)), axis=1)
-    slot = op.Sub(op.CumSum(keep, op.Constant(value_int=1)), one)
+    slot, rep = _slots_after_removing(op.Shape(metric, start=0, end=2), positions, src, op.Sub(n, _ints(r)))
     dst = op.GatherElements(slot, op.Add(op.Mul(op.GatherElements(match, merged_a, axis=1), two), one), axis=1)
+    return rep, src, dst
+
+
+def _slots_after_removing(batch_by_n, positions, removed, n_out):
+    """For each token, its slot among the kept ones (cumsum of keep - 1), and the kept tokens (rep)."""
+    one = op.Constant(value_int=1)
+    keep = op.ScatterElements(op.Expand(one, batch_by_n), removed, op.Mul(removed, op.Constant(value_int=0)), axis=1)
+    slot = op.Sub(op.CumSum(keep, one), one)
     # kept positions in ascending order: the largest values of -position among kept tokens
     key = op.Where(op.Cast(keep, to=onnx.TensorProto.BOOL), op.Neg(op.Cast(positions, to=onnx.TensorProto.FLOAT)),
                    op.Constant(value_float=-1e30))
-    _, rep = op.TopK(key, op.Sub(n, _ints(r)), axis=1, largest=1, sorted=1)
-    return rep, src, dst
+    _, rep = op.TopK(key, n_out, axis=1, largest=1, sorted=1)
+    return slot, rep
+
+
+def route_plan(removed, target, n: int):
+    batch_by_n = op.Concat(op.Shape(removed, start=0, end=1), _ints(n), axis=0)
+    positions = op.Range(op.Constant(value_int=0), op.Constant(value_int=n), op.Constant(value_int=1))
+    n_out = op.Sub(_ints(n), op.Shape(removed, start=1, end=2))
+    slot, rep = _slots_after_removing(batch_by_n, positions, removed, n_out)
+    zero = op.Constant(value_int=0)
+    dst = op.Where(op.GreaterOrEqual(target, zero), op.GatherElements(slot, op.Max(target, zero), axis=1),
+                   op.Squeeze(n_out))
+    return rep, op.Identity(removed), dst
 
 
 def _ascending(indices, k):
@@ -125,6 +143,56 @@ def sum_tokens(weight, rep, src, dst):
     return op.Add(kept, op.Squeeze(op.MatMul(_fold_matrix(kept, dst), moved), _ints(2)))
 
 
+def max_tokens(t, rep, src, dst):
+    kept = op.GatherElements(t, rep, axis=1)
+    moved = op.Unsqueeze(op.GatherElements(t, src, axis=1), _ints(1))             # [B, 1, m]
+    route = op.Cast(_fold_matrix(kept, dst), to=onnx.TensorProto.BOOL)             # [B, n_out, m]
+    candidates = op.Where(route, moved, op.CastLike(op.Constant(value_float=float("-inf")), t))
+    return op.Max(kept, op.ReduceMax(candidates, _ints(2), keepdims=0))
+
+
+@script()
+def _greedy_max_min(distance: FLOAT, nearest: FLOAT, taken: BOOL, valid: BOOL, steps: INT64) -> FLOAT:
+    """One farthest-point pick per iteration, a fixed number of iterations (an ONNX Loop)."""
+    n = op.Shape(nearest, start=1, end=2)
+    positions = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1)),
+                             op.Constant(value_ints=[0]))
+    neg_inf = op.Constant(value_float=float("-inf"))
+    floor = op.Constant(value_float=-1e30)
+    rank = op.Expand(op.Constant(value_float=-1.0), op.Shape(nearest))
+    for step in range(steps):
+        candidate = op.Where(taken, neg_inf, op.Where(valid, nearest, floor))
+        pick = op.ArgMax(candidate, axis=1, keepdims=1)
+        hit = op.Equal(positions, pick)
+        rank = op.Where(hit, op.Cast(op.Sub(steps, step), to=1), rank)
+        taken = op.Or(taken, hit)
+        # the picked row of the distance matrix, exactly (one-hot MatMul adds only zeros)
+        row = op.MatMul(op.Unsqueeze(op.Cast(hit, to=1), op.Constant(value_ints=[1])), distance)
+        nearest = op.Min(nearest, op.Squeeze(row, op.Constant(value_ints=[1])))
+    return rank
+
+
+def farthest_point_rank(metric, valid, k: int, num_prefix: int, protect_last_valid: bool):
+    norm = op.Max(op.ReduceL2(metric, _ints(-1), keepdims=1), op.CastLike(op.Constant(value_float=1e-12), metric))
+    unit = op.Cast(op.Div(metric, norm), to=onnx.TensorProto.FLOAT)
+    one = op.Constant(value_float=1.0)
+    distance = op.Sub(one, op.MatMul(unit, op.Transpose(unit, perm=[0, 2, 1])))
+    protect, _, _ = _protect(metric, valid, num_prefix, protect_last_valid)
+    protect = op.Expand(protect, op.Shape(metric, start=0, end=2))
+    mean = op.ReduceMean(unit, _ints(1), keepdims=1)
+    mean_norm = op.Max(op.ReduceL2(mean, _ints(-1), keepdims=0), op.Constant(value_float=1e-12))
+    from_mean = op.Sub(one, op.Div(op.ReduceSum(op.Mul(unit, mean), _ints(-1), keepdims=0), mean_norm))
+    to_protected = op.ReduceMin(op.Where(op.Unsqueeze(protect, _ints(1)), distance,
+                                         op.Constant(value_float=float("inf"))), _ints(-1), keepdims=0)
+    any_protected = op.Cast(op.ReduceMax(op.Cast(protect, to=onnx.TensorProto.INT64), _ints(1), keepdims=1),
+                            to=onnx.TensorProto.BOOL)
+    nearest = op.Where(any_protected, to_protected, from_mean)
+    if valid is None:
+        valid = op.Expand(op.Constant(value_int=1), op.Shape(protect))
+        valid = op.Cast(valid, to=onnx.TensorProto.BOOL)
+    return _greedy_max_min(distance, nearest, protect, valid, op.Constant(value_int=k))
+
+
 def gather_tokens(t, rep, dim: int):
     rank = len(t.shape)
     batch, n = op.Shape(rep, start=0, end=1), op.Shape(rep, start=1, end=2)
@@ -144,6 +212,9 @@ def translation_table() -> dict:
     return {
         tc.tome_plan.default: tome_plan,
         tc.topk_plan.default: topk_plan,
+        tc.route_plan.default: route_plan,
+        tc.farthest_point_rank.default: farthest_point_rank,
+        tc.max_tokens.default: max_tokens,
         tc.merge_tokens.default: merge_tokens,
         tc.sum_tokens.default: sum_tokens,
         tc.gather_tokens.default: gather_tokens,

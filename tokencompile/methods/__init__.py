@@ -6,11 +6,17 @@ from __future__ import annotations
 from ..errors import TokenCompileError
 from .base import Method, Plan, PruneMethod, SiteInputs
 from .dart import DART
+from .divprune import DivPrune
 from .evit import EViT
+from .pitome import PiToMe
 from .random import RandomPrune
+from .tofu import ToFu
 from .tome import ToMe
+from .visionzip import VisionZip
+from .zipcache import ZipCache
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ToMe, EViT, DART, RandomPrune)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (ToMe, PiToMe, ToFu, EViT, VisionZip, DART, DivPrune, ZipCache, RandomPrune)}
 
 
 def get_method(name: str, options: dict[str, str] | None = None) -> Method:

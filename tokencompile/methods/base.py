@@ -25,6 +25,7 @@ class SiteInputs:
     num_prefix: int
     protect_last_valid: bool
     n: int              # tokens at the site
+    depth: int          # blocks in the model
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Plan:
     src: Node
     dst: Node
     weight: Node | None = None  # merge weight per token; None: token sizes
+    keep_norm: bool = False     # merged tokens take the largest norm among their members (MLERP)
 
 
 @dataclass
@@ -83,8 +85,8 @@ class PruneMethod(Method):
     def max_reduction(self, tokens: int, protected: int) -> int:
         return max(tokens - protected - 1 - int(self.fuse), 0)
 
-    def score(self, builder: GraphBuilder, site: SiteInputs) -> Node:
-        """[B, N] importance: higher stays."""
+    def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
+        """[B, N] importance: the n_keep highest stay."""
         raise NotImplementedError
 
     def merge_weight(self, builder: GraphBuilder, site: SiteInputs, score: Node) -> Node | None:
@@ -95,8 +97,8 @@ class PruneMethod(Method):
 
         import torch
 
-        score = self.score(builder, site)
         n_keep = site.n - r - int(self.fuse)
+        score = self.score(builder, site, n_keep)
         plan = builder.call(torch.ops.tokencompile.topk_plan.default, score, site.valid, n_keep, site.num_prefix,
                             site.protect_last_valid, self.fuse, name=f"block{site.block}_{self.name}_plan")
         parts = [builder.call(operator.getitem, plan, i) for i in range(3)]

@@ -21,7 +21,7 @@ class DART(PruneMethod):
     reference = "Wen et al., Stop Looking for Important Tokens... Duplication Matters More (DART), 2025"
     pivots: int = 8
 
-    def score(self, builder: GraphBuilder, site: SiteInputs) -> Node:
+    def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         b = f"block{site.block}_dart"
         metric = builder.call(aten.mean.dim, site.keys, [1])                                   # [B, N, D]
         norm = builder.call(aten.linalg_vector_norm.default, metric, 2, [-1])                  # [B, N]

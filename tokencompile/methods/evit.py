@@ -36,7 +36,7 @@ class EViT(PruneMethod):
     reference = "Liang et al., Not All Patches are What You Need (EViT), ICLR 2022"
     fuse = True
 
-    def score(self, builder: GraphBuilder, site: SiteInputs) -> Node:
+    def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         return cls_attention(builder, site)
 
     def merge_weight(self, builder: GraphBuilder, site: SiteInputs, score: Node) -> Node:

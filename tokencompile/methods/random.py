@@ -19,7 +19,7 @@ class RandomPrune(PruneMethod):
     reference = "baseline; see UniPruneBench (Peng et al., 2025) on random pruning"
     seed: int = 0
 
-    def score(self, builder: GraphBuilder, site: SiteInputs) -> Node:
+    def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         # An integer hash of (position, block, seed), exact in every runtime: the same for every sample
         # and run (batch-independent), and a bijection of positions (odd multiplier mod 2^24: no ties).
         positions = builder.call(aten.arange.start, 1, site.n + 1, dtype=torch.int64)

@@ -44,6 +44,16 @@ def _insert_validity(gm: GraphModule, ctx: RewriteContext) -> Node | None:
     return builder.call(aten.ne.Scalar, mask, 0, name="token_valid")
 
 
+def _rescale_to_largest_norm(builder: GraphBuilder, site: Node, merged: Node, plan, prefix: str) -> Node:
+    """MLERP (ToFu): keep each merged token's direction, give it the largest norm among its members, so
+    that averaging dissimilar tokens does not shrink the residual stream."""
+    norms = builder.call(aten.linalg_vector_norm.default, site, 2, [-1])
+    largest = builder.call(tc.max_tokens.default, norms, plan.rep, plan.src, plan.dst, name=f"{prefix}_largest_norm")
+    current = builder.call(aten.clamp.default, builder.call(aten.linalg_vector_norm.default, merged, 2, [-1]), 1e-12)
+    factor = builder.call(aten.unsqueeze.default, builder.call(aten.div.Tensor, largest, current), -1)
+    return builder.call(aten.mul.Tensor, merged, factor, name=f"{prefix}_mlerp")
+
+
 def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: int, r: int, valid: Node | None,
                  sizes: Node | None, replaced: dict) -> tuple[Node | None, Node]:
     """Insert one site's nodes. Shapes downstream stay stale until the single propagation at the end;
@@ -68,11 +78,14 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
         sizes = builder.call(aten.ones_like.default, first, name="token_sizes")
     inputs = SiteInputs(block=block_index, x=site, query=block.attention.query, keys=block.keys, valid=valid,
                         sizes=sizes, num_prefix=ctx.analysis.num_prefix,
-                        protect_last_valid=ctx.analysis.protect_last_valid, n=n_in)
+                        protect_last_valid=ctx.analysis.protect_last_valid, n=n_in,
+                        depth=len(ctx.analysis.blocks))
     plan = ctx.method.plan(builder, inputs, r)
     rep, src, dst = plan.rep, plan.src, plan.dst
     weight = sizes if plan.weight is None else plan.weight
     merged = builder.call(tc.merge_tokens.default, site, weight, rep, src, dst, name=f"{prefix}_merge")
+    if plan.keep_norm:
+        merged = _rescale_to_largest_norm(builder, site, merged, plan, prefix)
     new_sizes = builder.call(tc.sum_tokens.default, sizes, rep, src, dst, name=f"{prefix}_sizes")
     merged.meta["tc_original_val"] = replaced[merged] = _original_value(site)
     gathered = {}

@@ -193,7 +193,7 @@ class _Propagation:
                 node.meta.setdefault("tc_original_val", node.meta["val"])
         fake_mode = detect_fake_mode([node.meta.get("val") for node in self.graph.nodes])
         for node in nodes:
-            if node not in self.old:  # inserted by a pass, with sizes already right
+            if node not in self.old or node.meta.get("tc_inserted"):  # sizes already right
                 pass
             elif node.target in _VIEWS:
                 self.rewrite_view(node)

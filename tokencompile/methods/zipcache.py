@@ -1,0 +1,62 @@
+"""ZipCache-style normalised attention saliency from a few probe queries (He et al., 2024)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from ..graph_utils import GraphBuilder, aten, tensor_meta
+from .base import PruneMethod, SiteInputs
+
+
+def probe_slices(n: int, fraction: float) -> list[tuple[int, int, int]]:
+    """Probe query rows as (start, stop, step) slices: the last ``fraction`` of positions plus as many
+    evenly strided earlier ones (a deterministic stand-in for the paper's random probes)."""
+    count = max(1, math.ceil(fraction * n))
+    recent = max(n - count, 0)
+    if recent == 0:
+        return [(0, n, 1)]
+    step = max(recent // count, 1)
+    return [(0, min(recent, step * count), step), (recent, n, 1)]
+
+
+def probe_positions(n: int, fraction: float) -> list[int]:
+    return [p for start, stop, step in probe_slices(n, fraction) for p in range(start, stop, step)]
+
+
+@dataclass
+class ZipCache(PruneMethod):
+    name = "zipcache"
+    family = "prune"
+    summary = "keep tokens by normalised attention saliency from probe queries (recent + strided)"
+    reference = "He et al., ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token Identification, 2024"
+    probes: float = 0.05  # fraction of positions in each probe group (recent, strided)
+
+    def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
+        slices = probe_slices(site.n, self.probes)
+        probes = self._take(builder, site.query, 2, slices)                          # [B, H, P, D]
+        scale = tensor_meta(site.query).shape[-1] ** -0.5
+        logits = builder.call(aten.matmul.default, probes, builder.call(aten.transpose.int, site.keys, -2, -1))
+        logits = builder.call(aten.mul.Tensor, logits, scale)                         # [B, H, P, N]
+        if site.valid is not None:
+            key_ok = builder.call(aten.unsqueeze.default, builder.call(aten.unsqueeze.default, site.valid, 1), 1)
+            logits = builder.call(aten.masked_fill.Scalar, logits, builder.call(aten.logical_not.default, key_ok),
+                                  float("-inf"))
+        attention = builder.call(aten.mean.dim, builder.call(aten.softmax.int, logits, -1), [1])   # [B, P, N]
+        # each key's saliency is normalised by the number of probe queries that see it: padding
+        # queries see nothing (under a causal mask, queries before the key would not either)
+        if site.valid is None:
+            return builder.call(aten.mean.dim, attention, [1], name=f"block{site.block}_zipcache_saliency")
+        seen_by = builder.call(aten.to.dtype, self._take(builder, site.valid, 1, slices), torch.float32)  # [B, P]
+        total = builder.call(aten.squeeze.dim, builder.call(
+            aten.matmul.default, builder.call(aten.unsqueeze.default, seen_by, 1), attention), 1)
+        count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, seen_by, [1], True), 1.0)
+        return builder.call(aten.div.Tensor, total, count, name=f"block{site.block}_zipcache_saliency")
+
+    @staticmethod
+    def _take(builder: GraphBuilder, t: Node, dim: int, slices) -> Node:
+        parts = [builder.call(aten.slice.Tensor, t, dim, start, stop, step) for start, stop, step in slices]
+        return builder.call(aten.cat.default, parts, dim) if len(parts) > 1 else parts[0]
