@@ -6,7 +6,7 @@ each budget, plus the mean cosine between optimized and original embeddings. Sen
 (or truncated) to a fixed token count, since a program has static token counts.
 
     python benchmarks/stsb_fidelity.py                      # README table (ToMe)
-    python benchmarks/stsb_fidelity.py --tokens 32 --methods tome,evit,dart,random --budgets 0.75,0.5
+    python benchmarks/stsb_fidelity.py --tokens 32 --methods all --budgets 0.75,0.5,0.25   # README method table
     python benchmarks/stsb_fidelity.py --tokens 32 --budgets 1.0,0.5 --limit 200
 """
 
@@ -23,8 +23,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import models  # noqa: E402
-import tokencompile  # noqa: E402
+import models
+import tokencompile
 
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "stsb", "sts-dev.csv")
 
@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--tokens", default="32,64", help="padded token counts to evaluate")
     parser.add_argument("--budgets", default="0.75,0.5,0.25")
-    parser.add_argument("--methods", default="tome", help="comma-separated methods (see `tokencompile methods`)")
+    parser.add_argument("--methods", default="tome",
+                        help="comma-separated methods (see `tokencompile methods`), or `all`")
     parser.add_argument("--limit", type=int, help="use only the first N pairs")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -85,7 +86,8 @@ def main() -> None:
         reference = (embed(module, tokenizer, first, tokens), embed(module, tokenizer, second, tokens))
         original = spearman(torch.nn.functional.cosine_similarity(*reference).tolist(), gold)
         print(f"| {tokens} | {truncated} | original | 1 | 1.000 | {tokens} | {100 * original:.2f} | 1.0000 |")
-        for method in args.methods.split(","):
+        methods = sorted(tokencompile.methods.METHODS) if args.methods == "all" else args.methods.split(",")
+        for method in methods:
             for budget in [float(b) for b in args.budgets.split(",")]:
                 started = time.perf_counter()
                 try:

@@ -93,6 +93,13 @@ def test_optimize_writes_program_and_report(vit_file, tmp_path):
     report = json.loads(report_file.read_text())
     assert report["flops_ratio"] <= 0.5
     assert torch.export.load(str(out_file)).module()(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+    # inspect on the optimized program: fewer tokens per block, attention still one fused SDPA node each
+    code, out = run("inspect", str(out_file))
+    assert code == 0, out
+    assert "12 blocks, 12 fused attention (SDPA) nodes" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "11 "))]
+    assert rows[0][1:4] == ["blocks.0", "197", "sdpa"] and int(rows[1][2]) < 197 and rows[1][3] == "sdpa"
+    assert out.count("tome_plan") == sum(1 for r in report["schedule"] if r)
 
 
 def test_real_process_exit_code_and_no_traceback():
