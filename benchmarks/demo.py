@@ -25,10 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import models  # noqa: E402
-import tokencompile  # noqa: E402
-from stsb_fidelity import DEFAULT_DATA, embed, read_pairs, spearman  # noqa: E402
-from tokencompile.lowering.onnx_export import export_onnx, ort_feeds, ort_session  # noqa: E402
+from stsb_fidelity import DEFAULT_DATA, embed, read_pairs, spearman
+
+import models
+import tokencompile
+from tokencompile.lowering.onnx_export import export_onnx, ort_feeds, ort_session
 
 IMAGES = os.path.join(os.path.dirname(ROOT), "shared", "data", "images")
 ARTIFACTS = os.path.join(ROOT, "artifacts")

@@ -23,10 +23,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import models  # noqa: E402
-import tokencompile  # noqa: E402
-from tokencompile.bench import bench  # noqa: E402
-from tokencompile.lowering.onnx_export import export_onnx  # noqa: E402
+import models
+import tokencompile
+from tokencompile.bench import bench
+from tokencompile.lowering.onnx_export import export_onnx
 
 SETUPS = {"vit_small": ("ViT-S/16", 8), "vit_base": ("ViT-B/16", 4), "minilm": ("MiniLM (128 tokens)", 32)}
 

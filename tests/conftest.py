@@ -7,7 +7,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the model recipes in models/
 
-import models  # noqa: E402
+import models
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 

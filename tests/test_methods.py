@@ -7,15 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from test_passes import Tiny
 
 import tokencompile
+from models import RECIPES, text_inputs
 from tokencompile.cli import main
 from tokencompile.compiler import export_module
 from tokencompile.lowering.onnx_export import export_onnx, verify_onnx
 from tokencompile.methods import METHODS
-
-from models import RECIPES, text_inputs
-from test_passes import Tiny
 
 PRUNERS = ["evit", "dart", "random", "zipcache", "divprune"]
 MERGERS = ["pitome", "tofu", "visionzip"]
@@ -195,7 +194,7 @@ def test_every_method_exports_and_keeps_fused_attention(tiny, method, tmp_path):
     assert len(sdpa) == 2
     assert not any(n.op == "call_function" and n.target == torch.ops.aten.bmm.default for n in result.program.graph.nodes)
     path = str(tmp_path / f"{method}.onnx")
-    tokens = lambda b: (torch.randn(b, 15, 32, generator=torch.Generator().manual_seed(b)),)  # noqa: E731
+    tokens = lambda b: (torch.randn(b, 15, 32, generator=torch.Generator().manual_seed(b)),)
     export_onnx(result.program, path, tokens(2))
     rows = verify_onnx(result.program, path, [tokens(1), tokens(8)])
     assert all(row["max_abs_error"] <= 1e-5 for row in rows), rows

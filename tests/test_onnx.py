@@ -8,7 +8,12 @@ from onnx import helper
 
 from models import RECIPES, text_inputs
 from tokencompile.cli import main
-from tokencompile.lowering.onnx_export import export_onnx, ort_feeds, ort_session, verify_onnx
+from tokencompile.lowering.onnx_export import (
+    export_onnx,
+    ort_feeds,
+    ort_session,
+    verify_onnx,
+)
 from tokencompile.lowering.tensorrt_check import check_tensorrt
 
 MODELS = ["vit_small", "deit_small_distilled", "hf_vit", "hf_bert", "hf_bert_eager", "minilm"]

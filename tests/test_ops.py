@@ -1,10 +1,9 @@
 """The custom ops against the loop reference, per sample, with protection and padding."""
 
 import torch
+from tome_reference import tome_merge
 
 import tokencompile  # noqa: F401
-
-from tome_reference import tome_merge
 
 tc = torch.ops.tokencompile
 

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, SHARED
 
 import tokencompile
-from conftest import ROOT, SHARED
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from tome_reference import bert_mean_pooled, timm_vit
 
 import tokencompile
 from models import text_inputs
-
-from tome_reference import bert_mean_pooled, timm_vit
 
 
 @pytest.mark.parametrize("prop_attn", [True, False])

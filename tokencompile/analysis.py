@@ -16,7 +16,15 @@ from torch.fx import GraphModule, Node
 
 from .attention import Attention, find_attention
 from .errors import UnsupportedModelError
-from .graph_utils import aten, ancestors, descendants, module_path, node_arg, shape_of, tensor_meta
+from .graph_utils import (
+    ancestors,
+    aten,
+    descendants,
+    module_path,
+    node_arg,
+    shape_of,
+    tensor_meta,
+)
 
 # Ops that pass the token axis of their first argument through unchanged (walked when tracing
 # the residual stream back to where its tokens were assembled).

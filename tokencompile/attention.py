@@ -10,7 +10,17 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule, Node
 
-from .graph_utils import SDPA, GraphBuilder, aten, descendants, latest, node_arg, set_node_arg, shape_of, tensor_meta
+from .graph_utils import (
+    SDPA,
+    GraphBuilder,
+    aten,
+    descendants,
+    latest,
+    node_arg,
+    set_node_arg,
+    shape_of,
+    tensor_meta,
+)
 
 _SOFTMAX = (aten.softmax.int, aten._softmax.default)
 _MATMUL = (aten.matmul.default, aten.bmm.default)

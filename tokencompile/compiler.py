@@ -9,12 +9,18 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from .analysis import ModelAnalysis, analyse
+from .attention import find_attention
 from .errors import TokenCompileError
 from .flops import CostModel, build_cost_model, count_flops
-from .attention import find_attention
 from .methods import Method, get_method
 from .passes import REDUCTION_PASSES, RewriteContext, run_passes
-from .schedule import capped, check_explicit, expand_explicit, parse_schedule, schedule_for_budget
+from .schedule import (
+    capped,
+    check_explicit,
+    expand_explicit,
+    parse_schedule,
+    schedule_for_budget,
+)
 
 
 @dataclass

@@ -117,4 +117,4 @@ def build_cost_model(gm: GraphModule, analysis: ModelAnalysis, example_inputs: t
     return CostModel(analysis.tokens, outside, costs, metric_dim)
 
 
-__all__ = ["count_flops", "flops_per_node", "build_cost_model", "CostModel", "BlockCost"]
+__all__ = ["BlockCost", "CostModel", "build_cost_model", "count_flops", "flops_per_node"]

@@ -39,6 +39,14 @@ def run_passes(gm: GraphModule, ctx: RewriteContext, passes: list[Pass] = REDUCT
     return gm
 
 
-__all__ = ["REDUCTION_PASSES", "ReductionSite", "RewriteContext", "run_passes", "respecialize_token_shapes",
-           "insert_token_reduction", "proportional_attention", "size_weighted_token_reductions",
-           "eliminate_dead_code"]
+__all__ = [
+    "REDUCTION_PASSES",
+    "ReductionSite",
+    "RewriteContext",
+    "eliminate_dead_code",
+    "insert_token_reduction",
+    "proportional_attention",
+    "respecialize_token_shapes",
+    "run_passes",
+    "size_weighted_token_reductions",
+]
