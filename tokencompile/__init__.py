@@ -4,10 +4,13 @@ Importing the package registers the ``tokencompile::`` custom ops, which optimiz
 when they are loaded (``torch.export.load``) in a fresh process.
 """
 
-from . import ops  # noqa: F401  (registers torch.ops.tokencompile.*)
+from . import (
+    kernels,  # noqa: F401  (on CUDA tensors the ops run as fused Triton kernels)
+    ops,  # noqa: F401  (registers torch.ops.tokencompile.*)
+)
 from .analysis import ModelAnalysis, analyse
 from .compiler import OptimizeResult, optimize
 from .errors import TokenCompileError, UnsupportedModelError
 
-__all__ = ["optimize", "analyse", "ModelAnalysis", "OptimizeResult", "TokenCompileError", "UnsupportedModelError"]
+__all__ = ["ModelAnalysis", "OptimizeResult", "TokenCompileError", "UnsupportedModelError", "analyse", "optimize"]
 __version__ = "0.1.0"

@@ -1,0 +1,366 @@
+"""Fused Triton kernels for the token-reduction ops, and launchers with the ops' signatures.
+
+Kernels (the launchers below named after a ``tokencompile::`` op take and return what the op does):
+
+- ``tome_match_kernel``: each ToMe A token's (even position) best B partner (odd position) by cosine
+  similarity, with the padding bonus and protected tokens exactly as ``ops.tome_plan``;
+- ``merge_tokens_kernel``: gather of the kept rows, scatter-add of the removed rows weighted by their
+  sizes and division by the summed size, one program per (sample, output slot, channel block);
+- ``sum_tokens_kernel``: the per-slot sum of token sizes;
+- ``probe_scores_kernel``: head mean of softmax(q[:, :, 0] . k / sqrt(d)) over valid keys (EViT's score);
+- ``gather_tokens_kernel``: per-sample gather along a token axis (kept rows of any per-token tensor,
+  or the un-merge gather with a slot map as the index).
+
+Kernel parameters are ordered inputs, scalars, outputs (the calling convention of TensorRT's AOT
+plugins). All kernels accumulate in fp32 and store in the input dtype. They assume contiguous tensors except the
+probe scores, which take strides so that queries and keys in [B, N, H, D] layout are not copied. The plan ranking
+(a stable sort) stays in torch, so plans equal the reference's, ties included.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import ops
+
+MERGE_BLOCK_M = 32      # removed tokens tested per step when a slot collects its merged rows
+PROBE_BLOCK_N = 128     # keys per probe-score tile
+PROBE_BLOCK_D = 32      # channels per probe-score step
+MATCH_BLOCK = 32        # A rows, B rows and channels per tome_match tile (tl.dot needs >= 16)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 x rounded to nearest-even in ``dtype``, returned as fp32 (exact, so a later .to(dtype) is
+    lossless). bf16 rounds with integer ops: the Triton interpreter truncates fp32 -> bf16 casts."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def tome_match_kernel(metric_ptr, valid_ptr, protect_ptr, N, D, best_ptr, best_index_ptr,
+                      PAD_BONUS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Grid (B, cdiv(NA, BLOCK_A)). metric is L2-normalised [B, N, D]; valid and protect are int8 [B, N].
+    Writes best [B, NA] (fp32 holding metric-dtype values) and best_index [B, NA] (int64)."""
+    batch = tl.program_id(0).to(tl.int64)
+    num_a = (N + 1) // 2
+    num_b = N // 2
+    a_index = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_ok = a_index < num_a
+    a_token = 2 * a_index
+    metric = metric_ptr + batch * N * D
+    a_pad = tl.load(valid_ptr + batch * N + a_token, mask=a_ok, other=1) == 0
+    a_protected = tl.load(protect_ptr + batch * N + a_token, mask=a_ok, other=0) != 0
+
+    best = tl.full((BLOCK_A,), float("-inf"), tl.float32)
+    best_index = tl.zeros((BLOCK_A,), tl.int64)
+    for b_start in range(0, num_b, BLOCK_B):
+        b_index = b_start + tl.arange(0, BLOCK_B)
+        b_ok = b_index < num_b
+        b_token = 2 * b_index + 1
+        score = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
+        for d_start in range(0, D, BLOCK_D):
+            d = d_start + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            a_rows = tl.load(metric + a_token[:, None] * D + d[None, :], mask=a_ok[:, None] & d_ok[None, :],
+                             other=0.0)
+            b_rows = tl.load(metric + b_token[:, None] * D + d[None, :], mask=b_ok[:, None] & d_ok[None, :],
+                             other=0.0)
+            score = tl.dot(a_rows.to(tl.float32), tl.trans(b_rows.to(tl.float32)), score, input_precision="ieee")
+        # round like the reference, which computes the similarities and the bonus in the metric dtype
+        element = metric_ptr.dtype.element_ty
+        score = round_to(score, element)
+        b_pad = tl.load(valid_ptr + batch * N + b_token, mask=b_ok, other=1) == 0
+        both_pad = (a_pad[:, None] & b_pad[None, :]).to(tl.float32)
+        one_pad = (a_pad[:, None] ^ b_pad[None, :]).to(tl.float32)
+        score = round_to(score + PAD_BONUS * both_pad, element)
+        score = round_to(score - PAD_BONUS * one_pad, element)
+        b_protected = tl.load(protect_ptr + batch * N + b_token, mask=b_ok, other=1) != 0
+        excluded = a_protected[:, None] | b_protected[None, :] | (b_ok == 0)[None, :]
+        score = tl.where(excluded, float("-inf"), score)
+
+        tile_best = tl.max(score, axis=1)
+        # lowest index among equal maxima, as torch.max returns
+        candidates = tl.where(score == tile_best[:, None], b_index[None, :], num_b + BLOCK_B)
+        tile_index = tl.min(candidates, axis=1).to(tl.int64)
+        improved = tile_best > best  # strict: an earlier tile keeps a tie
+        best_index = tl.where(improved, tile_index, best_index)
+        best = tl.where(improved, tile_best, best)
+    tl.store(best_ptr + batch * num_a + a_index, best, mask=a_ok)
+    tl.store(best_index_ptr + batch * num_a + a_index, best_index, mask=a_ok)
+
+
+@triton.jit
+def merge_tokens_kernel(x_ptr, weight_ptr, rep_ptr, src_ptr, dst_ptr, N, C, n_out, m, out_ptr,
+                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid (B, n_out, cdiv(C, BLOCK_C)). out[b, j] = sum(x*w) / sum(w) over token rep[b, j] and the
+    removed tokens src[b, i] with dst[b, i] == j."""
+    batch = tl.program_id(0).to(tl.int64)
+    slot = tl.program_id(1)
+    channel = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channel < C
+    x = x_ptr + batch * N * C
+    weight = weight_ptr + batch * N
+    element = x_ptr.dtype.element_ty
+
+    kept = tl.load(rep_ptr + batch * n_out + slot)
+    # the reference casts the weight to x's dtype before multiplying
+    kept_weight = round_to(tl.load(weight + kept).to(tl.float32), element)
+    total = tl.load(x + kept * C + channel, mask=channel_ok, other=0.0).to(tl.float32) * kept_weight
+    norm = kept_weight
+    for start in range(0, m, BLOCK_M):
+        index = start + tl.arange(0, BLOCK_M)
+        index_ok = index < m
+        into_slot = (tl.load(dst_ptr + batch * m + index, mask=index_ok, other=-1) == slot) & index_ok
+        token = tl.load(src_ptr + batch * m + index, mask=into_slot, other=0)
+        token_weight = round_to(tl.load(weight + token, mask=into_slot, other=0.0).to(tl.float32), element)
+        rows = tl.load(x + token[:, None] * C + channel[None, :], mask=into_slot[:, None] & channel_ok[None, :],
+                       other=0.0).to(tl.float32)
+        total += tl.sum(rows * token_weight[:, None], axis=0)
+        norm += tl.sum(token_weight, axis=0)
+    out = out_ptr + (batch * n_out + slot) * C
+    tl.store(out + channel, round_to(total / norm, element).to(element), mask=channel_ok)
+
+
+@triton.jit
+def sum_tokens_kernel(weight_ptr, rep_ptr, src_ptr, dst_ptr, N, n_out, m, out_ptr,
+                      BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid (B, cdiv(n_out, BLOCK_S)). out[b, j] = weight[rep[b, j]] + sum of weight[src] folded into j."""
+    batch = tl.program_id(0).to(tl.int64)
+    slot = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    slot_ok = slot < n_out
+    weight = weight_ptr + batch * N
+    kept = tl.load(rep_ptr + batch * n_out + slot, mask=slot_ok, other=0)
+    total = tl.load(weight + kept, mask=slot_ok, other=0.0).to(tl.float32)
+    for start in range(0, m, BLOCK_M):
+        index = start + tl.arange(0, BLOCK_M)
+        index_ok = index < m
+        target = tl.load(dst_ptr + batch * m + index, mask=index_ok, other=-1)
+        token = tl.load(src_ptr + batch * m + index, mask=index_ok, other=0)
+        token_weight = tl.load(weight + token, mask=index_ok, other=0.0).to(tl.float32)
+        hits = target[None, :] == slot[:, None]
+        total += tl.sum(tl.where(hits, token_weight[None, :], 0.0), axis=1)
+    element = out_ptr.dtype.element_ty
+    tl.store(out_ptr + batch * n_out + slot, round_to(total, element).to(element), mask=slot_ok)
+
+
+@triton.jit
+def probe_logits(q_ptr, k_ptr, valid_ptr, batch, head, key, N, D, scale, q_stride_b, q_stride_h, q_stride_d,
+                 k_stride_b, k_stride_h, k_stride_n, k_stride_d, BLOCK_D: tl.constexpr):
+    """Scaled logits of the probe query (row 0) of one head against the keys ``key``; -inf where invalid."""
+    q_row = q_ptr + batch * q_stride_b + head * q_stride_h
+    k_head = k_ptr + batch * k_stride_b + head * k_stride_h
+    in_range = key < N
+    logits = tl.zeros(key.shape, tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        d = d_start + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        probe = tl.load(q_row + d * q_stride_d, mask=d_ok, other=0.0).to(tl.float32)
+        keys = tl.load(k_head + key[:, None] * k_stride_n + d[None, :] * k_stride_d,
+                       mask=in_range[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        logits += tl.sum(keys * probe[None, :], axis=1)
+    key_ok = in_range & (tl.load(valid_ptr + batch * N + key, mask=in_range, other=0) != 0)
+    return tl.where(key_ok, logits * scale, float("-inf"))
+
+
+@triton.jit
+def probe_scores_kernel(q_ptr, k_ptr, valid_ptr, H, N, D, scale,
+                        q_stride_b, q_stride_h, q_stride_d, k_stride_b, k_stride_h, k_stride_n, k_stride_d, out_ptr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Grid (B,). out[b] = mean over heads of softmax over valid keys of (q[b, h, 0] . k[b, h, n]) * scale.
+    q and k are [B, H, N, D] with any strides, valid is int8 [B, N], H <= BLOCK_H. Pass 1 finds each
+    head's softmax max and normaliser over key blocks (online); pass 2 sums the probabilities."""
+    batch = tl.program_id(0).to(tl.int64)
+    head_index = tl.arange(0, BLOCK_H)
+    head_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    head_norm = tl.zeros((BLOCK_H,), tl.float32)
+    for head in range(H):
+        running_max = tl.full((), float("-inf"), tl.float32)
+        norm = tl.zeros((), tl.float32)
+        for start in range(0, N, BLOCK_N):
+            logits = probe_logits(q_ptr, k_ptr, valid_ptr, batch, head, start + tl.arange(0, BLOCK_N), N, D, scale,
+                                  q_stride_b, q_stride_h, q_stride_d, k_stride_b, k_stride_h, k_stride_n,
+                                  k_stride_d, BLOCK_D)
+            new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+            # where() keeps -inf - -inf (NaN) out while no valid key has been seen
+            rescale = tl.where(running_max == float("-inf"), 0.0, tl.exp(running_max - new_max))
+            norm = norm * rescale + tl.sum(tl.where(logits == float("-inf"), 0.0, tl.exp(logits - new_max)), axis=0)
+            running_max = new_max
+        head_max = tl.where(head_index == head, running_max, head_max)
+        head_norm = tl.where(head_index == head, norm, head_norm)
+
+    element = out_ptr.dtype.element_ty
+    for start in range(0, N, BLOCK_N):
+        key = start + tl.arange(0, BLOCK_N)
+        total = tl.zeros((BLOCK_N,), tl.float32)
+        for head in range(H):
+            logits = probe_logits(q_ptr, k_ptr, valid_ptr, batch, head, key, N, D, scale, q_stride_b, q_stride_h,
+                                  q_stride_d, k_stride_b, k_stride_h, k_stride_n, k_stride_d, BLOCK_D)
+            this_head = head_index == head
+            total += tl.exp(logits - tl.max(tl.where(this_head, head_max, float("-inf")), axis=0)) / \
+                tl.sum(tl.where(this_head, head_norm, 0.0), axis=0)
+        tl.store(out_ptr + batch * N + key, round_to(total / H, element).to(element), mask=key < N)
+
+
+@triton.jit
+def gather_tokens_kernel(t_ptr, rep_ptr, t_batch_stride, outer, N, inner, n_out, out_ptr,
+                         BLOCK_S: tl.constexpr, BLOCK_I: tl.constexpr):
+    """1-D grid over (sample, outer index, slot block, inner block) of t viewed as [Bt, outer, N, inner]:
+    out[b, o, j, i] = t[b, o, rep[b, j], i]. t_batch_stride is 0 when t broadcasts over the batch."""
+    pid = tl.program_id(0).to(tl.int64)
+    inner_blocks = tl.cdiv(inner, BLOCK_I)
+    slot_blocks = tl.cdiv(n_out, BLOCK_S)
+    inner_block = pid % inner_blocks
+    slot_block = (pid // inner_blocks) % slot_blocks
+    row = pid // (inner_blocks * slot_blocks)  # batch * outer + o
+    batch = row // outer
+    o = row % outer
+    slot = slot_block * BLOCK_S + tl.arange(0, BLOCK_S)
+    slot_ok = slot < n_out
+    i = inner_block * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = i < inner
+    token = tl.load(rep_ptr + batch * n_out + slot, mask=slot_ok, other=0)
+    mask = slot_ok[:, None] & i_ok[None, :]
+    source = t_ptr + batch * t_batch_stride + o * N * inner
+    values = tl.load(source + token[:, None] * inner + i[None, :], mask=mask)
+    target = out_ptr + row * n_out * inner
+    tl.store(target + slot[:, None] * inner + i[None, :], values, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+def _flags(mask: Tensor | None, like: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A [B, N] bool mask as contiguous int8 (all ones when absent)."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.int8, device=like.device)
+    return mask.to(torch.int8).contiguous()
+
+
+def tome_matches(metric: Tensor, valid: Tensor | None, num_prefix: int,
+                 protect_last_valid: bool) -> tuple[Tensor, Tensor]:
+    """Best B partner of every A token: (best score [B, NA] fp32, B index [B, NA] int64)."""
+    batch, n, dim = metric.shape
+    # the same expression as the reference, so the normalised rows are bit-identical
+    normalized = (metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)).contiguous()
+    protect = ops.protected_mask(valid, (batch, n), num_prefix, protect_last_valid, metric.device)
+    num_a = (n + 1) // 2
+    best = torch.empty((batch, num_a), dtype=torch.float32, device=metric.device)
+    best_index = torch.zeros((batch, num_a), dtype=torch.int64, device=metric.device)
+    if batch * num_a:
+        grid = (batch, triton.cdiv(num_a, MATCH_BLOCK))
+        tome_match_kernel[grid](normalized, _flags(valid, metric, (batch, n)), protect.to(torch.int8).contiguous(),
+                                n, dim, best, best_index, PAD_BONUS=ops.PAD_PAIR_BONUS, BLOCK_A=MATCH_BLOCK,
+                                BLOCK_B=MATCH_BLOCK, BLOCK_D=MATCH_BLOCK)
+    return best, best_index
+
+
+def plan_from_matches(best: Tensor, best_index: Tensor, n: int, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank the A tokens by their best similarity and build (rep, src, dst) as ops.tome_plan does."""
+    batch = best.shape[0]
+    merged_a = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
+    keep = torch.ones(batch, n, dtype=torch.bool, device=best.device)
+    keep.scatter_(1, 2 * merged_a, False)
+    slot = torch.cumsum(keep.to(torch.int64), dim=1) - 1
+    src = 2 * merged_a
+    dst = torch.gather(slot, 1, 2 * torch.gather(best_index, 1, merged_a) + 1)
+    rep = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n - r]
+    return rep, src, dst
+
+
+def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int,
+              protect_last_valid: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``tokencompile::tome_plan`` with the similarity/best-match step in a kernel."""
+    best, best_index = tome_matches(metric, valid, num_prefix, protect_last_valid)
+    return plan_from_matches(best, best_index, metric.shape[1], r)
+
+
+def _merge_block_c(channels: int) -> int:
+    return max(16, min(triton.next_power_of_2(channels), 256))
+
+
+def merge_tokens(x: Tensor, weight: Tensor, rep: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+    """``tokencompile::merge_tokens``: size-weighted mean of the tokens sharing each slot."""
+    batch, n, channels = x.shape
+    n_out, m = rep.shape[1], src.shape[1]
+    out = torch.empty((batch, n_out, channels), dtype=x.dtype, device=x.device)
+    if out.numel():
+        block_c = _merge_block_c(channels)
+        grid = (batch, n_out, triton.cdiv(channels, block_c))
+        merge_tokens_kernel[grid](x.contiguous(), weight.contiguous(), rep.contiguous(), src.contiguous(),
+                                  dst.contiguous(), n, channels, n_out, m, out, BLOCK_C=block_c,
+                                  BLOCK_M=MERGE_BLOCK_M)
+    return out
+
+
+def sum_tokens(weight: Tensor, rep: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+    """``tokencompile::sum_tokens``: per-slot sum of token sizes [B, N] -> [B, n_out]."""
+    batch, n = weight.shape
+    n_out, m = rep.shape[1], src.shape[1]
+    out = torch.empty((batch, n_out), dtype=weight.dtype, device=weight.device)
+    if out.numel():
+        block_s = 64
+        grid = (batch, triton.cdiv(n_out, block_s))
+        sum_tokens_kernel[grid](weight.contiguous(), rep.contiguous(), src.contiguous(), dst.contiguous(), n,
+                                n_out, m, out, BLOCK_S=block_s, BLOCK_M=MERGE_BLOCK_M)
+    return out
+
+
+def probe_scores(query: Tensor, keys: Tensor, valid: Tensor | None) -> Tensor:
+    """EViT's score, as ``methods.evit.cls_attention``: head mean of the softmax of query row 0 against
+    all valid keys. query, keys [B, H, N, D] (any strides) -> [B, N] in query's dtype."""
+    batch, heads, n, dim = keys.shape
+    out = torch.empty((batch, n), dtype=query.dtype, device=query.device)
+    if out.numel():
+        block_n = max(16, min(triton.next_power_of_2(n), PROBE_BLOCK_N))
+        block_d = max(16, min(triton.next_power_of_2(dim), PROBE_BLOCK_D))
+        probe_scores_kernel[(batch,)](query, keys, _flags(valid, query, (batch, n)), heads, n, dim,
+                                      float(query.shape[-1]) ** -0.5, query.stride(0), query.stride(1),
+                                      query.stride(3), *keys.stride(), out, BLOCK_N=block_n, BLOCK_D=block_d,
+                                      BLOCK_H=max(16, triton.next_power_of_2(heads)))
+    return out
+
+
+def probe_topk_plan(query: Tensor, keys: Tensor, valid: Tensor | None, n_keep: int, num_prefix: int,
+                    protect_last_valid: bool, fuse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Probe scores by the kernel, then the top-k plan of ``tokencompile::topk_plan`` (a torch sort).
+    Returns (score, rep, src, dst); the score is what the fused token's weight derives from."""
+    score = probe_scores(query, keys, valid)
+    rep, src, dst = ops.topk_plan(score, valid, n_keep, num_prefix, protect_last_valid, fuse)
+    return score, rep, src, dst
+
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def gather_tokens(t: Tensor, rep: Tensor, dim: int) -> Tensor:
+    """``tokencompile::gather_tokens``: per-sample rows rep [B, n_out] of t along token axis ``dim``
+    (t's batch axis may be 1 and broadcast). Works for any dtype: it only moves bytes."""
+    dim = dim % t.dim()
+    batch, n_out = rep.shape
+    n = t.shape[dim]
+    outer = t.shape[1:dim].numel()
+    inner = t.shape[dim + 1:].numel()
+    out_shape = [batch, *t.shape[1:]]
+    out_shape[dim] = n_out
+    out = torch.empty(out_shape, dtype=t.dtype, device=t.device)
+    if out.numel():
+        source = t.contiguous()
+        as_int = _SAME_WIDTH_INT[t.element_size()]
+        block_s = min(triton.next_power_of_2(n_out), 64)
+        block_i = min(triton.next_power_of_2(inner), 128)
+        batch_stride = 0 if t.shape[0] == 1 else outer * n * inner
+        grid = (batch * outer * triton.cdiv(n_out, block_s) * triton.cdiv(inner, block_i),)
+        gather_tokens_kernel[grid](source.view(as_int), rep.contiguous(), batch_stride, outer, n, inner, n_out,
+                                   out.view(as_int), BLOCK_S=block_s, BLOCK_I=block_i)
+    return out
+
