@@ -39,8 +39,10 @@ def _check_plugin_graph(model, program):
     expected = {}
     for node in program.graph.nodes:
         if node.op == "call_function" and str(node.target).startswith("tokencompile."):
-            op_type = next(op.op_type for op in PLUGIN_OPS.values() if op.name == str(node.target).split(".")[1])
-            expected[op_type] = expected.get(op_type, 0) + 1
+            op_type = next((op.op_type for op in PLUGIN_OPS.values() if op.name == str(node.target).split(".")[1]),
+                           None)
+            if op_type is not None:  # ops without a plugin (route_plan, ...) stay in standard ops
+                expected[op_type] = expected.get(op_type, 0) + 1
     got = {}
     for node in nodes:
         got[node.op_type] = got.get(node.op_type, 0) + 1
@@ -77,6 +79,27 @@ def _compare_with_standard(result, name, tmp_path, batches=(1, 3)):
 def test_plugin_onnx_matches_standard_ops(optimized, name, tmp_path):
     info = _compare_with_standard(optimized(name, 0.5), name, tmp_path)
     assert info.plugin_nodes["TcTomePlan"] > 0 and info.plugin_nodes["TcMergeTokens"] > 0
+
+
+@pytest.mark.parametrize("method", ["pitome", "tofu"])
+def test_ops_without_plugins_stay_standard(method, tmp_path):
+    """Methods with their own plan ops (route_plan, max_tokens) export in plugin form too."""
+    import tokencompile
+    from tokencompile.compiler import export_module
+
+    from test_passes import Tiny
+
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 15, 32)
+    result = tokencompile.optimize(export_module(Tiny().eval(), (tokens,)), schedule=[2, 3, 3], method=method)
+    plugin_path, standard_path = str(tmp_path / "p.onnx"), str(tmp_path / "s.onnx")
+    export_plugin_onnx(result.program, plugin_path, (tokens,))
+    export_onnx(result.program, standard_path, (tokens,))
+    _check_plugin_graph(onnx.load(plugin_path), result.program)
+    plugins, standard = plugin_session(plugin_path), ort_session(standard_path)
+    inputs = (torch.randn(3, 15, 32),)
+    got = plugins.run(None, ort_feeds(plugins, inputs))
+    assert gpu_validation.max_abs_error(got, standard.run(None, ort_feeds(standard, inputs))) <= 1e-5
 
 
 @pytest.mark.slow

@@ -145,8 +145,9 @@ def plugin_translation_table(plugin_ops: set[str] | None = None) -> dict:
     unknown = chosen - set(plugin)
     if unknown:
         raise TokenCompileError(f"unknown plugin ops: {', '.join(sorted(unknown))}", f"choose from {', '.join(plugin)}")
-    return {getattr(torch.ops.tokencompile, name).default: plugin[name] if name in chosen else getattr(onnx_ops, name)
-            for name in plugin}
+    table = onnx_ops.translation_table()  # ops without a plugin (e.g. route_plan) stay in standard ops
+    table.update({getattr(torch.ops.tokencompile, name).default: plugin[name] for name in chosen})
+    return table
 
 
 def mark_plugin_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
