@@ -10,6 +10,7 @@ from torch.export import Dim, ExportedProgram
 
 from .analysis import ModelAnalysis, analyse
 from .attention import find_attention
+from .calibrate import calibrate
 from .errors import TokenCompileError
 from .flops import CostModel, build_cost_model, count_flops
 from .methods import Method, get_method
@@ -99,8 +100,7 @@ def resolve_schedule(cost: CostModel, analysis: ModelAnalysis, method: Method, b
         check_explicit(values, analysis.tokens, protected, method)
         return values
     if kind == "auto":
-        raise TokenCompileError("--schedule auto needs calibration data, which this version does not support yet",
-                                "use constant, decreasing or an explicit r list")
+        raise TokenCompileError("--schedule auto needs calibration data", "pass --calib DATA (calib_inputs=...)")
     if budget is None:
         raise TokenCompileError("no budget and no explicit schedule given", "pass --budget B or --schedule r=...")
     return schedule_for_budget(cost, budget, kind, protected, method)
@@ -114,10 +114,12 @@ def check_budget(budget: float | None) -> None:
 
 def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | None = None, *,
              budget: float | None = None, method: str = "tome", schedule=None,
-             options: dict[str, str] | None = None, proportional_attention: bool = True) -> OptimizeResult:
+             options: dict[str, str] | None = None, proportional_attention: bool = True,
+             calib_inputs: list[tuple] | None = None, progress=None) -> OptimizeResult:
     """Rewrite a transformer so it processes fewer tokens; returns the new ExportedProgram and a report.
 
-    ``schedule``: None / "constant" / "decreasing" (derived from ``budget``), or a list of tokens removed
+    ``schedule``: None / "constant" / "decreasing" (derived from ``budget``), "auto" (calibrated on
+    ``calib_inputs``, a list of input batches; see tokencompile.calibrate), or a list of tokens removed
     per block (ToMe's r-list). The FLOPs ratio is counted on the final program."""
     check_budget(budget)
     started = time.perf_counter()
@@ -137,8 +139,17 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
     cost = build_cost_model(original, analysis, inputs)
     batch = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor))
     original_flops = cost.original * batch  # the per-node counts the model is built from, summed
-    plan = resolve_schedule(cost, analysis, reducer, budget, schedule)
     protected = analysis.num_prefix + int(analysis.protect_last_valid)
+    calibration = None
+    if schedule == "auto" and calib_inputs:
+        def rewrite(plan):
+            gm = ep.module()
+            return run_passes(gm, RewriteContext(analyse(gm), reducer, plan, proportional_attention),
+                              REDUCTION_PASSES)
+        calibration = calibrate(cost, budget, reducer, protected, rewrite, original, list(calib_inputs), progress)
+        plan = calibration.schedule
+    else:
+        plan = resolve_schedule(cost, analysis, reducer, budget, schedule)
     derived = not isinstance(schedule, list) and (schedule is None or not str(schedule).startswith("r="))
 
     for _ in range(8):
@@ -187,6 +198,7 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
         "flops_ratio_modelled": cost.flops(plan, reducer) / cost.original,
         "example_batch": int(batch),
         "analysis": analysis.summary(),
+        "calibration": calibration.summary() if calibration is not None else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
     return OptimizeResult(new_ep, report)
