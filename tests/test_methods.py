@@ -152,12 +152,13 @@ def tiny():
     return module, export_module(module, (torch.randn(2, 15, 32),))
 
 
-@pytest.mark.parametrize("method,options", [(m, {}) for m in PRUNERS + MERGERS] + [("tofu", {"prune_blocks": "1.0"})])
-def test_method_matches_reference_at_one_site(tiny, method, options):
+@pytest.mark.parametrize("method,options,r", [(m, {}, 5) for m in PRUNERS + MERGERS] + [
+    ("tofu", {"prune_blocks": "1.0"}, 5), ("visionzip", {}, 1), ("pitome", {}, 7)])
+def test_method_matches_reference_at_one_site(tiny, method, options, r):
     module, program = tiny
-    result = tokencompile.optimize(program, schedule=[0, 5], method=method, options=options)
+    result = tokencompile.optimize(program, schedule=[0, r], method=method, options=options)
     tokens = torch.randn(3, 15, 32, generator=torch.Generator().manual_seed(1))
-    want_logits, want_pooled = _reference_forward(module, tokens, method, 5, options)
+    want_logits, want_pooled = _reference_forward(module, tokens, method, r, options)
     with torch.no_grad():
         logits, pooled = result.program.module()(tokens)
     assert torch.allclose(logits, want_logits, atol=1e-5), (logits - want_logits).abs().max()

@@ -42,10 +42,12 @@ class VisionZip(Method):
         strided = builder.call(aten.slice.Tensor, rest, 1, 0, targets_count * step)
         grid = builder.call(aten.view.default, strided, [-1, targets_count, step])
         targets = builder.call(aten.select.int, grid, 2, 0)                            # [B, C]
-        others = builder.call(aten.reshape.default, builder.call(aten.slice.Tensor, grid, 2, 1, None),
-                              [-1, targets_count * (step - 1)])
-        tail = builder.call(aten.slice.Tensor, rest, 1, targets_count * step, None)
-        others = builder.call(aten.cat.default, [others, tail], 1)                     # [B, r]
+        others = [builder.call(aten.slice.Tensor, rest, 1, targets_count * step, None)]   # the tail
+        if step > 1:
+            between = builder.call(aten.slice.Tensor, grid, 2, 1, None)
+            batch = builder.call(aten.sym_size.int, site.x, 0)
+            others.insert(0, builder.call(aten.reshape.default, between, [batch, targets_count * (step - 1)]))
+        others = builder.call(aten.cat.default, others, 1) if len(others) > 1 else others[0]   # [B, r]
 
         unit = unit_keys(builder, site)
         similarity = builder.call(aten.matmul.default, rows(builder, unit, others),
