@@ -125,25 +125,51 @@ def optimize(model, budget, method, schedule, method_options, no_prop_attn, outp
 
 @main.command(cls=_Command)
 @_model
-@click.option("-o", "--output", required=True, help="The .onnx file to write.")
+@click.option("-o", "--output", required=True, help="The .onnx (or, with --format trt, .engine) file to write.")
+@click.option("--format", "output_format", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True,
+              help="onnx, or a TensorRT engine (needs TensorRT and a GPU).")
+@click.option("--plugins", is_flag=True, help="Write each token op as one TensorRT plugin node (plugin-form ONNX).")
+@click.option("--plugin-dir", help="Precompiled kernels for the plugins (--format trt --plugins): DIR/sm_<arch> "
+                                   "from python -m tokencompile.kernels.aot.")
+@click.option("--fp16", is_flag=True, help="TensorRT: allow FP16 kernels.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="TensorRT: largest batch of the profile.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (TensorRT 10 reads 9..20).")
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with the program at batch 1 and 8 (atol 1e-4).")
 @click.option("--check", "check_target", type=click.Choice(["trt"]), help="Report ops TensorRT cannot build.")
 @_shape
 @_pickle
 @_debug
-def export(model, output, opset, verify, check_target, input_shape, trust_pickle, debug):
-    """Lower a program to ONNX (standard ops, dynamic batch axis)."""
-    from .bench import batch_inputs
-    from .lowering.onnx_export import export_onnx, verify_onnx
-    from .load import load_model
+def export(model, output, output_format, plugins, plugin_dir, fp16, max_batch, opset, verify, check_target,
+           input_shape, trust_pickle, debug):
+    """Lower a program to ONNX (standard ops or plugin nodes, dynamic batch axis) or a TensorRT engine."""
+    import os
 
+    from .bench import batch_inputs
+    from .load import load_model
+    from .lowering.onnx_export import export_onnx, verify_onnx
+
+    if output_format == "trt":
+        from .lowering.tensorrt_build import require_tensorrt
+
+        require_tensorrt()  # before the slow part
+    engine_path, output = (output, os.path.splitext(output)[0] + ".onnx") if output_format == "trt" else (None, output)
     program, inputs = load_model(model, input_shape, trust_pickle)
-    info = export_onnx(program, output, inputs, opset=opset)
-    click.echo(f"wrote {output}: {sum(info.op_counts.values())} nodes ({info.token_op_nodes} in token ops), "
-               f"opset {opset}, checker passed, {info.seconds:.0f} s")
+    if plugins:
+        from .lowering.plugin_onnx import KERNEL_PLUGIN_OPS, export_plugin_onnx
+
+        chosen = set(KERNEL_PLUGIN_OPS) if output_format == "trt" else None
+        plugin_info = export_plugin_onnx(program, output, inputs, opset=opset, plugin_ops=chosen)
+        counts = ", ".join(f"{count} {op}" for op, count in sorted(plugin_info.plugin_nodes.items()))
+        click.echo(f"wrote {output}: {plugin_info.node_count} nodes, plugin nodes: {counts or 'none'}, "
+                   f"opset {opset}, checker passed, {plugin_info.seconds:.0f} s")
+    else:
+        info = export_onnx(program, output, inputs, opset=opset)
+        click.echo(f"wrote {output}: {sum(info.op_counts.values())} nodes ({info.token_op_nodes} in token ops), "
+                   f"opset {opset}, checker passed, {info.seconds:.0f} s")
     failed = False
     if verify:
+        if plugins:  # the plugin form runs in ONNX Runtime through Python ops (the reference implementation)
+            from .lowering.plugin_onnx import verify_plugin_onnx as verify_onnx
         for row in verify_onnx(program, output, [batch_inputs(inputs, 1), batch_inputs(inputs, 8)]):
             click.echo(f"verify batch {row['batch']}: max abs error {row['max_abs_error']:.2e} "
                        f"({'ok' if row['ok'] else 'FAILED'}, atol 1e-4)")
@@ -159,8 +185,24 @@ def export(model, output, opset, verify, check_target, input_shape, trust_pickle
             click.echo(str(finding))
         click.echo(f"TensorRT check: {len(blocking)} blocking, {len(findings) - len(blocking)} notes")
         failed |= bool(blocking)
+    if engine_path and not failed:
+        from .lowering.tensorrt_build import build_engine
+
+        build = build_engine(output, engine_path, fp16=fp16, max_batch=max_batch, plugin_dir=plugin_dir)
+        click.echo(f"wrote {engine_path}: TensorRT engine, batch 1..{max_batch}{', fp16' if fp16 else ''}, "
+                   f"plugins: {', '.join(build.plugin_ops) or 'none'}")
     if failed:
         sys.exit(1)
+
+
+@main.command(cls=_Command)
+@_debug
+def doctor(debug):
+    """Which back-ends are usable here: ONNX Runtime CPU/CUDA, TensorRT, GPU, Triton, nvcc."""
+    from .lowering.tensorrt_build import doctor as run_doctor
+    from .lowering.tensorrt_build import format_doctor
+
+    click.echo(format_doctor(run_doctor()))
 
 
 @main.command(cls=_Command)
@@ -194,6 +236,105 @@ def methods(debug):
 
     for name, cls in sorted(METHODS.items()):
         click.echo(f"{name:<10} {cls.family:<6} {cls.summary}\n{'':<17} {cls.reference}")
+
+
+def _data_options(command):
+    """Options shared by `eval` and `sweep`: the data, the task and how samples become inputs."""
+    options = [
+        click.option("--data", "data_path", required=True,
+                     help="Image folder, text file (one text per line) or .tsv of sentence pairs."),
+        click.option("--task", type=click.Choice(["sts", "embed", "classify"]), required=True,
+                     help="sts: pairs, Spearman + cosine; embed: cosine to original; classify: agreement, KL."),
+        click.option("--tokenizer", help="Local Hugging Face directory with the tokenizer (text data)."),
+        click.option("--batch", type=int, default=32, show_default=True, help="Samples per model call."),
+        click.option("--limit", type=int, help="Use only the first N samples (pairs for .tsv)."),
+        click.option("--json", "json_path", help="Write the results as JSON."),
+        click.option("--timm-config", help="Take image preprocessing from this timm model's config."),
+        click.option("--mean", help="Image normalization mean, e.g. 0.5,0.5,0.5 (default ImageNet)."),
+        click.option("--std", help="Image normalization std, e.g. 0.5,0.5,0.5 (default ImageNet)."),
+        click.option("--crop-pct", type=float, help="Center-crop fraction (default 0.875)."),
+        click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest", "lanczos"])),
+        click.option("--no-labels", is_flag=True, help="Ignore ImageNet synsets in image file names."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _load_eval_data(model_spec, program, data_path, tokenizer, limit, timm_config, mean, std, crop_pct,
+                    interpolation, no_labels):
+    from .evaluation.data import default_tokenizer, load_data, resolve_preprocess
+
+    preprocess = resolve_preprocess(model_spec, timm_config, mean, std, crop_pct, interpolation)
+    return load_data(data_path, program, default_tokenizer(model_spec, tokenizer), preprocess, limit,
+                     labels=not no_labels)
+
+
+@main.command("eval", cls=_Command)
+@click.argument("original")
+@click.argument("optimized")
+@_data_options
+@_debug
+def eval_command(original, optimized, data_path, task, tokenizer, batch, limit, json_path, timm_config, mean, std,
+                 crop_pct, interpolation, no_labels, debug):
+    """Fidelity of OPTIMIZED to ORIGINAL on your data (agreement, KL, cosine, Spearman)."""
+    from .evaluation import evaluate, format_metrics
+    from .load import load_model
+
+    reference, _ = load_model(original)
+    candidate, _ = load_model(optimized)
+    data = _load_eval_data(original, reference, data_path, tokenizer, limit, timm_config, mean, std, crop_pct,
+                           interpolation, no_labels)
+    result = evaluate(reference, candidate, data, task, batch, progress=lambda text: click.echo(text, err=True))
+    click.echo(format_metrics(result))
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(result, handle, indent=2)
+        click.echo(f"wrote {json_path}")
+
+
+@main.command(cls=_Command)
+@_model
+@_data_options
+@click.option("--methods", "method_list", default="all", show_default=True,
+              help="Comma-separated methods, or all (see `tokencompile methods`).")
+@click.option("--budgets", default="0.75,0.5,0.25", show_default=True, help="Comma-separated FLOPs budgets.")
+@click.option("--latency", is_flag=True, help="Also time ONNX Runtime, interleaved with the original.")
+@click.option("--rounds", type=int, default=10, show_default=True, help="Timed rounds per model (--latency).")
+@click.option("--plot", "plot_path", help="Write a Pareto plot (PNG): fidelity vs FLOPs (or latency) ratio.")
+@_shape
+@_pickle
+@_debug
+def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_config, mean, std, crop_pct,
+          interpolation, no_labels, method_list, budgets, latency, rounds, plot_path, input_shape, trust_pickle,
+          debug):
+    """Optimize MODEL with every method at every budget and measure fidelity on your data."""
+    from .compiler import check_budget
+    from .evaluation import format_sweep, plot_pareto
+    from .evaluation import sweep as run_sweep
+    from .evaluation.sweep import parse_list, write_json
+    from .load import load_model
+    from .methods import METHODS, get_method
+
+    names = sorted(METHODS) if method_list == "all" else parse_list(method_list, str, "methods")
+    for name in names:
+        get_method(name)  # validate before the slow part
+    budget_values = parse_list(budgets, float, "budgets")
+    for budget in budget_values:
+        check_budget(budget)
+    program, inputs = load_model(model, input_shape, trust_pickle)
+    data = _load_eval_data(model, program, data_path, tokenizer, limit, timm_config, mean, std, crop_pct,
+                           interpolation, no_labels)
+    results = run_sweep(program, inputs, data, task, names, budget_values, batch, latency, rounds=rounds,
+                        progress=lambda text: click.echo(text, err=True))
+    results["model"] = model
+    click.echo(format_sweep(results))
+    if json_path:
+        write_json(results, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        plot_pareto(results, plot_path)
+        click.echo(f"wrote {plot_path}")
 
 
 if __name__ == "__main__":
