@@ -74,3 +74,28 @@ def test_auto_schedule_needs_data_and_a_budget(tiny_program):
         tokencompile.optimize(tiny_program, budget=0.5, schedule="auto")
     with pytest.raises(tokencompile.TokenCompileError, match="needs a budget"):
         tokencompile.optimize(tiny_program, schedule="auto", calib_inputs=_calib(1))
+
+
+def test_cli_auto_schedule_from_a_text_file(recipe, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from models import minilm_dir
+    from tokencompile.cli import main
+
+    model = tmp_path / "bert.pt2"
+    torch.export.save(recipe("hf_bert")[1], str(model))
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(["A man is playing a guitar.", "Two dogs run across the grass in the park.",
+                                "The stock market fell sharply on Monday after the announcement.",
+                                "A woman is slicing onions."] * 3) + "\n")
+    report = tmp_path / "report.json"
+    out = CliRunner().invoke(main, ["optimize", str(model), "--budget", "0.5", "--schedule", "auto", "--calib",
+                                    str(texts), "--tokenizer", minilm_dir(), "--report", str(report)])
+    assert out.exit_code == 0, out.output
+    assert "calibrating on 12 samples" in out.output and "calibrated schedule:" in out.output
+    written = json.loads(report.read_text())
+    assert written["flops_ratio"] <= 0.5 and written["calibration"]["samples"] == 12
+    missing = CliRunner().invoke(main, ["optimize", str(model), "--budget", "0.5", "--schedule", "auto"])
+    assert missing.exit_code == 2 and "--schedule auto and --calib go together" in missing.output

@@ -76,7 +76,12 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
 @_model
 @click.option("--budget", type=float, help="Keep at most this fraction of the original FLOPs (0 < B <= 1).")
 @click.option("--method", default="tome", show_default=True, help="Reduction method (see `tokencompile methods`).")
-@click.option("--schedule", help="constant (default), decreasing, r=8 or r=8,8,6,... (tokens removed per block).")
+@click.option("--schedule", help="constant (default), decreasing, auto (needs --calib), r=8 or r=8,8,6,... "
+                                  "(tokens removed per block).")
+@click.option("--calib", "calib_path", help="Calibration data for --schedule auto: text file, sentence-pair TSV "
+                                            "or image folder.")
+@click.option("--calib-limit", type=int, default=128, show_default=True, help="Calibration samples to use (the first N).")
+@click.option("--tokenizer", help="Local Hugging Face tokenizer directory (text calibration data).")
 @click.option("--option", "method_options", multiple=True, help="Method option key=value (repeatable).")
 @click.option("--no-prop-attn", is_flag=True, help="Turn off proportional attention (log size on attention logits).")
 @click.option("-o", "--output", help="Write the optimized program (.pt2).")
@@ -85,8 +90,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
 @_shape
 @_pickle
 @_debug
-def optimize(model, budget, method, schedule, method_options, no_prop_attn, output, report_path, onnx_path,
-             input_shape, trust_pickle, debug):
+def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer, method_options, no_prop_attn,
+             output, report_path, onnx_path, input_shape, trust_pickle, debug):
     """Rewrite MODEL so it processes fewer tokens, within a FLOPs budget."""
     import torch
 
@@ -99,10 +104,24 @@ def optimize(model, budget, method, schedule, method_options, no_prop_attn, outp
     get_method(method, _parse_options(method_options))  # validate before the slow part
     if budget is None and schedule is None:
         raise TokenCompileError("nothing to do: no --budget and no --schedule", "e.g. --budget 0.5")
+    if (schedule == "auto") != (calib_path is not None):
+        raise TokenCompileError("--schedule auto and --calib go together",
+                                "give both: --schedule auto --calib DATA (or neither)")
     program, inputs = load_model(model, input_shape, trust_pickle)
+    calib = None
+    if calib_path is not None:
+        from .evaluation.data import load_calibration_inputs, resolve_preprocess
+
+        calib = load_calibration_inputs(calib_path, program, tokenizer, resolve_preprocess(model), calib_limit)
+        click.echo(f"calibrating on {sum(batch[0].shape[0] for batch in calib)} samples from {calib_path}")
     result = run_optimize(program, inputs, budget=budget, method=method, schedule=schedule,
-                          options=_parse_options(method_options), proportional_attention=not no_prop_attn)
+                          options=_parse_options(method_options), proportional_attention=not no_prop_attn,
+                          calib_inputs=calib, progress=lambda line: click.echo(f"  {line}"))
     report = result.report
+    if report["calibration"]:
+        chosen = report["calibration"]["chosen"]
+        click.echo(f"calibrated schedule: {chosen} (cosine to original on the calibration set "
+                   f"{report['calibration']['candidates'][chosen]['fidelity']:.4f})")
     click.echo(f"method {report['method']}, schedule r={','.join(map(str, report['schedule']))}")
     click.echo(f"tokens entering each block: {' '.join(map(str, report['tokens_entering_block']))}")
     click.echo(f"FLOPs: {report['flops_original'] / 1e9:.3f} G -> {report['flops_optimized'] / 1e9:.3f} G "
