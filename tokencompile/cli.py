@@ -62,6 +62,12 @@ def inspect(model, input_shape, trust_pickle, as_json, debug):
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
+def _write_json(path: str, data) -> None:
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+    click.echo(f"wrote {path}")
+
+
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
     options = {}
     for pair in pairs:
@@ -137,9 +143,7 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
         report["onnx"] = onnx_path
         click.echo(f"wrote {onnx_path} ({sum(info.op_counts.values())} nodes, {info.token_op_nodes} in token ops)")
     if report_path:
-        with open(report_path, "w") as handle:
-            json.dump(report, handle, indent=2)
-        click.echo(f"wrote {report_path}")
+        _write_json(report_path, report)
 
 
 @main.command(cls=_Command)
@@ -307,9 +311,7 @@ def eval_command(original, optimized, data_path, task, tokenizer, batch, limit, 
     result = evaluate(reference, candidate, data, task, batch, progress=lambda text: click.echo(text, err=True))
     click.echo(format_metrics(result))
     if json_path:
-        with open(json_path, "w") as handle:
-            json.dump(result, handle, indent=2)
-        click.echo(f"wrote {json_path}")
+        _write_json(json_path, result)
 
 
 @main.command(cls=_Command)

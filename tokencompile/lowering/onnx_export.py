@@ -48,29 +48,36 @@ def _readable_names(model) -> int:
     return token_nodes
 
 
+def run_torch_onnx_export(program: ExportedProgram, example_inputs: tuple, opset: int, table: dict,
+                          what: str = "ONNX export"):
+    """torch.onnx's dynamo export with ``table`` for the tokencompile ops; the batch axis named "batch" and
+    readable node names. Returns the ONNXProgram and the number of nodes in token ops."""
+    try:
+        exported = torch.onnx.export(program, tuple(example_inputs), dynamo=True, opset_version=opset,
+                                     custom_translation_table=table, verbose=False)
+    except Exception as error:
+        raise TokenCompileError(f"{what} failed: {str(error).splitlines()[0]}",
+                                "rerun with --debug and report the model") from error
+    model = exported.model
+    batch = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape else None
+    if batch is not None and not isinstance(batch, int):
+        exported.rename_axes({str(batch): "batch"})
+    return exported, _readable_names(model)
+
+
 def export_onnx(program: ExportedProgram, path: str, example_inputs: tuple, opset: int = DEFAULT_OPSET,
                 check: bool = True) -> OnnxExport:
     """torch.onnx (dynamo) export with the tokencompile ops lowered to standard ONNX ops."""
     import tokencompile.ops  # noqa: F401
 
     started = time.perf_counter()
-    try:
-        exported = torch.onnx.export(program, tuple(example_inputs), dynamo=True, opset_version=opset,
-                                     custom_translation_table=translation_table(), verbose=False)
-    except Exception as error:
-        raise TokenCompileError(f"ONNX export failed: {str(error).splitlines()[0]}",
-                                "rerun with --debug and report the model") from error
-    model = exported.model
-    batch = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape else None
-    if batch is not None and not isinstance(batch, int):
-        exported.rename_axes({str(batch): "batch"})
-    token_nodes = _readable_names(model)
+    exported, token_nodes = run_torch_onnx_export(program, example_inputs, opset, translation_table())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     exported.save(path, external_data=False)
     if check:
         onnx.checker.check_model(path, full_check=True)
     counts: dict[str, int] = {}
-    for node in model.graph:
+    for node in exported.model.graph:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return OnnxExport(path, time.perf_counter() - started, counts, token_nodes)
 
@@ -90,9 +97,11 @@ def ort_feeds(session, inputs: tuple) -> dict:
     return {meta.name: np.ascontiguousarray(x.detach().cpu().numpy()) for meta, x in zip(session.get_inputs(), inputs)}
 
 
-def verify_onnx(program: ExportedProgram, path: str, inputs_by_batch: list[tuple], atol: float = 1e-4) -> list[dict]:
-    """Max abs error of ONNX Runtime against the program, for each set of inputs."""
-    session = ort_session(path)
+def verify_onnx(program: ExportedProgram, path: str, inputs_by_batch: list[tuple], atol: float = 1e-4,
+                session=None) -> list[dict]:
+    """Max abs error of ONNX Runtime (``session``, default a plain one for ``path``) against the program,
+    for each set of inputs."""
+    session = session or ort_session(path)
     module = program.module()
     results = []
     for inputs in inputs_by_batch:

@@ -192,20 +192,11 @@ def export_plugin_onnx(program: ExportedProgram, path: str, example_inputs: tupl
                        plugin_ops: set[str] | None = None) -> PluginExport:
     """Export ``program`` with one plugin node per token op (dynamic batch axis, readable names);
     ``plugin_ops`` limits which ops become plugins (the others are written in standard ops)."""
-    from .onnx_export import _readable_names
+    from .onnx_export import run_torch_onnx_export
 
     started = time.perf_counter()
-    try:
-        exported = torch.onnx.export(program, tuple(example_inputs), dynamo=True, opset_version=opset,
-                                     custom_translation_table=plugin_translation_table(plugin_ops), verbose=False)
-    except Exception as error:
-        raise TokenCompileError(f"plugin ONNX export failed: {str(error).splitlines()[0]}",
-                                "rerun with --debug and report the model") from error
-    ir_model = exported.model
-    batch = ir_model.graph.inputs[0].shape[0] if ir_model.graph.inputs[0].shape else None
-    if batch is not None and not isinstance(batch, int):
-        exported.rename_axes({str(batch): "batch"})
-    _readable_names(ir_model)
+    exported, _ = run_torch_onnx_export(program, example_inputs, opset, plugin_translation_table(plugin_ops),
+                                        "plugin ONNX export")
     model = mark_plugin_nodes(exported.model_proto)
     onnx.checker.check_model(model)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -340,16 +331,6 @@ def plugin_session(path_or_model, threads: int = 2):
 def verify_plugin_onnx(program: ExportedProgram, path: str, inputs_by_batch: list[tuple],
                        atol: float = 1e-4) -> list[dict]:
     """Max abs error of the plugin-form model (ONNX Runtime + Python ops) against the program."""
-    from .onnx_export import ort_feeds
+    from .onnx_export import verify_onnx
 
-    session = plugin_session(path)
-    module = program.module()
-    results = []
-    for inputs in inputs_by_batch:
-        with torch.no_grad():
-            expected = module(*inputs)
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        got = session.run(None, ort_feeds(session, inputs))
-        error = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
-        results.append({"batch": int(inputs[0].shape[0]), "max_abs_error": error, "ok": error <= atol})
-    return results
+    return verify_onnx(program, path, inputs_by_batch, atol, session=plugin_session(path))
