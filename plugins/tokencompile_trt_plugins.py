@@ -8,11 +8,9 @@ Only the trtp calls below need TensorRT and a GPU; see README.md for what that l
     import tokencompile_trt_plugins; tokencompile_trt_plugins.register_plugins("kernels/sm_90")
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: tensorrt.plugin inspects the annotations as classes.
 from pathlib import Path
 
-import numpy as np
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
@@ -27,6 +25,8 @@ from tokencompile.lowering.plugin_onnx import (
 TRT_TO_ONNX_NAME = {trt.float32: "float", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int64: "int64",
                     trt.int32: "int32", trt.bool: "bool"}
 _REGISTERED: set[str] = set()
+# what an aot_impl returns: kernel name, PTX, launch parameters, extra scalar arguments
+AOT_RESULT = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
 
 
 def _describe(op_type: str, inputs: list, attrs: dict):
@@ -39,7 +39,7 @@ def _describe(op_type: str, inputs: list, attrs: dict):
         desc.dtype = dtype
         exprs = trtp.ShapeExprs(len(shape))
         for index, dim in enumerate(shape):
-            exprs[index] = dim
+            exprs[index] = trtp.ShapeExpr(dim) if isinstance(dim, int) else dim
         desc.shape_expr = exprs
         outputs.append(desc)
     return tuple(outputs)
@@ -78,7 +78,7 @@ def _register_merge_tokens(manifest, kernel_dir):
 
     @trtp.aot_impl("tokencompile::TcMergeTokens")
     def compile_(x: trtp.TensorDesc, weight: trtp.TensorDesc, rep: trtp.TensorDesc, src: trtp.TensorDesc,
-                 dst: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc], tactic: int):
+                 dst: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc], tactic: int) -> AOT_RESULT:
         return _aot("TcMergeTokens", manifest, kernel_dir, [x, weight, rep, src, dst], {})
 
 
@@ -90,18 +90,18 @@ def _register_sum_tokens(manifest, kernel_dir):
 
     @trtp.aot_impl("tokencompile::TcSumTokens")
     def compile_(weight: trtp.TensorDesc, rep: trtp.TensorDesc, src: trtp.TensorDesc, dst: trtp.TensorDesc,
-                 outputs: tuple[trtp.TensorDesc], tactic: int):
+                 outputs: tuple[trtp.TensorDesc], tactic: int) -> AOT_RESULT:
         return _aot("TcSumTokens", manifest, kernel_dir, [weight, rep, src, dst], {})
 
 
 def _register_gather_tokens(manifest, kernel_dir):
     @trtp.register("tokencompile::TcGatherTokens")
-    def describe(t: trtp.TensorDesc, rep: trtp.TensorDesc, dim: np.int64) -> tuple[trtp.TensorDesc]:
+    def describe(t: trtp.TensorDesc, rep: trtp.TensorDesc, dim: int) -> tuple[trtp.TensorDesc]:
         return _describe("TcGatherTokens", [t, rep], {"dim": int(dim)})
 
     @trtp.aot_impl("tokencompile::TcGatherTokens")
-    def compile_(t: trtp.TensorDesc, rep: trtp.TensorDesc, dim: np.int64, outputs: tuple[trtp.TensorDesc],
-                 tactic: int):
+    def compile_(t: trtp.TensorDesc, rep: trtp.TensorDesc, dim: int, outputs: tuple[trtp.TensorDesc],
+                 tactic: int) -> AOT_RESULT:
         return _aot("TcGatherTokens", manifest, kernel_dir, [t, rep], {"dim": int(dim)})
 
 
@@ -112,14 +112,14 @@ def _register_plan(op_type: str):
 
     if op_type == "TcTomePlan":
         @trtp.register("tokencompile::TcTomePlan")
-        def describe(metric: trtp.TensorDesc, valid: trtp.TensorDesc, r: np.int64, num_prefix: np.int64,
-                     protect_last_valid: np.int64) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        def describe(metric: trtp.TensorDesc, valid: trtp.TensorDesc, r: int, num_prefix: int,
+                     protect_last_valid: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
             return _describe(op_type, [metric, valid], dict(zip(attrs, (r, num_prefix, protect_last_valid))))
     else:
         @trtp.register("tokencompile::TcTopkPlan")
-        def describe(score: trtp.TensorDesc, valid: trtp.TensorDesc, n_keep: np.int64, num_prefix: np.int64,
-                     protect_last_valid: np.int64,
-                     fuse: np.int64) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        def describe(score: trtp.TensorDesc, valid: trtp.TensorDesc, n_keep: int, num_prefix: int,
+                     protect_last_valid: int,
+                     fuse: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
             return _describe(op_type, [score, valid], dict(zip(attrs, (n_keep, num_prefix, protect_last_valid, fuse))))
 
 

@@ -124,10 +124,11 @@ def load_manifest(kernel_dir: str | Path) -> dict:
 
 
 def _product(dims, start: int, stop: int):
-    total = 1
+    """Product of dims[start:stop], 1 if empty. TensorRT's ShapeExpr has no __rmul__: keep it on the left."""
+    total = None
     for dim in list(dims)[start:stop]:
-        total = total * dim
-    return total
+        total = dim if total is None else total * dim
+    return 1 if total is None else total
 
 
 def kernel_dims(op_type: str, input_shapes: list, attrs: dict) -> dict:
@@ -144,14 +145,15 @@ def kernel_dims(op_type: str, input_shapes: list, attrs: dict) -> dict:
     elif op.name == "gather_tokens":
         t, dim = input_shapes[0], int(attrs["dim"])
         dims.update(outer=_product(t, 1, dim), N=t[dim], inner=_product(t, dim + 1, len(t)))
-        dims["t_batch_stride"] = 0 if _is_one(t[0]) else dims["outer"] * dims["N"] * dims["inner"]
+        dims["t_batch_stride"] = 0 if _is_one(t[0]) else _product(t, 1, len(t))
     return dims
 
 
 def _is_one(dim) -> bool:
     if isinstance(dim, int):
         return dim == 1
-    return bool(getattr(dim, "is_constant", False)) and getattr(dim, "constant_value", None) == 1
+    # trtp.ShapeExpr: is_constant raises on fake (shape-inference-only) expressions; constant_value() is a method
+    return not dim.is_fake and dim.is_constant and dim.constant_value() == 1
 
 
 def evaluate_launch(expression: str, dims: dict, cdiv=None):
