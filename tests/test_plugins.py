@@ -75,7 +75,7 @@ def _compare_with_standard(result, name, tmp_path, batches=(1, 3)):
     return info
 
 
-@pytest.mark.parametrize("name", ["vit_small", "hf_bert"])
+@pytest.mark.parametrize("name", [pytest.param("vit_small", marks=pytest.mark.slow), "hf_bert"])
 def test_plugin_onnx_matches_standard_ops(optimized, name, tmp_path):
     info = _compare_with_standard(optimized(name, 0.5), name, tmp_path)
     assert info.plugin_nodes["TcTomePlan"] > 0 and info.plugin_nodes["TcMergeTokens"] > 0
