@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
+from test_passes import Tiny
 
 import tokencompile
 from tokencompile.calibrate import allocate
 from tokencompile.compiler import export_module
 from tokencompile.flops import BlockCost, CostModel
 from tokencompile.methods import get_method
-
-from test_passes import Tiny
 
 
 def _uniform_cost(blocks=4, tokens=32):
@@ -67,6 +66,7 @@ def test_auto_schedule_is_deterministic_within_budget_and_no_worse_than_fixed_sh
     # the final FLOPs count may add a token where the cost model was optimistic, never remove one
     chosen = calibration["candidates"][calibration["chosen"]]["schedule"]
     assert all(final >= r for final, r in zip(report["schedule"], chosen))
+    assert calibration["adjusted_by_flops_count"] == (report["schedule"] != chosen)
 
 
 def test_auto_schedule_needs_data_and_a_budget(tiny_program):

@@ -69,9 +69,15 @@ class _AllOps(torch.nn.Module):
         score = x[..., 1]
         plans = [tc.topk_plan(score, valid if self.use_valid else None, 6, 2, self.use_valid, fuse)
                  for fuse in (False, True)]
+        # the ops of methods that pick pairs themselves: route 3 tokens, drop one of them
+        removed = src[:, :3]
+        target = torch.cat([rep[:, 1:3], torch.full_like(rep[:, :1], -1)], dim=1)
+        routed = tc.route_plan(removed, target, x.shape[1])
+        prefix = 1 if self.use_valid else 0   # without protected tokens the greedy starts from the mean
+        ranks = tc.farthest_point_rank(x, valid if self.use_valid else None, 7, prefix, self.use_valid)
         return (merged, tc.sum_tokens(sizes, rep, src, dst), tc.gather_tokens(self.table, rep, 1),
                 tc.gather_tokens(tc.gather_tokens(mask, rep, 2), rep, 3), *plans[0], *plans[1],
-                tc.merge_tokens(x, sizes, *plans[1]))
+                tc.merge_tokens(x, sizes, *plans[1]), *routed, tc.max_tokens(sizes, *routed), ranks)
 
 
 @pytest.mark.parametrize("use_valid", [False, True])

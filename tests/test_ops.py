@@ -52,3 +52,39 @@ def test_gather_broadcasts_batch_one_over_plan_batch():
     rep = torch.tensor([[0, 2, 4], [1, 3, 5]])
     out = tc.gather_tokens(table, rep, 1)
     assert out.shape == (2, 3, 3) and out[1, :, 0].tolist() == [1.0, 3.0, 5.0]
+
+
+def _greedy_max_min(metric, k, start):
+    """Farthest-point selection written out: the first pick is the token farthest from ``start``."""
+    unit = [m / m.norm() for m in metric]
+    distance = lambda i, j: 1 - float(unit[i] @ unit[j])
+    mean = sum(unit) / len(unit)
+    chosen = list(start)
+    picks = []
+    for _ in range(k):
+        rest = [i for i in range(len(unit)) if i not in chosen]
+        if chosen:
+            pick = max(rest, key=lambda i: (min(distance(i, j) for j in chosen), -i))
+        else:
+            pick = max(rest, key=lambda i: (1 - float(unit[i] @ mean) / float(mean.norm()), -i))
+        picks.append(pick)
+        chosen.append(pick)
+    return picks
+
+
+def test_farthest_point_rank_matches_greedy_max_min():
+    metric = torch.randn(3, 12, 6, generator=torch.Generator().manual_seed(4))
+    for prefix in (0, 1):
+        ranks = tc.farthest_point_rank(metric, None, 5, prefix, False)
+        for b in range(3):
+            picks = _greedy_max_min(metric[b], 5, range(prefix))
+            assert [int(ranks[b, i]) for i in picks] == [5, 4, 3, 2, 1]
+            assert sorted(i for i in range(12) if ranks[b, i] > 0) == sorted(picks)
+
+
+def test_route_plan_and_max_tokens():
+    removed, target = torch.tensor([[1, 4, 6]]), torch.tensor([[0, 5, -1]])
+    rep, src, dst = tc.route_plan(removed, target, 8)
+    assert rep.tolist() == [[0, 2, 3, 5, 7]] and src.tolist() == [[1, 4, 6]] and dst.tolist() == [[0, 3, 5]]
+    values = torch.tensor([[1.0, 9.0, 2.0, 3.0, 7.0, 4.0, 8.0, 0.5]])
+    assert tc.max_tokens(values, rep, src, dst).tolist() == [[9.0, 2.0, 3.0, 7.0, 0.5]]

@@ -12,8 +12,8 @@ fixed shapes. Every candidate and its score go into the report.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -50,6 +50,10 @@ def run_batches(module: Callable, batches: list[tuple]) -> torch.Tensor:
 
 def fidelity(outputs: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean cosine similarity to the original's outputs (1.0 = unchanged)."""
+    if outputs.shape != reference.shape:
+        raise TokenCompileError(f"the model's first output changes shape with fewer tokens ({tuple(reference.shape)} "
+                                f"-> {tuple(outputs.shape)}): it is per-token",
+                                "export a model that pools its output (e.g. [CLS] or mean pooling)")
     return float(torch.nn.functional.cosine_similarity(outputs, reference, dim=1).mean())
 
 
@@ -101,7 +105,7 @@ def calibrate(cost: CostModel, budget: float, method, protected: int, rewrite: C
         if trial[i] == 0:
             sensitivity.append(math.inf)
             continue
-        sensitivity.append(1.0 - fidelity(run_batches(rewrite(trial), batches), reference))
+        sensitivity.append(max(0.0, 1.0 - fidelity(run_batches(rewrite(trial), batches), reference)))
         say(f"sensitivity of block {i}: removing {trial[i]} tokens costs {sensitivity[-1]:.5f} cosine")
 
     candidates = {"allocated": allocate(cost, budget, sensitivity, probe, protected, method)}

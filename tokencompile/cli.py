@@ -127,7 +127,9 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
     if report["calibration"]:
         chosen = report["calibration"]["chosen"]
         click.echo(f"calibrated schedule: {chosen} (cosine to original on the calibration set "
-                   f"{report['calibration']['candidates'][chosen]['fidelity']:.4f})")
+                   f"{report['calibration']['candidates'][chosen]['fidelity']:.4f}"
+                   + ("; then raised where the counted FLOPs exceeded the budget)"
+                      if report["calibration"]["adjusted_by_flops_count"] else ")"))
     click.echo(f"method {report['method']}, schedule r={','.join(map(str, report['schedule']))}")
     click.echo(f"tokens entering each block: {' '.join(map(str, report['tokens_entering_block']))}")
     click.echo(f"FLOPs: {report['flops_original'] / 1e9:.3f} G -> {report['flops_optimized'] / 1e9:.3f} G "

@@ -198,7 +198,10 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
         "flops_ratio_modelled": cost.flops(plan, reducer) / cost.original,
         "example_batch": int(batch),
         "analysis": analysis.summary(),
-        "calibration": calibration.summary() if calibration is not None else None,
+        "calibration": None if calibration is None else {
+            **calibration.summary(),
+            # the FLOPs count of the final program added tokens where the cost model was optimistic
+            "adjusted_by_flops_count": plan != calibration.schedule},
         "seconds": round(time.perf_counter() - started, 2),
     }
     return OptimizeResult(new_ep, report)

@@ -124,7 +124,7 @@ def farthest_point_rank(metric: Tensor, valid: Tensor | None, k: int, num_prefix
                         protect_last_valid: bool) -> Tensor:
     """Greedy max-min diversity (farthest-point) selection on cosine distance, a fixed k steps.
 
-    Starts from the protected tokens (without any: from the token farthest from the mean); each step
+    Starts from the protected tokens (without any: picks the token farthest from the mean first); each step
     picks the token whose nearest selected token is farthest. Returns [B, N] scores for topk_plan:
     k - step for the token picked at a step, -1 for the rest. Padding is picked only after every
     real token."""
@@ -136,6 +136,7 @@ def farthest_point_rank(metric: Tensor, valid: Tensor | None, k: int, num_prefix
     from_mean = 1 - (unit * mean).sum(-1) / mean.norm(dim=-1).clamp(min=1e-12)   # [B, N]
     nearest = torch.where(protect.any(1, keepdim=True),
                           distance.masked_fill(~protect[:, None, :], float("inf")).amin(-1), from_mean)
+    virtual_start = ~protect.any(1, keepdim=True)  # the mean stands in for a selected token until the first pick
     taken = protect.clone()
     pad_floor = torch.full_like(nearest, -1e30)
     rank = torch.full((batch, n), -1.0, device=metric.device)
@@ -145,7 +146,8 @@ def farthest_point_rank(metric: Tensor, valid: Tensor | None, k: int, num_prefix
         rank.scatter_(1, pick, float(k - step))
         taken.scatter_(1, pick, True)
         row = torch.gather(distance, 1, pick[:, :, None].expand(batch, 1, n))[:, 0]
-        nearest = torch.minimum(nearest, row)
+        nearest = torch.where(virtual_start, row, torch.minimum(nearest, row)) if step == 0 \
+            else torch.minimum(nearest, row)
     return rank
 
 

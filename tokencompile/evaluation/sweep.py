@@ -109,7 +109,8 @@ def sweep(program, example_inputs: tuple, data: EvalData, task: str, methods: li
                 try:
                     result = optimize(program, example_inputs, budget=budget, method=method)
                 except TokenCompileError as error:
-                    run["error"] = f"not reachable: {error.problem}"
+                    kind = "not reachable" if "cannot be met" in error.problem else "failed"
+                    run["error"] = f"{kind}: {error.problem}"
                     runs.append(run)
                     say(f"{prefix}: skipped ({error.problem})")
                     continue
@@ -123,7 +124,10 @@ def sweep(program, example_inputs: tuple, data: EvalData, task: str, methods: li
                            tokens_entering_block=report["tokens_entering_block"])
                 run.update(fidelity(reference, run_model(result.program, data.inputs, batch), data, task))
                 if meter:
-                    run.update(meter.measure(result.program, f"{method}_{budget:g}"))
+                    try:
+                        run.update(meter.measure(result.program, f"{method}_{budget:g}"))
+                    except Exception as error:  # noqa: BLE001 - a failed export loses the latency, not the run
+                        run["latency_error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
                 run["seconds"] = round(time.perf_counter() - started, 1)
                 runs.append(run)
                 key = primary_metric(task, run)

@@ -152,7 +152,8 @@ def max_tokens(t, rep, src, dst):
 
 
 @script()
-def _greedy_max_min(distance: FLOAT, nearest: FLOAT, taken: BOOL, valid: BOOL, steps: INT64) -> FLOAT:
+def _greedy_max_min(distance: FLOAT, nearest: FLOAT, taken: BOOL, valid: BOOL, virtual_start: BOOL,
+                    steps: INT64) -> FLOAT:
     """One farthest-point pick per iteration, a fixed number of iterations (an ONNX Loop)."""
     n = op.Shape(nearest, start=1, end=2)
     positions = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1)),
@@ -168,7 +169,9 @@ def _greedy_max_min(distance: FLOAT, nearest: FLOAT, taken: BOOL, valid: BOOL, s
         taken = op.Or(taken, hit)
         # the picked row of the distance matrix, exactly (one-hot MatMul adds only zeros)
         row = op.MatMul(op.Unsqueeze(op.Cast(hit, to=1), op.Constant(value_ints=[1])), distance)
-        nearest = op.Min(nearest, op.Squeeze(row, op.Constant(value_ints=[1])))
+        row = op.Squeeze(row, op.Constant(value_ints=[1]))
+        replace = op.And(virtual_start, op.Equal(step, op.Constant(value_int=0)))
+        nearest = op.Where(replace, row, op.Min(nearest, row))
     return rank
 
 
@@ -190,7 +193,7 @@ def farthest_point_rank(metric, valid, k: int, num_prefix: int, protect_last_val
     if valid is None:
         valid = op.Expand(op.Constant(value_int=1), op.Shape(protect))
         valid = op.Cast(valid, to=onnx.TensorProto.BOOL)
-    return _greedy_max_min(distance, nearest, protect, valid, op.Constant(value_int=k))
+    return _greedy_max_min(distance, nearest, protect, valid, op.Not(any_protected), op.Constant(value_int=k))
 
 
 def gather_tokens(t, rep, dim: int):

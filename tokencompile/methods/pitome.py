@@ -33,8 +33,15 @@ class PiToMe(Method):
         unit = unit_keys(builder, site)
         cosine = builder.call(aten.matmul.default, unit, builder.call(aten.transpose.int, unit, 1, 2))
         margin = self.margin - self.margin * site.block / site.depth
-        energy = builder.call(aten.mean.dim, builder.call(aten.elu.default, builder.call(aten.sub.Tensor, cosine,
-                                                                                           margin)), [-1])
+        elu = builder.call(aten.elu.default, builder.call(aten.sub.Tensor, cosine, margin))
+        if site.valid is None:
+            energy = builder.call(aten.mean.dim, elu, [-1])
+        else:  # the mean over real tokens only: a token's energy must not depend on the padding
+            real = builder.call(aten.to.dtype, site.valid, torch.float32)
+            total = builder.call(aten.sum.dim_IntList, builder.call(
+                aten.mul.Tensor, elu, builder.call(aten.unsqueeze.default, real, 1)), [-1])
+            count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, real, [1], True), 1.0)
+            energy = builder.call(aten.div.Tensor, total, count)
         # protected tokens are never candidates; padding always is, first. Energies lie in (-1, 1], so
         # padding gets distinct values above them: ties would be ordered differently by each runtime's top-k.
         energy = builder.call(aten.masked_fill.Scalar, energy, protected(builder, site), -10.0, name=f"{b}_energy")

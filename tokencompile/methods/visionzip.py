@@ -38,6 +38,14 @@ class VisionZip(Method):
         split = builder.call(torch.ops.tokencompile.topk_plan.default, cls_attention(builder, site), site.valid,
                              dominant, site.num_prefix, site.protect_last_valid, False, name=f"{b}_dominant")
         rest = builder.call(operator.getitem, split, 1)                                 # [B, n - dominant], ascending
+        if site.valid is not None:  # real tokens first (ascending), then padding: targets are real when possible
+            padding = builder.call(aten.logical_not.default, builder.call(aten.gather.default, site.valid, 1, rest))
+            key = builder.call(aten.add.Tensor, builder.call(aten.mul.Tensor, builder.call(
+                aten.to.dtype, padding, torch.int64), site.n), rest)                   # distinct: no ties
+            order = builder.call(operator.getitem, builder.call(
+                aten.topk.default, builder.call(aten.neg.default, builder.call(aten.to.dtype, key, torch.float32)),
+                site.n - dominant), 1)
+            rest = builder.call(aten.gather.default, rest, 1, order)
         step = (site.n - dominant) // targets_count
         strided = builder.call(aten.slice.Tensor, rest, 1, 0, targets_count * step)
         grid = builder.call(aten.view.default, strided, [-1, targets_count, step])
