@@ -56,8 +56,15 @@ def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int,
     scores = scores.masked_fill(protect[:, None, 1::2], NEG_INF)
 
     best, best_b = scores.max(dim=-1)
+    return plan_from_matches(best, best_b, n, r)
+
+
+def plan_from_matches(best: Tensor, best_b: Tensor, n: int, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's plan from each A token's best similarity and best B partner (index among B tokens): the r
+    best-matched A tokens merge (ties: lower position first)."""
+    batch = best.shape[0]
     merged_a = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
-    keep = torch.ones(batch, n, dtype=torch.bool, device=metric.device)
+    keep = torch.ones(batch, n, dtype=torch.bool, device=best.device)
     keep.scatter_(1, 2 * merged_a, False)
     slot = torch.cumsum(keep.to(torch.int64), dim=1) - 1
     src = 2 * merged_a

@@ -264,24 +264,11 @@ def tome_matches(metric: Tensor, valid: Tensor | None, num_prefix: int,
     return best, best_index
 
 
-def plan_from_matches(best: Tensor, best_index: Tensor, n: int, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank the A tokens by their best similarity and build (rep, src, dst) as ops.tome_plan does."""
-    batch = best.shape[0]
-    merged_a = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
-    keep = torch.ones(batch, n, dtype=torch.bool, device=best.device)
-    keep.scatter_(1, 2 * merged_a, False)
-    slot = torch.cumsum(keep.to(torch.int64), dim=1) - 1
-    src = 2 * merged_a
-    dst = torch.gather(slot, 1, 2 * torch.gather(best_index, 1, merged_a) + 1)
-    rep = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n - r]
-    return rep, src, dst
-
-
 def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int,
               protect_last_valid: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``tokencompile::tome_plan`` with the similarity/best-match step in a kernel."""
     best, best_index = tome_matches(metric, valid, num_prefix, protect_last_valid)
-    return plan_from_matches(best, best_index, metric.shape[1], r)
+    return ops.plan_from_matches(best, best_index, metric.shape[1], r)
 
 
 def _merge_block_c(channels: int) -> int:
