@@ -37,7 +37,8 @@ class Calibration:
                 "candidates": self.candidates}
 
 
-def _first_output(out) -> torch.Tensor:
+def first_output(out) -> torch.Tensor:
+    """The output compared with the original's (models such as ClsPooled return several tensors)."""
     while isinstance(out, (tuple, list)):
         out = out[0]
     return out
@@ -45,7 +46,7 @@ def _first_output(out) -> torch.Tensor:
 
 @torch.no_grad()
 def run_batches(module: Callable, batches: list[tuple]) -> torch.Tensor:
-    return torch.cat([_first_output(module(*batch)).flatten(1).float() for batch in batches])
+    return torch.cat([first_output(module(*batch)).flatten(1).float() for batch in batches])
 
 
 def fidelity(outputs: torch.Tensor, reference: torch.Tensor) -> float:

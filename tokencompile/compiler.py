@@ -140,12 +140,13 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
     batch = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor))
     original_flops = cost.original * batch  # the per-node counts the model is built from, summed
     protected = analysis.num_prefix + int(analysis.protect_last_valid)
+
+    def rewrite(plan: list[int]):
+        gm = ep.module()
+        return run_passes(gm, RewriteContext(analyse(gm), reducer, plan, proportional_attention), REDUCTION_PASSES)
+
     calibration = None
     if schedule == "auto" and calib_inputs:
-        def rewrite(plan):
-            gm = ep.module()
-            return run_passes(gm, RewriteContext(analyse(gm), reducer, plan, proportional_attention),
-                              REDUCTION_PASSES)
         calibration = calibrate(cost, budget, reducer, protected, rewrite, original, list(calib_inputs), progress)
         plan = calibration.schedule
     else:
@@ -153,9 +154,7 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
     derived = not isinstance(schedule, list) and (schedule is None or not str(schedule).startswith("r="))
 
     for _ in range(8):
-        gm = ep.module()
-        ctx = RewriteContext(analyse(gm), reducer, plan, proportional_attention)
-        gm = run_passes(gm, ctx, REDUCTION_PASSES)
+        gm = rewrite(plan)
         with torch.no_grad():
             new_ep = torch.export.export(gm, _retrace_inputs(inputs, dynamic), dynamic_shapes=dynamic)
         flops = count_flops(new_ep.module(), inputs)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch.export import ExportedProgram
 
+from ..calibrate import first_output
 from ..errors import TokenCompileError
 from . import metrics
 from .data import EvalData, program_input_shapes
@@ -40,13 +41,6 @@ def _callable(program):
     return program.module() if isinstance(program, ExportedProgram) else program
 
 
-def _first_output(output) -> torch.Tensor:
-    # models such as ClsPooled return several tensors: the first is the one compared
-    while isinstance(output, (tuple, list)):
-        output = output[0]
-    return output
-
-
 @torch.no_grad()
 def run_model(program, inputs: tuple[torch.Tensor, ...], batch: int = 32, progress: Progress = None,
               label: str = "model") -> torch.Tensor:
@@ -63,7 +57,7 @@ def run_model(program, inputs: tuple[torch.Tensor, ...], batch: int = 32, progre
         size = int(chunk[0].shape[0])
         if size < batch:
             chunk = tuple(torch.cat([x, x[-1:].expand(batch - size, *x.shape[1:])]) for x in chunk)
-        outputs.append(_first_output(module(*chunk))[:size].float())
+        outputs.append(first_output(module(*chunk))[:size].float())
         if progress:
             progress(f"{label}: {min(start + batch, total)}/{total} samples")
     return torch.cat(outputs)

@@ -23,10 +23,6 @@ def probe_slices(n: int, fraction: float) -> list[tuple[int, int, int]]:
     return [(0, min(recent, step * count), step), (recent, n, 1)]
 
 
-def probe_positions(n: int, fraction: float) -> list[int]:
-    return [p for start, stop, step in probe_slices(n, fraction) for p in range(start, stop, step)]
-
-
 @dataclass
 class ZipCache(PruneMethod):
     name = "zipcache"
