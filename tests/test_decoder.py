@@ -1,0 +1,210 @@
+"""Decoder prompt reduction: analysis of the prefill graph, FastV against an eager reference built from
+the Hugging Face layers, greedy generation on the reduced KV cache, budgets and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+import models
+from tokencompile.attention import find_attention
+from tokencompile.decoder import (
+    Span,
+    analyse_decoder,
+    compile_decoder,
+    export_prefill,
+    generate,
+    prefill,
+    teacher_forced_logits,
+)
+from tokencompile.errors import TokenCompileError
+
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return models.build("tiny_llama")[0].model
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return models.decoders.prompt_ids(2, TOKENS, seed=1)[0]
+
+
+@pytest.fixture(scope="module")
+def fastv_half(llama, prompts):
+    """FastV from layer 2, half of the span (positions 4..19) kept."""
+    return compile_decoder(llama, prompts, keep=0.5, layer=2, span=(4, 16))
+
+
+# ---------------------------------------------------------------- eager reference (HF layers, no graph)
+
+def _causal(n: int) -> torch.Tensor:
+    return torch.full((n, n), float("-inf")).triu(1)[None, None]
+
+
+def reference_scores(lm, ids, layer: int) -> torch.Tensor:
+    """[B, N]: head mean of the last token's softmax attention row in layer ``layer`` (full prompt)."""
+    hidden = lm(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+    attention = lm.model.layers[layer].self_attn
+    x = lm.model.layers[layer].input_layernorm(hidden)
+    shape = (*x.shape[:2], -1, attention.head_dim)
+    q = attention.q_proj(x).view(shape).transpose(1, 2)
+    k = attention.k_proj(x).view(shape).transpose(1, 2)
+    cos, sin = lm.model.rotary_emb(x, torch.arange(ids.shape[1])[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = repeat_kv(k, attention.num_key_value_groups)
+    row = (q[:, :, -1:] @ k.transpose(-2, -1) * attention.scaling).softmax(-1)
+    return row[:, :, 0].mean(1)
+
+
+def reference_kept(scores: torch.Tensor, removable: torch.Tensor, n_keep_span: int) -> torch.Tensor:
+    """[B, n]: sorted positions kept: every token outside the span, the top n_keep_span of the span."""
+    kept = []
+    for score, can_go in zip(scores, removable):
+        span = can_go.nonzero()[:, 0]
+        top = span[score[span].topk(n_keep_span).indices]
+        kept.append(torch.cat([(~can_go).nonzero()[:, 0], top]).sort().values)
+    return torch.stack(kept)
+
+
+def reference_forward(lm, ids, first_reduced: int, kept: torch.Tensor | None, renumber: bool = False):
+    """Logits of every token that reaches the head [B, n, V] and the per-layer (key, value) caches, with
+    the rows ``kept`` selected after layer first_reduced - 1 (original positions unless ``renumber``)."""
+    hidden = lm.model.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    cache = DynamicCache()
+    for index, layer in enumerate(lm.model.layers):
+        if index == first_reduced and kept is not None:
+            hidden = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
+            positions = torch.arange(kept.shape[1])[None].expand_as(kept) if renumber else kept
+        cos_sin = lm.model.rotary_emb(hidden, positions)
+        hidden = layer(hidden, attention_mask=_causal(hidden.shape[1]), position_embeddings=cos_sin, cache=cache,
+                       use_cache=True)
+    logits = lm.lm_head(lm.model.norm(hidden))
+    return logits, [(layer.keys, layer.values) for layer in cache.layers]
+
+
+# ---------------------------------------------------------------- analysis
+
+def test_analysis_finds_causal_rope_and_caches(llama, prompts):
+    ep = export_prefill(llama, prompts)
+    analysis = analyse_decoder(ep.module(), prompts)
+    assert analysis.layers == 4 and analysis.tokens == TOKENS
+    assert analysis.causal == [True] * 4
+    assert len(analysis.rope_tables) == 2  # cos and sin, shared by every layer
+    assert analysis.cache_outputs == {1 + 2 * i + j: (i, role) for i in range(4) for j, role in
+                                      enumerate(("key", "value"))}
+    assert analysis.scales == [pytest.approx(16 ** -0.5)] * 4
+
+
+def test_span_removable_tokens():
+    ids = torch.tensor([[1, 7, 7, 2, 7, 3]])
+    assert Span(1, 3).removable(ids).tolist() == [[False, True, True, True, False, False]]
+    assert Span().removable(ids).tolist() == [[True] * 5 + [False]]  # the last token always stays
+    assert Span(token_id=7).removable(ids).tolist() == [[False, True, True, False, True, False]]
+
+
+# ---------------------------------------------------------------- FastV prefill against the reference
+
+def test_fastv_prefill_matches_eager_reference(llama, prompts, fastv_half):
+    assert fastv_half.report["tokens_per_layer"] == [24, 24, 16, 16]
+    assert [a.tokens for a in find_attention(fastv_half.prefill.module())] == [24, 24, 16, 16]
+    scores = reference_scores(llama, prompts, 1)
+    kept = reference_kept(scores, Span(4, 16).removable(prompts), 8)
+    with torch.no_grad():
+        expected_logits, expected_caches = reference_forward(llama, prompts, 2, kept)
+    logits, caches = prefill(fastv_half, prompts)
+    torch.testing.assert_close(logits, expected_logits[:, -1], atol=1e-5, rtol=1e-4)
+    assert [tuple(k.shape) for k, _ in caches] == [(2, 2, 24, 16)] * 2 + [(2, 2, 16, 16)] * 2
+    for (k, v), (k_ref, v_ref) in zip(caches, expected_caches):
+        torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_fastv_by_image_token_id_keeps_text(llama):
+    ids = models.decoders.prompt_ids(2, TOKENS, seed=2)[0]
+    ids[:, 3:15] = 5  # twelve "image" tokens; everything else is text and must stay
+    program = compile_decoder(llama, ids, keep=0.25, layer=1, span=Span(token_id=5))
+    assert program.report["span_tokens_kept"] == 3 and program.report["tokens_per_layer"] == [24, 15, 15, 15]
+    kept = reference_kept(reference_scores(llama, ids, 0), Span(token_id=5).removable(ids), 3)
+    with torch.no_grad():
+        expected, _ = reference_forward(llama, ids, 1, kept)
+    torch.testing.assert_close(prefill(program, ids)[0], expected[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_fastv_renumbered_positions_match_reference(llama, prompts):
+    program = compile_decoder(llama, prompts, keep=0.5, layer=2, span=(4, 16), positions="renumber")
+    kept = reference_kept(reference_scores(llama, prompts, 1), Span(4, 16).removable(prompts), 8)
+    with torch.no_grad():
+        expected, _ = reference_forward(llama, prompts, 2, kept, renumber=True)
+        kept_positions, _ = reference_forward(llama, prompts, 2, kept)
+    logits = prefill(program, prompts)[0]
+    torch.testing.assert_close(logits, expected[:, -1], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits, kept_positions[:, -1], atol=1e-3)  # the policy changes the result
+    with pytest.raises(TokenCompileError, match="renumber"):
+        generate(program, prompts, 2)
+
+
+# ---------------------------------------------------------------- decoding on the reduced cache
+
+def test_budget_one_greedy_equals_hugging_face(llama, prompts):
+    program = compile_decoder(llama, prompts, budget=1.0)
+    assert program.first_reduced_layer is None and program.report["flops_ratio"] == pytest.approx(1.0)
+    expected = llama.generate(prompts, max_new_tokens=12, do_sample=False)
+    assert torch.equal(generate(program, prompts, 12), expected)
+    assert torch.equal(generate(llama, prompts, 12), expected)
+
+
+def test_decode_on_reduced_cache_matches_reference(llama, prompts, fastv_half):
+    """Teacher-forced decode steps on caches of different lengths equal one eager pass over prompt and
+    continuation with the same prompt tokens dropped from layer 2 on (original positions)."""
+    continuation = models.decoders.prompt_ids(2, 6, seed=3)[0]
+    kept = reference_kept(reference_scores(llama, prompts, 1), Span(4, 16).removable(prompts), 8)
+    kept = torch.cat([kept, TOKENS + torch.arange(6).expand(2, -1)], dim=1)
+    with torch.no_grad():
+        expected, _ = reference_forward(llama, torch.cat([prompts, continuation], 1), 2, kept)
+    logits = teacher_forced_logits(fastv_half, prompts, continuation)
+    torch.testing.assert_close(logits, expected[:, 15:21], atol=1e-5, rtol=1e-4)
+    ids = generate(fastv_half, prompts, 5)
+    assert ids.shape == (2, TOKENS + 5) and torch.equal(ids[:, :TOKENS], prompts)
+
+
+# ---------------------------------------------------------------- budgets and errors
+
+def test_budget_picks_layer_and_keep_and_is_met(llama, prompts):
+    program = compile_decoder(llama, prompts, budget=0.7, layer=2)
+    report = program.report
+    assert report["flops_ratio"] <= 0.7 and report["layer"] == 2
+    removed = report["span_tokens_removable"] - report["span_tokens_kept"]
+    assert report["tokens_per_layer"] == [TOKENS, TOKENS, TOKENS - removed, TOKENS - removed]
+    assert [tuple(k.shape)[2] for k, _ in prefill(program, prompts)[1]] == report["tokens_per_layer"]
+    # the least pruning that meets the budget: one token fewer removed would not
+    looser = compile_decoder(llama, prompts, keep=(report["span_tokens_kept"] + 1) / report["span_tokens_removable"],
+                             layer=2)
+    assert looser.report["flops_ratio"] > 0.7
+    # layer 2 reaches 0.375 at best (every span token removed); a budget of 0.3 moves the reduction to layer 1
+    deeper = compile_decoder(llama, prompts, budget=0.3, layer=2).report
+    assert deeper["layer"] == 1 and deeper["flops_ratio"] <= 0.3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(keep=0.5, budget=0.5), "exactly one"),
+    (dict(budget=1.5), "out of range"),
+    (dict(keep=0.5, span=(20, 10)), "does not fit"),
+    (dict(keep=0.5, layer=4), "no layer to reduce"),
+    (dict(keep=0.5, positions="shift"), "position policy"),
+    (dict(budget=0.05), "cannot be met"),
+])
+def test_bad_input_is_one_line_error(llama, prompts, kwargs, message):
+    with pytest.raises(TokenCompileError, match=message) as error:
+        compile_decoder(llama, prompts, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_prompt_length_must_match_program(fastv_half):
+    with pytest.raises(TokenCompileError, match="compiled for 24-token prompts"):
+        generate(fastv_half, torch.ones(1, 10, dtype=torch.long), 2)

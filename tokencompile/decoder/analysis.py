@@ -1,0 +1,188 @@
+"""What a prompt reduction needs from a decoder's exported prefill graph.
+
+The prefill program takes ``input_ids [B, N]`` and returns the last token's logits followed by every
+layer's key and value cache (see ``tokencompile.decoder.prefill``). From its graph we find the blocks
+(``tokencompile.analysis``), whether each attention is causal (SDPA's ``is_causal`` or a mask whose
+value is lower-triangular), the rotary position tables (the cos / sin that multiply q and k), which
+output is which layer's key or value cache, and the span of prompt tokens a method may remove.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from ..analysis import ModelAnalysis, analyse
+from ..attention import Attention
+from ..errors import TokenCompileError, UnsupportedModelError
+from ..graph_utils import aten, ancestors, node_arg, shape_of
+
+
+@dataclass(frozen=True)
+class Span:
+    """The prompt tokens a reduction may remove: positions ``start .. start+length-1``, or every
+    token whose id is ``token_id`` (image tokens of a VLM). The last prompt token is never removed."""
+
+    start: int = 0
+    length: int | None = None   # None: up to the end of the prompt
+    token_id: int | None = None
+
+    def removable(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, N] bool: tokens of the example prompt that the reduction may remove."""
+        batch, n = input_ids.shape
+        positions = torch.arange(n).expand(batch, n)
+        if self.token_id is not None:
+            inside = input_ids == self.token_id
+        else:
+            end = n if self.length is None else self.start + self.length
+            inside = (positions >= self.start) & (positions < end)
+        return inside & (positions < n - 1)
+
+    def check(self, tokens: int) -> None:
+        if self.token_id is not None:
+            return
+        end = tokens if self.length is None else self.start + self.length
+        if self.start < 0 or (self.length is not None and self.length < 0) or end > tokens:
+            raise TokenCompileError(f"span ({self.start}, {self.length}) does not fit a {tokens}-token prompt",
+                                    f"give 0 <= start and start + length <= {tokens}")
+
+
+@dataclass
+class DecoderAnalysis:
+    base: ModelAnalysis          # blocks, attention and reduction sites (no protected prefix, no padding mask)
+    input_ids: Node
+    causal: list[bool]           # per block
+    rope_tables: list[Node]      # per-token cos / sin tables ([1 or B, N, D]) the attentions read
+    cache_outputs: dict[int, tuple[int, str]]  # output index -> (layer, "key" | "value")
+    scales: list[float]          # per block: the attention's softmax scale
+
+    @property
+    def tokens(self) -> int:
+        return self.base.tokens
+
+    @property
+    def layers(self) -> int:
+        return len(self.base.blocks)
+
+    def summary(self) -> dict:
+        return {"tokens": self.tokens, "layers": self.layers, "attention": self.base.attention_kind,
+                "causal": all(self.causal), "rope": bool(self.rope_tables),
+                "kv_cache_outputs": len(self.cache_outputs)}
+
+
+class _MaskValues(Interpreter):
+    """Runs the module once and keeps the values of the wanted nodes."""
+
+    def __init__(self, gm: GraphModule, wanted: set[Node]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        if node in self.wanted:
+            self.values[node] = result
+        return result
+
+
+def _is_causal_mask(mask: torch.Tensor) -> bool:
+    """True when a [.., N, N] mask lets query i see exactly keys 0..i."""
+    n_q, n_k = mask.shape[-2:]
+    visible = mask if mask.dtype == torch.bool else torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min)
+    return n_q == n_k and bool((visible == torch.ones(n_q, n_k, dtype=torch.bool).tril()).all())
+
+
+def _causal_flags(gm: GraphModule, attentions: list[Attention], example_ids: torch.Tensor) -> list[bool]:
+    masks = {a.mask() for a in attentions if a.kind == "sdpa" and isinstance(a.mask(), Node)}
+    values = {}
+    if masks:
+        runner = _MaskValues(gm, masks)
+        with torch.no_grad():
+            runner.run(example_ids)
+        values = runner.values
+    flags = []
+    for attention in attentions:
+        if attention.kind != "sdpa":
+            flags.append(False)  # eager attention: causality is not checked (export with SDPA)
+        elif node_arg(attention.node, 5, "is_causal", False):
+            flags.append(attention.mask() is None)
+        else:
+            mask = attention.mask()
+            flags.append(isinstance(mask, Node) and _is_causal_mask(values[mask]))
+    return flags
+
+
+def _rotate_half_input(node: Node) -> Node | None:
+    """x from cat([-x[..., d/2:], x[..., :d/2]], -1)."""
+    if node.op != "call_function" or node.target != aten.cat.default or len(node.args[0]) != 2:
+        return None
+    negated, first_half = node.args[0]
+    if negated.target != aten.neg.default or first_half.target != aten.slice.Tensor:
+        return None
+    return first_half.args[0] if negated.args[0].args[0] is first_half.args[0] else None
+
+
+def rope_table(node: Node) -> Node:
+    """The per-token table behind a broadcast view of it (unsqueeze over heads, dtype casts)."""
+    while node.op == "call_function" and node.target in (aten.unsqueeze.default, aten.to.dtype,
+                                                          aten._to_copy.default):
+        node = node.args[0]
+    return node
+
+
+def _rope_tables(rotated: Node) -> list[Node]:
+    """cos and sin of q*cos + rotate_half(q)*sin, or [] when ``rotated`` is not that."""
+    if rotated.op != "call_function" or rotated.target != aten.add.Tensor:
+        return []
+    products = [a for a in rotated.args if isinstance(a, Node) and a.target == aten.mul.Tensor]
+    if len(products) != 2:
+        return []
+    tables, rotated_half = [], False
+    for product in products:
+        x, table = product.args
+        if isinstance(table, Node) and _rotate_half_input(table) is not None:
+            x, table = table, x
+        rotated_half = rotated_half or (isinstance(x, Node) and _rotate_half_input(x) is not None)
+        if not isinstance(table, Node):
+            return []
+        tables.append(rope_table(table))
+    return tables if rotated_half else []
+
+
+def _cache_outputs(gm: GraphModule, attentions: list[Attention]) -> dict[int, tuple[int, str]]:
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    # an output feeds its own layer's attention first (and, through the residual stream, every later one)
+    reads = [(layer, role, ancestors(source) | {source}) for layer, attention in enumerate(attentions)
+             for role, source in (("key", attention.keys), ("value", attention.node.args[2]))]
+    found = {}
+    for index, arg in enumerate(output.args[0]):
+        owner = next(((layer, role) for layer, role, sources in reads if arg in sources), None)
+        if owner is not None:
+            found[index] = owner
+    return found
+
+
+def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor) -> DecoderAnalysis:
+    """Blocks, causality, RoPE and the key/value cache outputs of a prefill program's module."""
+    base = analyse(gm)
+    # A decoder prompt has no [CLS] to protect and no padding mask: input_ids only shape the causal mask.
+    base = dataclasses.replace(base, num_prefix=0, mask_input=None, protect_last_valid=False)
+    attentions = [block.attention for block in base.blocks]
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    ids = [node for node in placeholders if shape_of(node) is not None and len(shape_of(node)) == 2
+           and not node.meta["val"].dtype.is_floating_point]
+    if len(ids) != 1:
+        raise UnsupportedModelError("the prefill program needs exactly one integer [B, N] input (input_ids)",
+                                    "export through tokencompile.decoder.CausalLMPrefill")
+    causal = _causal_flags(gm, attentions, example_ids)
+    if not all(causal):
+        raise UnsupportedModelError(f"attention of blocks {[i for i, c in enumerate(causal) if not c]} is not "
+                                    "causal", "prompt reduction needs a causal decoder exported with SDPA")
+    rope = list(dict.fromkeys(table for node in gm.graph.nodes for table in _rope_tables(node)))
+    scales = [node_arg(a.node, 6, "scale", None) or shape_of(a.query)[-1] ** -0.5 for a in attentions]
+    return DecoderAnalysis(base, ids[0], causal, rope, _cache_outputs(gm, attentions), scales)
+
+
+__all__ = ["DecoderAnalysis", "Span", "analyse_decoder", "rope_table"]

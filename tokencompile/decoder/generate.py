@@ -1,0 +1,100 @@
+"""Greedy generation: a (reduced) prefill, then decode steps on per-layer key/value caches.
+
+After a reduced prefill the caches have different lengths: layers < K hold every prompt token,
+layers >= K only the kept ones. A decode step feeds one token per sample to the causal LM with each
+layer's own cache (a Hugging Face ``DynamicCache`` filled from the prefill outputs). One new token
+may see every cached key, so its mask is an all-zero additive [B, 1, 1, 1] tensor that broadcasts
+over each layer's own cache length. With ``positions=keep`` decode positions continue from the full
+prompt length: the kept tokens kept their original rotary positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import TokenCompileError
+from .prefill import DecoderProgram, as_causal_lm, cache_argument, returned_cache
+
+Caches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _check_prompt(prompt_ids) -> torch.Tensor:
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.dtype.is_floating_point:
+        raise TokenCompileError("prompt_ids must be an integer tensor [batch, tokens]", "tokenize the prompt first")
+    return prompt_ids
+
+
+def prefill(program_or_model, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, Caches]:
+    """Logits of the last prompt token [B, V] and every layer's (key, value) cache."""
+    prompt_ids = _check_prompt(prompt_ids)
+    with torch.no_grad():
+        if isinstance(program_or_model, DecoderProgram):
+            if prompt_ids.shape[1] != program_or_model.prompt_tokens:
+                raise TokenCompileError(f"the program was compiled for {program_or_model.prompt_tokens}-token "
+                                        f"prompts, got {prompt_ids.shape[1]}", "compile it for this prompt length")
+            logits, *flat = program_or_model.prefill.module()(prompt_ids)
+        else:
+            out = as_causal_lm(program_or_model)(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1]
+            flat = [t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)]
+    return logits, list(zip(flat[0::2], flat[1::2]))
+
+
+def decode_step(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+                caches: Caches) -> tuple[torch.Tensor, Caches]:
+    """Logits [B, V] for one new token per sample ([B, 1] ids at [B, 1] positions); the caches grow by one."""
+    from transformers import DynamicCache
+
+    lm = as_causal_lm(model)
+    cache = DynamicCache(ddp_cache_data=caches)
+    visible = torch.zeros(tokens.shape[0], 1, 1, 1, dtype=caches[0][0].dtype, device=tokens.device)
+    with torch.no_grad():
+        out = lm(input_ids=tokens, position_ids=positions, attention_mask=visible, use_cache=True,
+                 **{cache_argument(lm): cache})
+    return out.logits[:, -1], [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _decoder_of(program_or_model) -> torch.nn.Module:
+    if isinstance(program_or_model, DecoderProgram):
+        if program_or_model.positions != "keep" and program_or_model.first_reduced_layer is not None:
+            raise TokenCompileError("decoding after positions=renumber is not supported: layers before and after "
+                                    "the reduction would need different positions", "compile with positions=keep")
+        return program_or_model.model
+    return program_or_model
+
+
+def generate(program_or_model, prompt_ids: torch.Tensor, max_new_tokens: int,
+             eos_token_id: int | None = None) -> torch.Tensor:
+    """Greedy decoding: [B, N + new] ids (stops early when every sample produced ``eos_token_id``)."""
+    decoder = _decoder_of(program_or_model)
+    logits, caches = prefill(program_or_model, prompt_ids)
+    ids, position = prompt_ids, prompt_ids.shape[1]
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        if eos_token_id is not None:
+            finished |= token[:, 0] == eos_token_id
+            if bool(finished.all()):
+                break
+        if step + 1 < max_new_tokens:
+            positions = torch.full_like(token, position)
+            logits, caches = decode_step(decoder, token, positions, caches)
+            position += 1
+    return ids
+
+
+def teacher_forced_logits(program_or_model, prompt_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """[B, T, V]: logits predicting continuation[:, t] after the prompt and continuation[:, :t]."""
+    decoder = _decoder_of(program_or_model)
+    logits, caches = prefill(program_or_model, prompt_ids)
+    steps, position = [logits], prompt_ids.shape[1]
+    for t in range(continuation.shape[1] - 1):
+        token = continuation[:, t:t + 1]
+        logits, caches = decode_step(decoder, token, torch.full_like(token, position), caches)
+        steps.append(logits)
+        position += 1
+    return torch.stack(steps, dim=1)
+
+
+__all__ = ["decode_step", "generate", "prefill", "teacher_forced_logits"]
