@@ -36,8 +36,8 @@ class BenchResult:
     speedup: float
     token_op_share: float | None = None
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _onnx_inputs(path: str, batch: int) -> tuple:
@@ -73,9 +73,9 @@ def _runner(path: str, runtime: str, threads: int):
 
         session = ort_session(path, threads)
         return lambda inputs: session.run(None, ort_feeds(session, inputs))
-    import tokencompile  # noqa: F401  (ops of optimized programs)
+    from .load import load_program
 
-    module = torch.export.load(path).module()
+    module = load_program(path, trust_pickle=True).module()  # checked by bench() before
 
     def run(inputs):
         with torch.no_grad():
@@ -89,8 +89,8 @@ def _timing(times: list[float], batch: int) -> Timing:
     return Timing(median, ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))], batch / median)
 
 
-def peak_memory_mb(path: str, runtime: str, batch: int, threads: int) -> float:
-    """Peak resident memory of a fresh process that loads the model and runs one batch."""
+def peak_memory_mb(path: str, runtime: str, batch: int, threads: int) -> float | None:
+    """Peak resident memory of a fresh process that loads the model and runs one batch (None if it fails)."""
     script = (
         "import resource, sys, torch\n"
         "from tokencompile.bench import _runner, _inputs_for\n"
@@ -100,16 +100,16 @@ def peak_memory_mb(path: str, runtime: str, batch: int, threads: int) -> float:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     if out.returncode != 0:
-        return float("nan")
+        return None
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def _inputs_for(path: str, batch: int) -> tuple:
     if path.endswith(".onnx"):
         return _onnx_inputs(path, batch)
-    import tokencompile  # noqa: F401
+    from .load import load_program
 
-    program = torch.export.load(path)
+    program = load_program(path, trust_pickle=True)  # checked by bench() before
     if not program.example_inputs or program.example_inputs[1]:
         raise TokenCompileError(f"{path} stores no example inputs", "export it with example inputs")
     return batch_inputs(tuple(program.example_inputs[0]), batch)
@@ -136,29 +136,74 @@ def token_op_share(path: str, inputs: tuple, threads: int, runs: int = 5) -> flo
     return token / total if total else 0.0
 
 
+def _programs(original: str, optimized: str, runtime: str, trust_pickle: bool) -> dict:
+    """The .pt2 programs among the two models, checked and loaded; they must take the same inputs."""
+    from .load import load_program
+    from .signature import check_same_inputs
+
+    programs = {}
+    for path in (original, optimized):
+        if not os.path.exists(path):
+            raise TokenCompileError(f"no such file: {path}", "give .pt2 programs or .onnx files")
+        if path.endswith(".pt2"):
+            programs[path] = load_program(path, trust_pickle)
+        elif runtime == "torch":
+            raise TokenCompileError(f"--runtime torch needs .pt2 programs, got {path}", "use --runtime ort")
+        elif not path.endswith(".onnx"):
+            raise TokenCompileError(f"cannot bench {path}", "give .pt2 programs or .onnx files")
+    if len(programs) == 2:
+        check_same_inputs(programs[original], programs[optimized], original, optimized)
+    return programs
+
+
+def _check_onnx_inputs(paths: list[str], inputs: tuple, names: tuple[str, str]) -> None:
+    """Both ONNX models must accept ``inputs`` (same count, and sizes matching where fixed)."""
+    import onnx
+
+    for path, name in zip(paths, names):
+        model = onnx.load(path, load_external_data=False)
+        declared = [[d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+                    for value in model.graph.input]
+        fits = len(declared) == len(inputs) and all(
+            len(dims) == x.dim() and all(d is None or d == s for d, s in zip(dims, x.shape))
+            for dims, x in zip(declared, inputs))
+        if not fits:
+            raise TokenCompileError(f"{name} does not take the inputs of the other model ({declared} vs "
+                                    f"{[list(x.shape) for x in inputs]})",
+                                    "compare a model with its own optimized version")
+
+
 def bench(original: str, optimized: str, runtime: str = "ort", batch: int = 8, rounds: int = 20, warmup: int = 3,
-          threads: int = 2, memory: bool = True, progress=None) -> BenchResult:
-    """Interleaved latency of two models given as .pt2 (torch, or exported to ONNX for ort) or .onnx."""
+          threads: int = 2, memory: bool = True, progress=None, trust_pickle: bool = False) -> BenchResult:
+    """Interleaved latency of two models given as .pt2 (torch, or exported to ONNX for ort) or .onnx.
+
+    A program with a fixed batch is timed at that batch (``batch`` is then ignored, with a note)."""
+    from .signature import fixed_batch_of
+
     if runtime not in ("ort", "torch"):
         raise TokenCompileError(f"unknown runtime {runtime!r}", "use --runtime ort or --runtime torch")
+    programs = _programs(original, optimized, runtime, trust_pickle)
+    fixed = fixed_batch_of(*programs.values())
+    if fixed is not None and fixed != batch:
+        if progress:
+            progress(f"the programs have a fixed batch of {fixed}: timing batches of {fixed}")
+        batch = fixed
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for label, path in (("original", original), ("optimized", optimized)):
-            if not os.path.exists(path):
-                raise TokenCompileError(f"no such file: {path}", "give .pt2 programs or .onnx files")
             if runtime == "ort" and path.endswith(".pt2"):
                 from .lowering.onnx_export import export_onnx
 
                 if progress:
                     progress(f"exporting {label} {path} to ONNX")
-                program = torch.export.load(path)
+                program = programs[path]
                 target = os.path.join(tmp, f"{label}.onnx")
                 export_onnx(program, target, tuple(program.example_inputs[0]))
                 path = target
-            elif runtime == "torch" and not path.endswith(".pt2"):
-                raise TokenCompileError(f"--runtime torch needs .pt2 programs, got {path}", "use --runtime ort")
             paths.append(path)
         inputs = _inputs_for(original if runtime == "torch" or original.endswith(".onnx") else optimized, batch)
+        if runtime == "ort":
+            _check_onnx_inputs(paths, inputs, (original, optimized))
         runners = [_runner(path, runtime, threads) for path in paths]
         torch.set_num_threads(threads)
         for _ in range(warmup):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import traceback
 
@@ -44,6 +46,8 @@ _debug = click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(package_name="tokencompile")
 def main():
     """tokencompile: make transformers faster by processing fewer tokens."""
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit a write fails (and is reported), not the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 @main.command(cls=_Command)
@@ -63,9 +67,38 @@ def inspect(model, input_shape, trust_pickle, as_json, debug):
 
 
 def _write_json(path: str, data) -> None:
-    with open(path, "w") as handle:
-        json.dump(data, handle, indent=2)
+    from .outputs import write_json
+
+    write_json(path, data)
     click.echo(f"wrote {path}")
+
+
+def _write(path: str, write):
+    """``write(temporary_path)`` made atomic (see tokencompile.outputs); returns what ``write`` returns."""
+    from .outputs import write_atomically
+
+    result = []
+    write_atomically(path, lambda temporary: result.append(write(temporary)))
+    return result[0]
+
+
+def _at_least(option: str, value: int | None, low: int = 1) -> None:
+    if value is not None and value < low:
+        raise TokenCompileError(f"{option} {value} is out of range", f"give {option} {low} or more")
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not 18 <= opset <= newest:
+        raise TokenCompileError(f"--opset {opset} is out of range", f"give --opset 18..{newest} (TensorRT 10 reads "
+                                "up to 20)")
+
+
+def _file_inputs(*specs: str | None) -> list[str]:
+    """The files among model specs and data paths (outputs must not overwrite them)."""
+    return [spec[3:] if spec.startswith("hf:") else spec for spec in specs if spec and not spec.startswith("timm:")]
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -90,14 +123,16 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--tokenizer", help="Local Hugging Face tokenizer directory (text calibration data).")
 @click.option("--option", "method_options", multiple=True, help="Method option key=value (repeatable).")
 @click.option("--no-prop-attn", is_flag=True, help="Turn off proportional attention (log size on attention logits).")
-@click.option("-o", "--output", help="Write the optimized program (.pt2).")
+@click.option("-o", "--output", help="Write the optimized program (.pt2); default <input>.tc.pt2 next to the input.")
+@click.option("--force", is_flag=True, help="Overwrite the default output file if it exists.")
 @click.option("--report", "report_path", help="Write the report (JSON).")
 @click.option("--onnx", "onnx_path", help="Also export the optimized program to ONNX (standard ops).")
+@click.option("--dynamic-batch", is_flag=True, help="Re-export a program with a fixed batch with a symbolic one first.")
 @_shape
 @_pickle
 @_debug
 def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer, method_options, no_prop_attn,
-             output, report_path, onnx_path, input_shape, trust_pickle, debug):
+             output, force, report_path, onnx_path, dynamic_batch, input_shape, trust_pickle, debug):
     """Rewrite MODEL so it processes fewer tokens, within a FLOPs budget."""
     import torch
 
@@ -105,20 +140,44 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
     from .compiler import optimize as run_optimize
     from .load import load_model
     from .methods import get_method
+    from .outputs import check_outputs, default_program_path, save_program
+    from .schedule import parse_schedule
 
     check_budget(budget)
     get_method(method, _parse_options(method_options))  # validate before the slow part
     if budget is None and schedule is None:
         raise TokenCompileError("nothing to do: no --budget and no --schedule", "e.g. --budget 0.5")
+    parse_schedule(schedule)
     if (schedule == "auto") != (calib_path is not None):
         raise TokenCompileError("--schedule auto and --calib go together",
                                 "give both: --schedule auto --calib DATA (or neither)")
+    _at_least("--calib-limit", calib_limit)
+    if output is None:
+        output = default_program_path(model)
+        if os.path.exists(output) and not force:
+            raise TokenCompileError(f"{output} exists", "pass --force to overwrite it, or -o PATH")
+    output, report_path, onnx_path = check_outputs(
+        [("-o", output, (".pt2",), "for ONNX use --onnx NAME.onnx"), ("--report", report_path, (".json",)), ("--onnx", onnx_path, (".onnx",))],
+        _file_inputs(model, calib_path))
     program, inputs = load_model(model, input_shape, trust_pickle)
+    dynamic_note = None
+    if dynamic_batch:
+        from .signature import make_batch_dynamic, static_batch
+
+        fixed = static_batch(program)
+        if fixed is None:
+            dynamic_note = "already symbolic"
+        else:
+            program = make_batch_dynamic(program, inputs, model)
+            dynamic_note = f"re-exported with a symbolic batch (was fixed at {fixed})"
+        click.echo(f"batch: {dynamic_note}")
     calib = None
     if calib_path is not None:
         from .evaluation.data import load_calibration_inputs, resolve_preprocess
+        from .signature import static_batch
 
-        calib = load_calibration_inputs(calib_path, program, tokenizer, resolve_preprocess(model), calib_limit)
+        calib = load_calibration_inputs(calib_path, program, tokenizer, resolve_preprocess(model), calib_limit,
+                                        batch=static_batch(program) or 8)
         click.echo(f"calibrating on {sum(batch[0].shape[0] for batch in calib)} samples from {calib_path}")
     result = run_optimize(program, inputs, budget=budget, method=method, schedule=schedule,
                           options=_parse_options(method_options), proportional_attention=not no_prop_attn,
@@ -134,18 +193,24 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
     click.echo(f"tokens entering each block: {' '.join(map(str, report['tokens_entering_block']))}")
     click.echo(f"FLOPs: {report['flops_original'] / 1e9:.3f} G -> {report['flops_optimized'] / 1e9:.3f} G "
                f"(ratio {report['flops_ratio']:.3f}" + (f", budget {budget:g})" if budget else ")"))
-    if output:
-        torch.export.save(result.program, output)
-        report["output"] = output
-        click.echo(f"wrote {output} (load it after `import tokencompile`)")
-    if onnx_path:
-        from .lowering.onnx_export import export_onnx
+    if dynamic_note:
+        report["dynamic_batch"] = dynamic_note
+    save_program(result.program, output)
+    report["output"] = output
+    click.echo(f"wrote {output} (load it after `import tokencompile`)")
+    try:
+        if onnx_path:
+            from .lowering.onnx_export import export_onnx
 
-        info = export_onnx(result.program, onnx_path, inputs)
-        report["onnx"] = onnx_path
-        click.echo(f"wrote {onnx_path} ({sum(info.op_counts.values())} nodes, {info.token_op_nodes} in token ops)")
-    if report_path:
-        _write_json(report_path, report)
+            info = _write(onnx_path, lambda temporary: export_onnx(result.program, temporary, inputs))
+            report["onnx"] = onnx_path
+            click.echo(f"wrote {onnx_path} ({sum(info.op_counts.values())} nodes, {info.token_op_nodes} in token ops)")
+    except TokenCompileError as error:
+        report["onnx_error"] = str(error)
+        raise
+    finally:  # the report is written even when the ONNX export fails
+        if report_path:
+            _write_json(report_path, report)
 
 
 @main.command(cls=_Command)
@@ -159,7 +224,8 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
 @click.option("--fp16", is_flag=True, help="TensorRT: allow FP16 kernels.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="TensorRT: largest batch of the profile.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (TensorRT 10 reads 9..20).")
-@click.option("--verify", is_flag=True, help="Compare ONNX Runtime with the program at batch 1 and 8 (atol 1e-4).")
+@click.option("--verify", is_flag=True, help="Compare ONNX Runtime with the program (atol 1e-4) at its fixed batch, "
+                                            "or at batch 1 and 8 when the batch is symbolic.")
 @click.option("--check", "check_target", type=click.Choice(["trt"]), help="Report ops TensorRT cannot build.")
 @_shape
 @_pickle
@@ -167,35 +233,43 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
 def export(model, output, output_format, plugins, plugin_dir, fp16, max_batch, opset, verify, check_target,
            input_shape, trust_pickle, debug):
     """Lower a program to ONNX (standard ops or plugin nodes, dynamic batch axis) or a TensorRT engine."""
-    import os
-
     from .bench import batch_inputs
     from .load import load_model
     from .lowering.onnx_export import export_onnx, verify_onnx
+    from .outputs import check_output, check_outputs
+    from .signature import verify_batches
 
+    _at_least("--max-batch", max_batch)
+    _check_opset(opset)
     if output_format == "trt":
         from .lowering.tensorrt_build import require_tensorrt
 
+        check_output(output, "-o", (".engine", ".plan", ".trt"), _file_inputs(model))
         require_tensorrt()  # before the slow part
-    engine_path, output = (output, os.path.splitext(output)[0] + ".onnx") if output_format == "trt" else (None, output)
+        engine_path, output = check_outputs([("-o", output, (".engine", ".plan", ".trt")),
+                                             ("the ONNX file next to -o", os.path.splitext(output)[0] + ".onnx",
+                                              (".onnx",))], _file_inputs(model))
+    else:
+        engine_path, output = None, check_output(output, "-o", (".onnx",), _file_inputs(model))
     program, inputs = load_model(model, input_shape, trust_pickle)
     if plugins:
         from .lowering.plugin_onnx import KERNEL_PLUGIN_OPS, export_plugin_onnx
 
         chosen = set(KERNEL_PLUGIN_OPS) if output_format == "trt" else None
-        plugin_info = export_plugin_onnx(program, output, inputs, opset=opset, plugin_ops=chosen)
+        plugin_info = _write(output, lambda temporary: export_plugin_onnx(program, temporary, inputs, opset=opset,
+                                                                          plugin_ops=chosen))
         counts = ", ".join(f"{count} {op}" for op, count in sorted(plugin_info.plugin_nodes.items()))
         click.echo(f"wrote {output}: {plugin_info.node_count} nodes, plugin nodes: {counts or 'none'}, "
                    f"opset {opset}, checker passed, {plugin_info.seconds:.0f} s")
     else:
-        info = export_onnx(program, output, inputs, opset=opset)
+        info = _write(output, lambda temporary: export_onnx(program, temporary, inputs, opset=opset))
         click.echo(f"wrote {output}: {sum(info.op_counts.values())} nodes ({info.token_op_nodes} in token ops), "
                    f"opset {opset}, checker passed, {info.seconds:.0f} s")
     failed = False
     if verify:
         if plugins:  # the plugin form runs in ONNX Runtime through Python ops (the reference implementation)
             from .lowering.plugin_onnx import verify_plugin_onnx as verify_onnx
-        for row in verify_onnx(program, output, [batch_inputs(inputs, 1), batch_inputs(inputs, 8)]):
+        for row in verify_onnx(program, output, [batch_inputs(inputs, size) for size in verify_batches(program)]):
             click.echo(f"verify batch {row['batch']}: max abs error {row['max_abs_error']:.2e} "
                        f"({'ok' if row['ok'] else 'FAILED'}, atol 1e-4)")
             failed |= not row["ok"]
@@ -213,7 +287,8 @@ def export(model, output, output_format, plugins, plugin_dir, fp16, max_batch, o
     if engine_path and not failed:
         from .lowering.tensorrt_build import build_engine
 
-        build = build_engine(output, engine_path, fp16=fp16, max_batch=max_batch, plugin_dir=plugin_dir)
+        build = _write(engine_path, lambda temporary: build_engine(output, temporary, fp16=fp16, max_batch=max_batch,
+                                                                   plugin_dir=plugin_dir))
         click.echo(f"wrote {engine_path}: TensorRT engine, batch 1..{max_batch}{', fp16' if fp16 else ''}, "
                    f"plugins: {', '.join(build.plugin_ops) or 'none'}")
     if failed:
@@ -239,18 +314,23 @@ def doctor(debug):
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (two extra processes).")
 @click.option("--json", "json_path", help="Write the result as JSON.")
+@_pickle
 @_debug
-def bench(original, optimized, runtime, batch, rounds, threads, no_memory, json_path, debug):
+def bench(original, optimized, runtime, batch, rounds, threads, no_memory, json_path, trust_pickle, debug):
     """Latency of ORIGINAL vs OPTIMIZED, in one process, interleaved."""
     from .bench import bench as run_bench
     from .bench import format_bench
+    from .outputs import check_output
 
+    for option, value in (("--batch", batch), ("--rounds", rounds), ("--threads", threads)):
+        _at_least(option, value)
+    if json_path:
+        json_path = check_output(json_path, "--json", (".json",), [original, optimized])
     result = run_bench(original, optimized, runtime, batch, rounds, threads=threads, memory=not no_memory,
-                       progress=lambda text: click.echo(text, err=True))
+                       progress=lambda text: click.echo(text, err=True), trust_pickle=trust_pickle)
     click.echo(format_bench(result))
     if json_path:
-        with open(json_path, "w") as handle:
-            handle.write(result.to_json())
+        _write_json(json_path, result.to_dict())
 
 
 @main.command(cls=_Command)
@@ -295,19 +375,31 @@ def _load_eval_data(model_spec, program, data_path, tokenizer, limit, timm_confi
                      labels=not no_labels)
 
 
+def _check_data_options(batch, limit):
+    _at_least("--batch", batch)
+    _at_least("--limit", limit)
+
+
 @main.command("eval", cls=_Command)
 @click.argument("original")
 @click.argument("optimized")
 @_data_options
+@_pickle
 @_debug
 def eval_command(original, optimized, data_path, task, tokenizer, batch, limit, json_path, timm_config, mean, std,
-                 crop_pct, interpolation, no_labels, debug):
+                 crop_pct, interpolation, no_labels, trust_pickle, debug):
     """Fidelity of OPTIMIZED to ORIGINAL on your data (agreement, KL, cosine, Spearman)."""
     from .evaluation import evaluate, format_metrics
     from .load import load_model
+    from .outputs import check_output
+    from .signature import check_same_inputs
 
-    reference, _ = load_model(original)
-    candidate, _ = load_model(optimized)
+    _check_data_options(batch, limit)
+    if json_path:
+        json_path = check_output(json_path, "--json", (".json",), _file_inputs(original, optimized, data_path))
+    reference, _ = load_model(original, trust_pickle=trust_pickle)
+    candidate, _ = load_model(optimized, trust_pickle=trust_pickle)
+    check_same_inputs(reference, candidate, original, optimized)
     data = _load_eval_data(original, reference, data_path, tokenizer, limit, timm_config, mean, std, crop_pct,
                            interpolation, no_labels)
     result = evaluate(reference, candidate, data, task, batch, progress=lambda text: click.echo(text, err=True))
@@ -339,12 +431,18 @@ def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_confi
     from .load import load_model
     from .methods import METHODS, get_method
 
+    from .outputs import check_outputs
+
+    _check_data_options(batch, limit)
+    _at_least("--rounds", rounds)
     names = sorted(METHODS) if method_list == "all" else parse_list(method_list, str, "methods")
     for name in names:
         get_method(name)  # validate before the slow part
     budget_values = parse_list(budgets, float, "budgets")
     for budget in budget_values:
         check_budget(budget)
+    json_path, plot_path = check_outputs([("--json", json_path, (".json",)), ("--plot", plot_path, (".png",))],
+                                         _file_inputs(model, data_path))
     program, inputs = load_model(model, input_shape, trust_pickle)
     data = _load_eval_data(model, program, data_path, tokenizer, limit, timm_config, mean, std, crop_pct,
                            interpolation, no_labels)
@@ -356,7 +454,9 @@ def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_confi
         write_json(results, json_path)
         click.echo(f"wrote {json_path}")
     if plot_path:
-        plot_pareto(results, plot_path)
+        if not any("error" not in run for run in results["runs"]):
+            raise TokenCompileError("no run of the sweep succeeded: nothing to plot", "see the errors in the table")
+        _write(plot_path, lambda temporary: plot_pareto(results, temporary))
         click.echo(f"wrote {plot_path}")
 
 

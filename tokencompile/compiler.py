@@ -14,10 +14,12 @@ from .calibrate import calibrate
 from .errors import TokenCompileError
 from .flops import CostModel, build_cost_model, count_flops
 from .methods import Method, get_method
+from .signature import FixedBatch, static_batch
 from .passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .schedule import (
     capped,
     check_explicit,
+    check_r_list,
     expand_explicit,
     parse_schedule,
     schedule_for_budget,
@@ -94,7 +96,7 @@ def resolve_schedule(cost: CostModel, analysis: ModelAnalysis, method: Method, b
                      schedule) -> list[int]:
     blocks = len(analysis.blocks)
     protected = analysis.num_prefix + int(analysis.protect_last_valid)
-    kind = parse_schedule(schedule) if isinstance(schedule, str) or schedule is None else list(schedule)
+    kind = parse_schedule(schedule) if isinstance(schedule, str) or schedule is None else check_r_list(schedule)
     if isinstance(kind, list):
         values = expand_explicit(kind, blocks)
         check_explicit(values, analysis.tokens, protected, method)
@@ -147,7 +149,10 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
 
     calibration = None
     if schedule == "auto" and calib_inputs:
-        calibration = calibrate(cost, budget, reducer, protected, rewrite, original, list(calib_inputs), progress)
+        fixed = static_batch(ep)  # a fixed-batch program runs the calibration set in chunks of its batch
+        runnable = (lambda module: FixedBatch(module, fixed)) if fixed else (lambda module: module)
+        calibration = calibrate(cost, budget, reducer, protected, lambda plan: runnable(rewrite(plan)),
+                                runnable(original), list(calib_inputs), progress)
         plan = calibration.schedule
     else:
         plan = resolve_schedule(cost, analysis, reducer, budget, schedule)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import re
+from contextlib import contextmanager
 
 import torch
 from torch.export import ExportedProgram
@@ -21,6 +25,93 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not shape or any(size <= 0 for size in shape):
         raise TokenCompileError(f"cannot read input shape {text!r}", "give sizes like 8,3,224,224 (images) or 8,128 (text)")
     return shape
+
+
+UNREGISTERED_OUTPUT = re.compile(r"Deserializing ([\w.]+)\.(\w+) in pytree is not registered")
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage() + "\n" + (logging.Formatter().formatException(record.exc_info)
+                                                           if record.exc_info else ""))
+
+
+@contextmanager
+def _torch_export_log():
+    """Collect torch.export's warnings (tracebacks of why a load failed) instead of printing them."""
+    logger = logging.getLogger("torch.export")
+    handler, saved = _Records(), (logger.handlers, logger.propagate)
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        yield handler.messages
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
+def _unregistered_output_module(messages: list[str]) -> tuple[str, str] | None:
+    """(module, class) of an output type the program returns that is not imported yet, if that is why it failed."""
+    for message in messages:
+        match = UNREGISTERED_OUTPUT.search(message)
+        if match:
+            return match.group(1), match.group(2)
+    return None
+
+
+def load_program(path: str, trust_pickle: bool = False) -> ExportedProgram:
+    """torch.export.load of a checked archive (see tokencompile.archive), with one clear error on failure.
+
+    A program returning a type registered on import (a Hugging Face ModelOutput) loads after importing
+    the type's module."""
+    from . import ops  # noqa: F401  (optimized programs call tokencompile ops)
+    from .archive import check_archive
+
+    if not os.path.isfile(path):
+        raise TokenCompileError(f"no such file: {path}", "give a .pt2 program, timm:<name> or hf:<directory>")
+    if not trust_pickle:
+        check_archive(path)
+    imported = set()
+    while True:
+        with _torch_export_log() as messages:
+            try:
+                return torch.export.load(path)
+            except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad archive
+                failure = error
+        missing = _unregistered_output_module(messages)
+        if missing is None or missing[0] in imported:
+            break
+        try:
+            importlib.import_module(missing[0])
+        except ImportError:
+            raise TokenCompileError(f"{path} returns {'.'.join(missing)}, whose module cannot be imported here",
+                                    f"install the package of {missing[0].split('.')[0]}, or export a model "
+                                    "returning plain tensors") from None
+        imported.add(missing[0])
+    raise TokenCompileError(f"cannot read {path} as a torch.export program ({type(failure).__name__})",
+                            "save it with torch.export.save; optimized programs need `import tokencompile`") \
+        from None
+
+
+def check_input_shape(program: ExportedProgram, shape: tuple[int, ...], source: str) -> None:
+    """--input-shape must fit the program's first input: its rank, and every size the program fixes."""
+    from .signature import input_specs
+
+    specs = input_specs(program)
+    expected = specs[0].shape if specs else ()
+    if len(shape) != len(expected) or any(size is not None and size != given for size, given in zip(expected, shape)):
+        wanted = ",".join("B" if size is None else str(size) for size in expected)
+        raise TokenCompileError(f"--input-shape {','.join(map(str, shape))} does not fit {source}, whose first input "
+                                f"has shape {wanted}", f"give --input-shape {wanted.replace('B', '2')}")
+    if len(shape) == 2 and len(specs) != 2 or len(shape) != 2 and len(specs) != 1:
+        raise TokenCompileError(f"--input-shape cannot describe the {len(specs)} inputs of {source}",
+                                "omit --input-shape: the program's stored example inputs are used")
+    low, high = specs[0].batch_range
+    if not low <= shape[0] <= (high or shape[0]):
+        raise TokenCompileError(f"batch {shape[0]} of --input-shape is outside {source}'s batch range "
+                                f"{low}..{high or 'any'}", f"give a batch in {low}..{high or 'any'}")
 
 
 def _inputs_for(shape: tuple[int, ...] | None, default: tuple[int, ...]) -> tuple:
@@ -110,14 +201,10 @@ def load_model(spec: str, input_shape: str | None = None, trust_pickle: bool = F
     if not os.path.exists(spec):
         raise TokenCompileError(f"no such file: {spec}", "give a .pt2 program, timm:<name> or hf:<directory>")
     if spec.endswith(".pt2"):
-        try:
-            program = torch.export.load(spec)
-        except Exception as error:
-            raise TokenCompileError(f"cannot read {spec} as a torch.export program ({type(error).__name__})",
-                                    "save it with torch.export.save; optimized programs need `import tokencompile`") \
-                from None
+        program = load_program(spec, trust_pickle)
         inputs = None
         if shape is not None:
+            check_input_shape(program, shape, spec)
             inputs = _inputs_for(shape, shape)
         elif program.example_inputs and not program.example_inputs[1]:
             inputs = tuple(program.example_inputs[0])

@@ -21,6 +21,15 @@ def parse_schedule(text: str | None) -> str | list[int]:
                             "use constant, decreasing, r=<int> or r=<int>,<int>,... (tokens removed per block)")
 
 
+def check_r_list(values) -> list[int]:
+    """An r-list given in Python: non-negative integers, as `r=...` accepts on the command line."""
+    values = list(values)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise TokenCompileError(f"cannot use schedule {values!r}",
+                                "give a list of non-negative integers (tokens removed per block)")
+    return values
+
+
 def capped(schedule: list[int], tokens: int, protected: int, method) -> list[int]:
     """Clip each block's r to what the method can remove at that point."""
     result, n = [], tokens

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -259,10 +260,14 @@ def read_texts(path: str, limit: int | None = None) -> list[str]:
 
 def _score(text: str, path: str, line: int) -> float:
     try:
-        return float(text)
+        score = float(text)
     except ValueError:
         raise TokenCompileError(f"{path} line {line}: the gold score {text!r} is not a number",
                                 "fix or remove the row (a header row is not allowed)") from None
+    if not math.isfinite(score):
+        raise TokenCompileError(f"{path} line {line}: the gold score is {text!r}", "give a finite number, or "
+                                "remove the row")
+    return score
 
 
 def read_pairs(path: str, limit: int | None = None) -> tuple[list[str], list[str], torch.Tensor | None]:
@@ -361,7 +366,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 3:
+    if len(values) != 3 or not all(math.isfinite(value) for value in values):
         raise TokenCompileError(f"cannot read {what} {text!r}", f"give three numbers, e.g. --{what} 0.5,0.5,0.5")
     return values
 
@@ -375,7 +380,11 @@ def resolve_preprocess(model_spec: str, timm_config: str | None = None, mean: st
     base = timm_preprocess(name) if name else Preprocess()
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise TokenCompileError(f"--crop-pct {crop_pct:g} is out of range", "give 0 < crop-pct <= 1, e.g. 0.875")
-    return with_overrides(base, _floats(mean, "mean"), _floats(std, "std"), crop_pct, interpolation)
+    std_values = _floats(std, "std")
+    if std_values and not all(value > 0 for value in std_values):
+        raise TokenCompileError(f"--std {std} has a value that is not positive", "give three positive numbers, "
+                                "e.g. --std 0.5,0.5,0.5")
+    return with_overrides(base, _floats(mean, "mean"), std_values, crop_pct, interpolation)
 
 
 def default_tokenizer(model_spec: str, tokenizer: str | None) -> str | None:

@@ -56,7 +56,14 @@ def spearman(a, b) -> float:
 
 def sts_spearman(first: torch.Tensor, second: torch.Tensor, gold: torch.Tensor) -> float:
     """STS score: Spearman between the pairs' embedding cosine similarities and the gold scores."""
-    return spearman(F.cosine_similarity(first.double(), second.double(), dim=-1), gold)
+    from ..errors import TokenCompileError
+
+    similarity = F.cosine_similarity(first.double(), second.double(), dim=-1)
+    for values, what in ((gold, "the gold scores are"), (similarity, "the model's pair similarities are")):
+        if len(values) < 2 or bool((values == values[0]).all()):
+            raise TokenCompileError(f"Spearman is undefined: {what} all equal", "give pairs with different "
+                                    "gold scores (at least two pairs)")
+    return spearman(similarity, gold)
 
 
 def _positions(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,13 @@ from collections.abc import Callable
 import torch
 from torch.export import ExportedProgram
 
+import math
+
 from ..calibrate import first_output
 from ..errors import TokenCompileError
+from ..signature import pad_to_batch, static_batch
 from . import metrics
-from .data import EvalData, program_input_shapes
+from .data import EvalData
 
 TASKS = ("sts", "embed", "classify")
 # the metric a sweep plots for each task (sts falls back to cosine when there are no gold scores)
@@ -27,14 +30,6 @@ def check_task(task: str, data: EvalData) -> None:
                                 "give a .tsv of pairs, or use --task embed for single texts")
     if len(data) == 0:
         raise TokenCompileError("no samples to evaluate", "check --data and --limit")
-
-
-def static_batch(program) -> int | None:
-    """The program's batch size if it was exported with a fixed one, else None."""
-    if not isinstance(program, ExportedProgram):
-        return None
-    shapes = program_input_shapes(program)
-    return shapes[0][0] if shapes and shapes[0] else None
 
 
 def _callable(program):
@@ -55,12 +50,24 @@ def run_model(program, inputs: tuple[torch.Tensor, ...], batch: int = 32, progre
     for start in range(0, total, batch):
         chunk = tuple(x[start:start + batch] for x in inputs)
         size = int(chunk[0].shape[0])
-        if size < batch:
-            chunk = tuple(torch.cat([x, x[-1:].expand(batch - size, *x.shape[1:])]) for x in chunk)
-        outputs.append(first_output(module(*chunk))[:size].float())
+        outputs.append(first_output(module(*pad_to_batch(chunk, batch)))[:size].float())
         if progress:
             progress(f"{label}: {min(start + batch, total)}/{total} samples")
-    return torch.cat(outputs)
+    result = torch.cat(outputs)
+    if not torch.isfinite(result).all():
+        raise TokenCompileError(f"the {label}'s outputs contain NaN or Inf on this data",
+                                "check the data and its preprocessing (--mean / --std)")
+    return result
+
+
+def check_finite(result: dict, what: str = "") -> None:
+    """Every metric must be a number: a NaN metric is an error with its likely reason, never a result."""
+    for name, value in result.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            reason = {"spearman_original": "the gold scores or the similarities are constant",
+                      "spearman_optimized": "the gold scores or the similarities are constant"}.get(
+                name, "the outputs are degenerate")
+            raise TokenCompileError(f"{what}{name} is {value} ({reason})", "check the data and the models")
 
 
 def _halves(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +130,7 @@ def evaluate(original_program, optimized_program, data: EvalData, task: str, bat
     result = {"task": task, **fidelity(reference, outputs, data, task), **reference_metrics(reference, data, task)}
     if data.truncated:
         result["truncated_texts"] = data.truncated
+    check_finite(result)
     return result
 
 

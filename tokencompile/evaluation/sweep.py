@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
 import time
 
 from ..errors import TokenCompileError
+from ..signature import static_batch
 from .data import EvalData
 from .runner import (
     Progress,
+    check_finite,
     check_task,
     fidelity,
     primary_metric,
@@ -90,13 +91,15 @@ def sweep(program, example_inputs: tuple, data: EvalData, task: str, methods: li
     from ..compiler import optimize
 
     say(f"original: running {len(data)} samples")
-    reference = run_model(program, data.inputs, batch)
+    reference = run_model(program, data.inputs, batch, label="original")
     original = {"flops_ratio": 1.0, **reference_metrics(reference, data, task),
                 **fidelity(reference, reference, data, task)}
+    check_finite(original, "original: ")
     meter = None
     if latency:
         say("original: exporting to ONNX for latency")
-        meter = LatencyMeter(program, example_inputs, _timing_inputs(data, latency_batch), rounds, threads)
+        timing_batch = static_batch(program) or latency_batch  # a fixed-batch program is timed at its batch
+        meter = LatencyMeter(program, example_inputs, _timing_inputs(data, timing_batch), rounds, threads)
         original["latency_ratio"] = 1.0
     runs = []
     total = len(methods) * len(budgets)
@@ -122,7 +125,16 @@ def sweep(program, example_inputs: tuple, data: EvalData, task: str, methods: li
                 report = result.report
                 run.update(flops_ratio=report["flops_ratio"], schedule=report["schedule"],
                            tokens_entering_block=report["tokens_entering_block"])
-                run.update(fidelity(reference, run_model(result.program, data.inputs, batch), data, task))
+                try:
+                    scores = fidelity(reference, run_model(result.program, data.inputs, batch, label="optimized"),
+                                      data, task)
+                    check_finite(scores)
+                except TokenCompileError as error:  # NaN outputs or metrics: a failed run, not a result
+                    run = {"method": method, "budget": budget, "error": f"failed: {error.problem}"}
+                    runs.append(run)
+                    say(f"{prefix}: {run['error']}")
+                    continue
+                run.update(scores)
                 if meter:
                     try:
                         run.update(meter.measure(result.program, f"{method}_{budget:g}"))
@@ -167,9 +179,10 @@ def format_sweep(results: dict) -> str:
 
 
 def write_json(results: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
+    """Strict JSON (no NaN), written atomically."""
+    from ..outputs import write_json as write_strict_json
+
+    write_strict_json(path, results)
 
 
 METRIC_LABELS = {"spearman_optimized": "STS Spearman (cosine of the pair vs gold score)",

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from .plugin_onnx import DOMAIN as PLUGIN_DOMAIN
+from .plugin_onnx import KERNEL_PLUGIN_OPS, PLUGIN_OPS
+
 # Operators the TensorRT 10 ONNX parser imports natively (opsets 9 to 20).
 NATIVE = set("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil Celu
@@ -62,6 +65,14 @@ def check_tensorrt(model: onnx.ModelProto) -> list[Finding]:
     constants = _constants(model)
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.domain == PLUGIN_DOMAIN and node.op_type in PLUGIN_OPS:
+            if PLUGIN_OPS[node.op_type].name in KERNEL_PLUGIN_OPS:
+                findings.append(Finding(node.name, node.op_type, "tokencompile TensorRT plugin (export --format trt "
+                                        "--plugins --plugin-dir DIR loads it)", False))
+            else:
+                findings.append(Finding(node.name, node.op_type, "tokencompile plan plugin without a TensorRT "
+                                        "kernel: export --format trt --plugins writes plans in standard ops", True))
+            continue
         if node.domain not in ("", "ai.onnx"):
             findings.append(Finding(node.name, node.op_type, f"custom domain {node.domain!r}: needs a TensorRT "
                                     "plugin registered under this op name", True))

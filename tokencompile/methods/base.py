@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,6 +29,28 @@ class SiteInputs:
     depth: int          # blocks in the model
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: low <= value <= high (None: unbounded); ``open_low`` excludes low."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self, key: str) -> str:
+        low = "<" if self.open_low else "<="
+        if self.high is None:
+            return f"{key} {'>' if self.open_low else '>='} {self.low:g}"
+        return (f"{self.low:g} {low} " if self.low is not None else "") + f"{key} <= {self.high:g}"
+
+
 @dataclass
 class Method:
     name: ClassVar[str]
@@ -35,6 +58,14 @@ class Method:
     summary: ClassVar[str]
     reference: ClassVar[str]
     merges: ClassVar[bool]  # True: removed tokens are averaged into kept ones (sizes grow)
+    ranges: ClassVar[dict[str, Range]] = {}  # option -> the values it accepts
+
+    def __post_init__(self):
+        for key, allowed in self.ranges.items():
+            value = getattr(self, key)
+            if not allowed.accepts(value):
+                raise TokenCompileError(f"option {key}={value!r} of method {self.name!r} is out of range",
+                                        f"give {allowed.describe(key)}")
 
     @staticmethod
     def parse_options(cls, options: dict[str, str]) -> dict:

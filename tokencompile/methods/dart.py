@@ -10,7 +10,7 @@ import torch
 from torch.fx import Node
 
 from ..graph_utils import GraphBuilder, aten
-from .base import PruneMethod, SiteInputs
+from .base import PruneMethod, Range, SiteInputs
 
 
 @dataclass
@@ -20,6 +20,7 @@ class DART(PruneMethod):
     summary = "pick pivots by key norm, keep pivots and the tokens least similar to them"
     reference = "Wen et al., Stop Looking for Important Tokens... Duplication Matters More (DART), 2025"
     pivots: int = 8
+    ranges = {"pivots": Range(1)}
 
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         b = f"block{site.block}_dart"

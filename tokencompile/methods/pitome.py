@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..graph_utils import GraphBuilder, aten
-from .base import Method, Plan, SiteInputs
+from .base import Method, Plan, Range, SiteInputs
 from .common import drop_padding, pad_pair_adjustment, protected, rows, unit_keys
 
 
@@ -21,6 +21,7 @@ class PiToMe(Method):
     reference = "Tran et al., Accelerating Transformers with Spectrum-Preserving Token Merging (PiToMe), NeurIPS 2024"
     merges = True
     margin: float = 0.75  # at block 0; decays linearly to 0 at the last block
+    ranges = {"margin": Range(-1, 1)}
 
     def max_reduction(self, tokens: int, protected: int) -> int:
         return max((tokens - protected) // 2, 0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..graph_utils import GraphBuilder, aten
-from .base import Plan, SiteInputs
+from .base import Plan, Range, SiteInputs
 from .tome import ToMe
 
 
@@ -17,6 +17,7 @@ class ToFu(ToMe):
     summary = "ToMe matching; prune in early blocks, merge (MLERP, norm-preserving) in later ones"
     reference = "Kim et al., Token Fusion: Bridging the Gap between Token Pruning and Token Merging, WACV 2024"
     prune_blocks: float = 0.5  # the first fraction of blocks prunes; the rest merge
+    ranges = {"prune_blocks": Range(0, 1)}
 
     def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> Plan:
         plan = super().plan(builder, site, r)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..graph_utils import GraphBuilder, aten
-from .base import Method, Plan, SiteInputs
+from .base import Method, Plan, Range, SiteInputs
 from .common import drop_padding, pad_pair_adjustment, rows, unit_keys
 from .evit import cls_attention
 
@@ -23,6 +23,7 @@ class VisionZip(Method):
     reference = "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, 2024"
     merges = True
     contextual: float = 0.15  # share of the kept tokens that are contextual (merged groups)
+    ranges = {"contextual": Range(0, 1)}
 
     def split(self, n_out: int, protected: int) -> int:
         """Contextual targets among n_out kept tokens (at least one, never a protected token's slot)."""

@@ -9,7 +9,7 @@ import torch
 from torch.fx import Node
 
 from ..graph_utils import GraphBuilder, aten, tensor_meta
-from .base import PruneMethod, SiteInputs
+from .base import PruneMethod, Range, SiteInputs
 
 
 def probe_slices(n: int, fraction: float) -> list[tuple[int, int, int]]:
@@ -30,6 +30,7 @@ class ZipCache(PruneMethod):
     summary = "keep tokens by normalised attention saliency from probe queries (recent + strided)"
     reference = "He et al., ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token Identification, 2024"
     probes: float = 0.05  # fraction of positions in each probe group (recent, strided)
+    ranges = {"probes": Range(0, 1, open_low=True)}
 
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         slices = probe_slices(site.n, self.probes)
