@@ -27,12 +27,12 @@ class Recipe:
     example_inputs: Callable[[int], tuple]
 
 
-def _timm(name: str) -> Callable[[], torch.nn.Module]:
+def _timm(name: str, **kwargs) -> Callable[[], torch.nn.Module]:
     def build():
         import timm
 
         torch.manual_seed(0)
-        return timm.create_model(name, pretrained=False).eval()
+        return timm.create_model(name, pretrained=False, **kwargs).eval()
     return build
 
 
@@ -100,6 +100,9 @@ def text_inputs(batch: int, tokens: int = 128, seed: int = 0) -> tuple:
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("vit_small", "timm vit_small_patch16_224, random weights", _timm("vit_small_patch16_224"), _images),
     Recipe("vit_base", "timm vit_base_patch16_224, random weights", _timm("vit_base_patch16_224"), _images),
+    Recipe("vit_large", "timm vit_large_patch16_224, random weights", _timm("vit_large_patch16_224"), _images),
+    Recipe("vit_small_avg", "timm vit_small_patch16_224 without class token, average pooling, random weights",
+           _timm("vit_small_patch16_224", class_token=False, global_pool="avg"), _images),
     Recipe("deit_small_distilled", "timm deit_small_distilled_patch16_224 (CLS + distillation token), random",
            _timm("deit_small_distilled_patch16_224"), _images),
     Recipe("hf_vit", "Hugging Face ViTModel (6 layers, 384 wide), random weights, returns CLS + pooled",

@@ -113,8 +113,9 @@ def _register_plan(op_type: str):
     if op_type == "TcTomePlan":
         @trtp.register("tokencompile::TcTomePlan")
         def describe(metric: trtp.TensorDesc, valid: trtp.TensorDesc, r: int, num_prefix: int,
-                     protect_last_valid: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
-            return _describe(op_type, [metric, valid], dict(zip(attrs, (r, num_prefix, protect_last_valid))))
+                     protect_last_valid: int,
+                     ab_order: int) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+            return _describe(op_type, [metric, valid], dict(zip(attrs, (r, num_prefix, protect_last_valid, ab_order))))
     else:
         @trtp.register("tokencompile::TcTopkPlan")
         def describe(score: trtp.TensorDesc, valid: trtp.TensorDesc, n_keep: int, num_prefix: int,

@@ -1,5 +1,6 @@
 """The custom ops against the loop reference, per sample, with protection and padding."""
 
+import pytest
 import torch
 from tome_reference import tome_merge
 
@@ -8,7 +9,8 @@ import tokencompile  # noqa: F401
 tc = torch.ops.tokencompile
 
 
-def test_tome_plan_and_merge_match_reference_per_sample():
+@pytest.mark.parametrize("order", ["keep", "official"])
+def test_tome_plan_and_merge_match_reference_per_sample(order):
     g = torch.Generator().manual_seed(0)
     batch, n, c, r = 4, 21, 8, 6
     x, metric = torch.randn(batch, n, c, generator=g), torch.randn(batch, n, c, generator=g)
@@ -16,14 +18,14 @@ def test_tome_plan_and_merge_match_reference_per_sample():
     valid = torch.ones(batch, n, dtype=torch.bool)
     valid[1, 15:] = False
     valid[3, 9:] = False
-    rep, src, dst = tc.tome_plan(metric, valid, r, 1, True)
+    rep, src, dst = tc.tome_plan(metric, valid, r, 1, True, order == "official")
     merged = tc.merge_tokens(x, size, rep, src, dst)
     sizes = tc.sum_tokens(size, rep, src, dst)
     kept_valid = tc.gather_tokens(valid, rep, 1)
     for b in range(batch):
         last = int(valid[b].sum()) - 1
         want_x, want_size, want_valid = tome_merge(x[b], metric[b], size[b].tolist(), r, {0, last},
-                                                   valid[b].tolist())
+                                                   valid[b].tolist(), order)
         assert torch.allclose(merged[b], want_x, atol=1e-6)
         assert torch.allclose(sizes[b], torch.tensor(want_size), atol=1e-6)
         assert kept_valid[b].tolist() == want_valid

@@ -101,7 +101,15 @@ def test_optimized_program_loads_in_fresh_process(optimized, tmp_path):
 def test_unsupported_schedule_is_explained(recipe):
     _, program = recipe("vit_small")
     with pytest.raises(tokencompile.TokenCompileError, match="only 98 of 197 can go"):
-        tokencompile.optimize(program, schedule=[150])
+        tokencompile.optimize(program, schedule=[150, 0])   # an explicit per-block list is never changed
+
+
+def test_constant_r_is_capped_per_block_as_tome_does(recipe):
+    _, program = recipe("vit_small")
+    report = tokencompile.optimize(program, schedule="r=60").report
+    assert report["schedule"] == [60, 60, 38, 19, 9, 5, 2, 1, 1, 0, 0, 0]   # (tokens - 1) // 2 from block 2 on
+    assert report["capped_blocks"][0] == {"block": 2, "requested": 60, "removed": 38}
+    assert len(report["capped_blocks"]) == 10
 
 
 def test_unreachable_budget_reports_best_ratio(recipe):

@@ -53,7 +53,7 @@ class Attention:
         """Add ``bias`` ([B, 1, 1, N_keys]) to the attention logits, keeping SDPA fused."""
         if self.kind == "eager":
             builder = GraphBuilder(gm, latest(gm, bias, self.logits), module_stack)
-            biased = builder.call(aten.add.Tensor, self.logits, builder.call(aten.to.dtype, bias,
+            biased = builder.call(aten.add.Tensor, self.logits, builder.cast(bias,
                                                                               tensor_meta(self.logits).dtype))
             self.node.replace_input_with(self.logits, biased)
             return

@@ -14,16 +14,18 @@ from .calibrate import calibrate
 from .errors import TokenCompileError
 from .flops import CostModel, build_cost_model, count_flops
 from .methods import Method, get_method
-from .signature import FixedBatch, static_batch
 from .passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .schedule import (
+    Protected,
     capped,
+    capped_blocks,
     check_explicit,
     check_r_list,
     expand_explicit,
     parse_schedule,
     schedule_for_budget,
 )
+from .signature import FixedBatch, static_batch
 
 
 @dataclass
@@ -95,10 +97,12 @@ def _check_outputs_keep_shape(original: ExportedProgram, optimized: ExportedProg
 def resolve_schedule(cost: CostModel, analysis: ModelAnalysis, method: Method, budget: float | None,
                      schedule) -> list[int]:
     blocks = len(analysis.blocks)
-    protected = analysis.num_prefix + int(analysis.protect_last_valid)
+    protected = Protected(analysis.num_prefix, analysis.protect_last_valid)
     kind = parse_schedule(schedule) if isinstance(schedule, str) or schedule is None else check_r_list(schedule)
     if isinstance(kind, list):
         values = expand_explicit(kind, blocks)
+        if len(kind) == 1:  # a constant r=K is capped per block, as ToMe does
+            return capped(values, analysis.tokens, protected, method)
         check_explicit(values, analysis.tokens, protected, method)
         return values
     if kind == "auto":
@@ -106,6 +110,12 @@ def resolve_schedule(cost: CostModel, analysis: ModelAnalysis, method: Method, b
     if budget is None:
         raise TokenCompileError("no budget and no explicit schedule given", "pass --budget B or --schedule r=...")
     return schedule_for_budget(cost, budget, kind, protected, method)
+
+
+def _constant_r(schedule, blocks: int) -> list[int] | None:
+    """The per-block request of a constant ``r=K`` schedule (capped per block, so reported), else None."""
+    kind = parse_schedule(schedule) if isinstance(schedule, str) else schedule
+    return kind * blocks if isinstance(kind, list) and len(kind) == 1 else None
 
 
 def check_budget(budget: float | None) -> None:
@@ -141,7 +151,7 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
     cost = build_cost_model(original, analysis, inputs)
     batch = next(x.shape[0] for x in inputs if isinstance(x, torch.Tensor))
     original_flops = cost.original * batch  # the per-node counts the model is built from, summed
-    protected = analysis.num_prefix + int(analysis.protect_last_valid)
+    protected = Protected(analysis.num_prefix, analysis.protect_last_valid)
 
     def rewrite(plan: list[int]):
         gm = ep.module()
@@ -157,6 +167,7 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
     else:
         plan = resolve_schedule(cost, analysis, reducer, budget, schedule)
     derived = not isinstance(schedule, list) and (schedule is None or not str(schedule).startswith("r="))
+    requested = _constant_r(schedule, len(analysis.blocks))
 
     for _ in range(8):
         gm = rewrite(plan)
@@ -192,6 +203,7 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
         "options": {k: v for k, v in vars(reducer).items()},
         "budget": budget,
         "schedule": plan,
+        "capped_blocks": capped_blocks(requested, plan) if requested else [],
         "tokens_entering_block": tokens,
         "tokens_after_reduction": [n - r for n, r in zip(tokens, plan)],
         "attention_tokens": attention_token_counts(new_ep.module()),

@@ -117,6 +117,23 @@ class GraphBuilder:
         self.cursor = node
         return node
 
+    def cast(self, value: Node, dtype: torch.dtype, name: str | None = None) -> Node:
+        """``value`` in ``dtype``: no node when it already is; else ``_to_copy``, which torch.export
+        keeps without the dtype/device assertion it adds for ``.to()`` (a program must still run after
+        ``.half()`` or a move to another device)."""
+        if tensor_meta(value) is not None and tensor_meta(value).dtype == dtype:
+            return value
+        return self.call(aten._to_copy.default, value, dtype=dtype, name=name)
+
+    def positions(self, like: Node, name: str | None = None) -> Node:
+        """Token positions 0..N-1 as int64 [B, N] on ``like``'s device (``like`` is [B, N, ...]): no
+        ``arange``, whose device would be fixed when the graph is built."""
+        first = like
+        for _ in range(len(tensor_meta(like).shape) - 2):
+            first = self.call(aten.select.int, first, -1, 0)
+        ones = self.call(aten.ones_like.default, first, dtype=torch.int64)
+        return self.call(aten.sub.Tensor, self.call(aten.cumsum.default, ones, 1), 1, name=name)
+
 
 def latest(gm, *nodes: Node) -> Node:
     """The node among ``nodes`` that comes last in graph order (where new nodes may read them all)."""

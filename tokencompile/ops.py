@@ -39,10 +39,11 @@ def protected_mask(valid: Tensor | None, shape: tuple[int, int], num_prefix: int
 
 
 @torch.library.custom_op("tokencompile::tome_plan", mutates_args=())
-def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int,
-              protect_last_valid: bool) -> tuple[Tensor, Tensor, Tensor]:
+def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int, protect_last_valid: bool,
+              ab_order: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe bipartite soft matching: A = even positions, B = odd; the r A tokens with the most similar
-    B partner merge into it. Returns the plan (rep [B, N - r], src [B, r], dst [B, r])."""
+    B partner merge into it. Returns the plan (rep [B, N - r], src [B, r], dst [B, r]); the kept
+    tokens keep their order, or with ``ab_order`` take the official ToMe order (see ``tome_order_key``)."""
     batch, n, _ = metric.shape
     m = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)
@@ -56,25 +57,56 @@ def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int,
     scores = scores.masked_fill(protect[:, None, 1::2], NEG_INF)
 
     best, best_b = scores.max(dim=-1)
-    return plan_from_matches(best, best_b, n, r)
+    return plan_from_matches(best, best_b, n, r, ab_order, valid, num_prefix, protect_last_valid)
 
 
-def plan_from_matches(best: Tensor, best_b: Tensor, n: int, r: int) -> tuple[Tensor, Tensor, Tensor]:
+def tome_order_key(a_order: Tensor, n: int, valid: Tensor | None, num_prefix: int,
+                   protect_last_valid: bool) -> Tensor:
+    """[B, N] int64 sort key of the official ToMe output order, ``[protected prefix, unmerged A, B]``:
+    the prefix (class, distillation tokens) first in position order; A tokens (even positions) in the
+    order of ``a_order`` (descending best score), or in position order when there is a class token;
+    then B tokens (odd positions) in position order. With padding, the protected last valid token
+    ([SEP]) comes after the other real tokens and padding after it, so that valid tokens stay a prefix
+    and a padded sample's tokens do not depend on its padding."""
+    batch, num_a = a_order.shape
+    positions = torch.arange(n, device=a_order.device).expand(batch, n)
+    if num_prefix > 0:
+        a_rank = positions[:, :num_a]
+    else:
+        a_rank = torch.empty_like(a_order).scatter_(1, a_order, positions[:, :num_a])
+    key = torch.where(positions % 2 == 0, torch.gather(a_rank, 1, positions // 2), num_a + positions // 2)
+    key = torch.where(positions < num_prefix, positions - n, key)
+    if valid is not None:
+        if protect_last_valid:
+            last = valid.to(torch.int64).sum(1, keepdim=True) - 1
+            key = torch.where(positions == last, 2 * n, key)
+        key = torch.where(valid, key, key + 4 * n)
+    return key
+
+
+def plan_from_matches(best: Tensor, best_b: Tensor, n: int, r: int, ab_order: bool = False,
+                      valid: Tensor | None = None, num_prefix: int = 0,
+                      protect_last_valid: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe's plan from each A token's best similarity and best B partner (index among B tokens): the r
     best-matched A tokens merge (ties: lower position first)."""
     batch = best.shape[0]
-    merged_a = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
-    keep = torch.ones(batch, n, dtype=torch.bool, device=best.device)
-    keep.scatter_(1, 2 * merged_a, False)
-    slot = torch.cumsum(keep.to(torch.int64), dim=1) - 1
+    a_order = torch.sort(best, dim=1, descending=True, stable=True).indices
+    merged_a = a_order[:, :r]
     src = 2 * merged_a
+    removed = torch.zeros(batch, n, dtype=torch.bool, device=best.device).scatter_(1, src, True)
+    if ab_order:
+        key = tome_order_key(a_order, n, valid, num_prefix, protect_last_valid)
+    else:
+        key = torch.arange(n, device=best.device).expand(batch, n)
+    rep = torch.sort(key.masked_fill(removed, 8 * n), dim=1, stable=True).indices[:, :n - r].contiguous()
+    slot = torch.zeros(batch, n, dtype=torch.int64, device=best.device)
+    slot.scatter_(1, rep, torch.arange(n - r, device=best.device).expand(batch, n - r))
     dst = torch.gather(slot, 1, 2 * torch.gather(best_b, 1, merged_a) + 1)
-    rep = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n - r]
-    return rep, src, dst
+    return rep, src.contiguous(), dst
 
 
 @tome_plan.register_fake
-def _(metric, valid, r, num_prefix, protect_last_valid):
+def _(metric, valid, r, num_prefix, protect_last_valid, ab_order=False):
     batch, n, _ = metric.shape
     return (metric.new_empty((batch, n - r), dtype=torch.int64),
             metric.new_empty((batch, r), dtype=torch.int64),
@@ -97,7 +129,7 @@ def topk_plan(score: Tensor, valid: Tensor | None, n_keep: int, num_prefix: int,
     src = torch.sort(order[:, n_keep + int(fuse):], dim=1).values
     rep = torch.cat([kept, order[:, n_keep:n_keep + 1]], dim=1) if fuse else kept
     dst = torch.full_like(src, n_keep)  # the fused slot, or (without fuse) the discarded one
-    return rep, src, dst
+    return rep.contiguous(), src.contiguous(), dst.contiguous()
 
 
 @topk_plan.register_fake
@@ -117,7 +149,7 @@ def route_plan(removed: Tensor, target: Tensor, n: int) -> tuple[Tensor, Tensor,
     slot = torch.cumsum(keep, dim=1) - 1
     rep = torch.sort(1 - keep, dim=1, stable=True).indices[:, :n - m]
     dst = torch.where(target >= 0, torch.gather(slot, 1, target.clamp(min=0)), n - m)
-    return rep, removed.clone(), dst
+    return rep.contiguous(), removed.clone(memory_format=torch.contiguous_format), dst.contiguous()
 
 
 @route_plan.register_fake
@@ -136,6 +168,7 @@ def farthest_point_rank(metric: Tensor, valid: Tensor | None, k: int, num_prefix
     k - step for the token picked at a step, -1 for the rest. Padding is picked only after every
     real token."""
     batch, n, _ = metric.shape
+    metric = metric.to(accumulation_dtype(metric.dtype))
     unit = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     distance = 1 - unit @ unit.transpose(1, 2)                                    # [B, N, N]
     protect = protected_mask(valid, (batch, n), num_prefix, protect_last_valid, metric.device)
@@ -191,12 +224,19 @@ def _fold(kept: Tensor, moved: Tensor, dst: Tensor) -> Tensor:
 
 @torch.library.custom_op("tokencompile::merge_tokens", mutates_args=())
 def merge_tokens(x: Tensor, weight: Tensor, rep: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-    """Weighted mean of x [B, N, C] over the tokens that share a slot: sum(x*w) / sum(w)."""
-    w = weight.to(x.dtype)
-    xw = x * w.unsqueeze(-1)
+    """Weighted mean of x [B, N, C] over the tokens that share a slot: sum(x*w) / sum(w), accumulated
+    in fp32 (fp64 for fp64 inputs) and returned in x's dtype."""
+    accumulate = accumulation_dtype(x.dtype)
+    w = weight.to(accumulate)
+    xw = x.to(accumulate) * w.unsqueeze(-1)
     total = _fold(_rows(xw, rep), _rows(xw, src), dst)
     norm = _fold(torch.gather(w, 1, rep), torch.gather(w, 1, src), dst)
-    return (total / norm.unsqueeze(-1)).contiguous()
+    return (total / norm.unsqueeze(-1)).to(x.dtype).contiguous()
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision inputs, else the input's own float dtype."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 @merge_tokens.register_fake
@@ -206,8 +246,9 @@ def _(x, weight, rep, src, dst):
 
 @torch.library.custom_op("tokencompile::sum_tokens", mutates_args=())
 def sum_tokens(weight: Tensor, rep: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-    """Per-slot sum of a [B, N] tensor (token sizes)."""
-    return _fold(torch.gather(weight, 1, rep), torch.gather(weight, 1, src), dst).contiguous()
+    """Per-slot sum of a [B, N] tensor (token sizes), accumulated in fp32 or wider."""
+    w = weight.to(accumulation_dtype(weight.dtype)) if weight.is_floating_point() else weight
+    return _fold(torch.gather(w, 1, rep), torch.gather(w, 1, src), dst).to(weight.dtype).contiguous()
 
 
 @sum_tokens.register_fake
@@ -240,7 +281,8 @@ def _(t, rep, dim):
     return t.new_empty(out_shape)
 
 
-def _tome_plan_flops(metric_shape, valid_shape, r, num_prefix, protect_last_valid, out_shape=None, **_):
+def _tome_plan_flops(metric_shape, valid_shape, r, num_prefix, protect_last_valid, ab_order=False, out_shape=None,
+                     **_):
     batch, n, channels = metric_shape
     return 2 * batch * ((n + 1) // 2) * (n // 2) * channels
 

@@ -6,6 +6,16 @@ from .errors import TokenCompileError
 from .flops import CostModel
 
 
+class Protected(int):
+    """The number of tokens no site may remove, remembering which they are: ``prefix`` learned tokens
+    (class, distillation, registers) and, with ``last_valid``, the last valid token ([SEP])."""
+
+    def __new__(cls, prefix: int, last_valid: bool = False):
+        value = super().__new__(cls, prefix + int(last_valid))
+        value.prefix, value.last_valid = prefix, bool(last_valid)
+        return value
+
+
 def parse_schedule(text: str | None) -> str | list[int]:
     """`constant`, `decreasing`, `auto`, or `r=8` / `r=8,8,6,...` (ToMe's r-list: tokens removed per block)."""
     if text is None or text in ("constant", "decreasing", "auto"):
@@ -38,6 +48,12 @@ def capped(schedule: list[int], tokens: int, protected: int, method) -> list[int
         result.append(r)
         n -= r
     return result
+
+
+def capped_blocks(requested: list[int], schedule: list[int]) -> list[dict]:
+    """Where a capped schedule removes fewer tokens than requested, for the report."""
+    return [{"block": index, "requested": want, "removed": got}
+            for index, (want, got) in enumerate(zip(requested, schedule)) if got < want]
 
 
 def expand_explicit(values: list[int], blocks: int) -> list[int]:

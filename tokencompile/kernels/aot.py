@@ -78,9 +78,10 @@ def _merge_tokens(dtype: str) -> KernelSpec:
     ptr = FLOAT_TYPES[dtype]
     types = {"x_ptr": ptr, "weight_ptr": ptr, "rep_ptr": "*i64", "src_ptr": "*i64", "dst_ptr": "*i64",
              "out_ptr": ptr, "N": "i32", "C": "i32", "n_out": "i32", "m": "i32"}
-    block_c = 128
+    block_c, block_s = 128, kernels.MERGE_BLOCK_S
     return KernelSpec(f"merge_tokens_{dtype}", kernels.merge_tokens_kernel, types,
-                      {"BLOCK_C": block_c, "BLOCK_M": kernels.MERGE_BLOCK_M}, ("B", "n_out", f"cdiv(C, {block_c})"))
+                      {"BLOCK_S": block_s, "BLOCK_C": block_c, "BLOCK_M": kernels.MERGE_BLOCK_M},
+                      ("B", f"cdiv(n_out, {block_s})", f"cdiv(C, {block_c})"))
 
 
 def _sum_tokens(dtype: str) -> KernelSpec:

@@ -4,8 +4,9 @@ Kernels (the launchers below named after a ``tokencompile::`` op take and return
 
 - ``tome_match_kernel``: each ToMe A token's (even position) best B partner (odd position) by cosine
   similarity, with the padding bonus and protected tokens exactly as ``ops.tome_plan``;
-- ``merge_tokens_kernel``: gather of the kept rows, scatter-add of the removed rows weighted by their
-  sizes and division by the summed size, one program per (sample, output slot, channel block);
+- ``merge_tokens_kernel``: gather of the kept rows plus the removed rows of each block of slots,
+  weighted by their sizes, divided by the summed size: memory-bound, one program per (sample, block of
+  output slots, channel block);
 - ``sum_tokens_kernel``: the per-slot sum of token sizes;
 - ``probe_scores_kernel``: head mean of softmax(q[:, :, 0] . k / sqrt(d)) over valid keys (EViT's score);
 - ``gather_tokens_kernel``: per-sample gather along a token axis (kept rows of any per-token tensor,
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from .. import ops
 
-MERGE_BLOCK_M = 32      # removed tokens tested per step when a slot collects its merged rows
+MERGE_BLOCK_S = 32      # output slots per merge program
+MERGE_BLOCK_M = 32      # removed tokens tested per step when slots collect their merged rows
 PROBE_BLOCK_N = 128     # keys per probe-score tile
 PROBE_BLOCK_D = 32      # channels per probe-score step
 MATCH_BLOCK = 32        # A rows, B rows and channels per tome_match tile (tl.dot needs >= 16)
@@ -100,34 +102,41 @@ def tome_match_kernel(metric_ptr, valid_ptr, protect_ptr, N, D, best_ptr, best_i
 
 @triton.jit
 def merge_tokens_kernel(x_ptr, weight_ptr, rep_ptr, src_ptr, dst_ptr, N, C, n_out, m, out_ptr,
-                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grid (B, n_out, cdiv(C, BLOCK_C)). out[b, j] = sum(x*w) / sum(w) over token rep[b, j] and the
-    removed tokens src[b, i] with dst[b, i] == j."""
+                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid (B, cdiv(n_out, BLOCK_S), cdiv(C, BLOCK_C)). out[b, j] = sum(x*w) / sum(w) over token rep[b, j]
+    and the removed tokens src[b, i] with dst[b, i] == j, accumulated in fp32.
+
+    Memory-bound: each program gathers its BLOCK_S kept rows, then reads dst in BLOCK_M chunks and loads
+    only the removed rows whose slot lies in its block (a chunk without one costs one small load), so
+    every row of x is read once per channel block. The rows are added with a [slots x removed] weighted
+    one-hot matrix product, in exact fp32."""
     batch = tl.program_id(0).to(tl.int64)
-    slot = tl.program_id(1)
+    first_slot = tl.program_id(1) * BLOCK_S
+    slot = first_slot + tl.arange(0, BLOCK_S)
+    slot_ok = slot < n_out
     channel = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channel < C
     x = x_ptr + batch * N * C
     weight = weight_ptr + batch * N
-    element = x_ptr.dtype.element_ty
 
-    kept = tl.load(rep_ptr + batch * n_out + slot)
-    # the reference casts the weight to x's dtype before multiplying
-    kept_weight = round_to(tl.load(weight + kept).to(tl.float32), element)
-    total = tl.load(x + kept * C + channel, mask=channel_ok, other=0.0).to(tl.float32) * kept_weight
-    norm = kept_weight
+    kept = tl.load(rep_ptr + batch * n_out + slot, mask=slot_ok, other=0)
+    norm = tl.load(weight + kept, mask=slot_ok, other=0.0).to(tl.float32)
+    rows_ok = slot_ok[:, None] & channel_ok[None, :]
+    total = tl.load(x + kept[:, None] * C + channel[None, :], mask=rows_ok, other=0.0).to(tl.float32) * norm[:, None]
     for start in range(0, m, BLOCK_M):
         index = start + tl.arange(0, BLOCK_M)
-        index_ok = index < m
-        into_slot = (tl.load(dst_ptr + batch * m + index, mask=index_ok, other=-1) == slot) & index_ok
-        token = tl.load(src_ptr + batch * m + index, mask=into_slot, other=0)
-        token_weight = round_to(tl.load(weight + token, mask=into_slot, other=0.0).to(tl.float32), element)
-        rows = tl.load(x + token[:, None] * C + channel[None, :], mask=into_slot[:, None] & channel_ok[None, :],
-                       other=0.0).to(tl.float32)
-        total += tl.sum(rows * token_weight[:, None], axis=0)
-        norm += tl.sum(token_weight, axis=0)
-    out = out_ptr + (batch * n_out + slot) * C
-    tl.store(out + channel, round_to(total / norm, element).to(element), mask=channel_ok)
+        target = tl.load(dst_ptr + batch * m + index, mask=index < m, other=-1)
+        here = (index < m) & (target >= first_slot) & (target < first_slot + BLOCK_S) & (target < n_out)
+        if tl.sum(here.to(tl.int32), axis=0) > 0:
+            token = tl.load(src_ptr + batch * m + index, mask=here, other=0)
+            token_weight = tl.load(weight + token, mask=here, other=0.0).to(tl.float32)
+            rows = tl.load(x + token[:, None] * C + channel[None, :], mask=here[:, None] & channel_ok[None, :],
+                           other=0.0).to(tl.float32)
+            one_hot = tl.where(slot[:, None] == target[None, :], token_weight[None, :], 0.0)   # [S, M]
+            total = tl.dot(one_hot, rows, total, input_precision="ieee")
+            norm += tl.sum(one_hot, axis=1)
+    out = out_ptr + (batch * n_out + slot[:, None]) * C + channel[None, :]
+    tl.store(out, (total / norm[:, None]).to(out_ptr.dtype.element_ty), mask=rows_ok)
 
 
 @triton.jit
@@ -264,15 +273,16 @@ def tome_matches(metric: Tensor, valid: Tensor | None, num_prefix: int,
     return best, best_index
 
 
-def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int,
-              protect_last_valid: bool) -> tuple[Tensor, Tensor, Tensor]:
+def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int, protect_last_valid: bool,
+              ab_order: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``tokencompile::tome_plan`` with the similarity/best-match step in a kernel."""
     best, best_index = tome_matches(metric, valid, num_prefix, protect_last_valid)
-    return ops.plan_from_matches(best, best_index, metric.shape[1], r)
+    return ops.plan_from_matches(best, best_index, metric.shape[1], r, ab_order, valid, num_prefix,
+                                 protect_last_valid)
 
 
-def _merge_block_c(channels: int) -> int:
-    return max(16, min(triton.next_power_of_2(channels), 256))
+def merge_block_c(channels: int) -> int:
+    return max(16, min(triton.next_power_of_2(channels), 128))
 
 
 def merge_tokens(x: Tensor, weight: Tensor, rep: Tensor, src: Tensor, dst: Tensor) -> Tensor:
@@ -281,11 +291,11 @@ def merge_tokens(x: Tensor, weight: Tensor, rep: Tensor, src: Tensor, dst: Tenso
     n_out, m = rep.shape[1], src.shape[1]
     out = torch.empty((batch, n_out, channels), dtype=x.dtype, device=x.device)
     if out.numel():
-        block_c = _merge_block_c(channels)
-        grid = (batch, n_out, triton.cdiv(channels, block_c))
+        block_c = merge_block_c(channels)
+        grid = (batch, triton.cdiv(n_out, MERGE_BLOCK_S), triton.cdiv(channels, block_c))
         merge_tokens_kernel[grid](x.contiguous(), weight.contiguous(), rep.contiguous(), src.contiguous(),
-                                  dst.contiguous(), n, channels, n_out, m, out, BLOCK_C=block_c,
-                                  BLOCK_M=MERGE_BLOCK_M)
+                                  dst.contiguous(), n, channels, n_out, m, out, BLOCK_S=MERGE_BLOCK_S,
+                                  BLOCK_C=block_c, BLOCK_M=MERGE_BLOCK_M)
     return out
 
 

@@ -34,7 +34,7 @@ def _protect(shape_source, valid, num_prefix: int, protect_last_valid: bool):
     return protect, positions, n
 
 
-def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool):
+def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool, ab_order: bool = False):
     norm = op.Max(op.ReduceL2(metric, _ints(-1), keepdims=1), op.CastLike(op.Constant(value_float=1e-12), metric))
     m = op.Div(metric, norm)
     protect, positions, n = _protect(metric, valid, num_prefix, protect_last_valid)
@@ -51,12 +51,51 @@ def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool):
     best = op.ReduceMax(scores, _ints(-1), keepdims=0)
     match = op.ArgMax(scores, axis=-1, keepdims=0, select_last_index=0)
     # TopK breaks ties towards the lower index, like the reference's stable descending sort
-    _, merged_a = op.TopK(best, _ints(r), axis=-1, largest=1, sorted=1)
+    num_a = op.Shape(best, start=1, end=2)
+    _, a_order = op.TopK(best, num_a, axis=-1, largest=1, sorted=1)
+    merged_a = op.Slice(a_order, _ints(0), _ints(r), _ints(1))
     two, one = op.Constant(value_int=2), op.Constant(value_int=1)
     src = op.Mul(merged_a, two)
-    slot, rep = _slots_after_removing(op.Shape(metric, start=0, end=2), positions, src, op.Sub(n, _ints(r)))
+    batch_by_n = op.Shape(metric, start=0, end=2)
+    if ab_order:
+        key = _tome_order_key(a_order, positions, n, num_a, valid, num_prefix, protect_last_valid)
+    else:
+        key = op.Expand(positions, batch_by_n)
+    removed = op.ScatterElements(op.Expand(op.Constant(value_int=0), batch_by_n), src,
+                                 op.Add(op.Mul(src, op.Constant(value_int=0)), one), axis=1)
+    key = op.Where(op.Cast(removed, to=onnx.TensorProto.BOOL), op.Mul(n, op.Constant(value_int=8)), key)
+    n_out = op.Sub(n, _ints(r))
+    # the n_out smallest keys in ascending order (keys of kept tokens are distinct)
+    _, rep = op.TopK(op.Neg(op.Cast(key, to=onnx.TensorProto.FLOAT)), n_out, axis=1, largest=1, sorted=1)
+    slot_values = op.Expand(op.Range(op.Constant(value_int=0), op.Squeeze(n_out), one), op.Shape(rep))
+    slot = op.ScatterElements(op.Expand(op.Constant(value_int=0), batch_by_n), rep, slot_values, axis=1)
     dst = op.GatherElements(slot, op.Add(op.Mul(op.GatherElements(match, merged_a, axis=1), two), one), axis=1)
     return rep, src, dst
+
+
+def _tome_order_key(a_order, positions, n, num_a, valid, num_prefix: int, protect_last_valid: bool):
+    """tokencompile.ops.tome_order_key in ONNX ops: [B, N] int64."""
+    two = op.Constant(value_int=2)
+    half = op.Div(positions, two)                                              # [N]
+    batch_by_n = op.Concat(op.Shape(a_order, start=0, end=1), n, axis=0)
+    if num_prefix > 0:
+        a_key = op.Expand(half, batch_by_n)
+    else:  # the rank of each A token in a_order
+        ranks = op.Expand(op.Range(op.Constant(value_int=0), op.Squeeze(num_a), op.Constant(value_int=1)),
+                          op.Shape(a_order))
+        a_rank = op.ScatterElements(op.Mul(a_order, op.Constant(value_int=0)), a_order, ranks, axis=1)
+        a_key = op.Gather(a_rank, half, axis=1)
+    even = op.Equal(op.Mod(positions, two), op.Constant(value_int=0))
+    key = op.Where(even, a_key, op.Expand(op.Add(half, num_a), batch_by_n))
+    key = op.Where(op.Less(positions, op.Constant(value_int=num_prefix)), op.Expand(op.Sub(positions, n), batch_by_n),
+                   key)
+    if valid is not None:
+        if protect_last_valid:
+            last = op.Sub(op.ReduceSum(op.Cast(valid, to=onnx.TensorProto.INT64), _ints(1), keepdims=1),
+                          op.Constant(value_int=1))
+            key = op.Where(op.Equal(positions, last), op.Expand(op.Mul(n, two), batch_by_n), key)
+        key = op.Where(valid, key, op.Add(key, op.Mul(n, op.Constant(value_int=4))))
+    return key
 
 
 def _slots_after_removing(batch_by_n, positions, removed, n_out):

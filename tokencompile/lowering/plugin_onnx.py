@@ -50,7 +50,7 @@ class PluginOp:
 
 PLUGIN_OPS: dict[str, PluginOp] = {op.op_type: op for op in [
     PluginOp("tome_plan", "TcTomePlan", ("metric", "valid"), ("rep", "src", "dst"),
-             ("r", "num_prefix", "protect_last_valid"), (INT64,) * 3, optional=("valid",)),
+             ("r", "num_prefix", "protect_last_valid", "ab_order"), (INT64,) * 3, optional=("valid",)),
     PluginOp("topk_plan", "TcTopkPlan", ("score", "valid"), ("rep", "src", "dst"),
              ("n_keep", "num_prefix", "protect_last_valid", "fuse"), (INT64,) * 3, optional=("valid",)),
     PluginOp("merge_tokens", "TcMergeTokens", ("x", "weight", "rep", "src", "dst"), ("out",), (), ("x",)),
@@ -124,8 +124,8 @@ def plugin_translation_table(plugin_ops: set[str] | None = None) -> dict:
 
     emit = {op.name: _node_emitter(op) for op in PLUGIN_OPS.values()}
 
-    def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool):
-        return emit["tome_plan"]([metric, valid], [r, num_prefix, protect_last_valid])
+    def tome_plan(metric, valid, r: int, num_prefix: int, protect_last_valid: bool, ab_order: bool = False):
+        return emit["tome_plan"]([metric, valid], [r, num_prefix, protect_last_valid, ab_order])
 
     def topk_plan(score, valid, n_keep: int, num_prefix: int, protect_last_valid: bool, fuse: bool):
         return emit["topk_plan"]([score, valid], [n_keep, num_prefix, protect_last_valid, fuse])

@@ -26,12 +26,10 @@ def rows(builder: GraphBuilder, t: Node, index: Node) -> Node:
 
 def protected(builder: GraphBuilder, site: SiteInputs) -> Node:
     """[B, N] bool: the tokens no method may remove (see tokencompile.ops.protected_mask)."""
-    positions = builder.call(aten.arange.start, 0, site.n, dtype=torch.int64)
+    positions = builder.positions(site.x)
     protect = builder.call(aten.lt.Scalar, positions, site.num_prefix)
-    protect = builder.call(aten.expand.default, builder.call(aten.unsqueeze.default, protect, 0),
-                           [builder.call(aten.sym_size.int, site.x, 0), site.n])
     if site.valid is not None and site.protect_last_valid:
-        count = builder.call(aten.sum.dim_IntList, builder.call(aten.to.dtype, site.valid, torch.int64), [1], True)
+        count = builder.call(aten.sum.dim_IntList, builder.cast(site.valid, torch.int64), [1], True)
         last = builder.call(aten.sub.Tensor, count, 1)
         protect = builder.call(aten.logical_or.default, protect, builder.call(aten.eq.Tensor, positions, last))
     return protect
@@ -44,8 +42,8 @@ def pad_pair_adjustment(builder: GraphBuilder, site: SiteInputs, a: Node, b: Nod
     pad = builder.call(aten.logical_not.default, site.valid)
     pad_a = builder.call(aten.unsqueeze.default, builder.call(aten.gather.default, pad, 1, a), 2)
     pad_b = builder.call(aten.unsqueeze.default, builder.call(aten.gather.default, pad, 1, b), 1)
-    both = builder.call(aten.to.dtype, builder.call(aten.logical_and.default, pad_a, pad_b), torch.float32)
-    one = builder.call(aten.to.dtype, builder.call(aten.logical_xor.default, pad_a, pad_b), torch.float32)
+    both = builder.cast(builder.call(aten.logical_and.default, pad_a, pad_b), torch.float32)
+    one = builder.cast(builder.call(aten.logical_xor.default, pad_a, pad_b), torch.float32)
     return builder.call(aten.mul.Tensor, builder.call(aten.sub.Tensor, both, one), PAD_PAIR_BONUS)
 
 

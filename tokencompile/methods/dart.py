@@ -6,7 +6,6 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-import torch
 from torch.fx import Node
 
 from ..graph_utils import GraphBuilder, aten
@@ -37,5 +36,4 @@ class DART(PruneMethod):
         similarity = builder.call(aten.matmul.default, unit, builder.call(aten.transpose.int, pivot_vectors, 1, 2))
         duplication = builder.call(aten.amax.default, similarity, [-1])                       # [B, N]
         score = builder.call(aten.neg.default, duplication)
-        inf = builder.call(aten.full_like.default, builder.call(aten.to.dtype, index, torch.float32), float("inf"))
-        return builder.call(aten.scatter.src, score, 1, index, inf, name=f"{b}_score")
+        return builder.call(aten.scatter.value, score, 1, index, float("inf"), name=f"{b}_score")

@@ -42,5 +42,5 @@ class EViT(PruneMethod):
     def merge_weight(self, builder: GraphBuilder, site: SiteInputs, score: Node) -> Node:
         # the fused token is the attention-weighted mean of the inattentive tokens (times their sizes)
         weight = builder.call(aten.clamp.default, score, 1e-6)
-        return builder.call(aten.mul.Tensor, builder.call(aten.to.dtype, weight, tensor_meta(site.x).dtype),
+        return builder.call(aten.mul.Tensor, builder.cast(weight, tensor_meta(site.x).dtype),
                             site.sizes)

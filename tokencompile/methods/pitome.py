@@ -38,7 +38,7 @@ class PiToMe(Method):
         if site.valid is None:
             energy = builder.call(aten.mean.dim, elu, [-1])
         else:  # the mean over real tokens only: a token's energy must not depend on the padding
-            real = builder.call(aten.to.dtype, site.valid, torch.float32)
+            real = builder.cast(site.valid, torch.float32)
             total = builder.call(aten.sum.dim_IntList, builder.call(
                 aten.mul.Tensor, elu, builder.call(aten.unsqueeze.default, real, 1)), [-1])
             count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, real, [1], True), 1.0)
@@ -47,7 +47,7 @@ class PiToMe(Method):
         # padding gets distinct values above them: ties would be ordered differently by each runtime's top-k.
         energy = builder.call(aten.masked_fill.Scalar, energy, protected(builder, site), -10.0, name=f"{b}_energy")
         if site.valid is not None:
-            positions = builder.call(aten.arange.start, 0, site.n, dtype=torch.float32)
+            positions = builder.positions(site.x)
             padding_energy = builder.call(aten.rsub.Scalar, builder.call(aten.div.Tensor, positions, site.n), 10.0)
             energy = builder.call(aten.where.self, site.valid, energy, padding_energy)
         candidates = builder.call(operator.getitem, builder.call(aten.topk.default, energy, 2 * r), 1)

@@ -22,9 +22,8 @@ class RandomPrune(PruneMethod):
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         # An integer hash of (position, block, seed), exact in every runtime: the same for every sample
         # and run (batch-independent), and a bijection of positions (odd multiplier mod 2^24: no ties).
-        positions = builder.call(aten.arange.start, 1, site.n + 1, dtype=torch.int64)
+        positions = builder.positions(site.x)  # [B, N], 0-based
         mixed = builder.call(aten.add.Tensor, builder.call(aten.mul.Tensor, positions, 2654435761),
-                             7919 * (1 + site.block) + 104729 * self.seed)
-        noise = builder.call(aten.to.dtype, builder.call(aten.remainder.Scalar, mixed, 1 << 24), torch.float32)
-        batch = builder.call(aten.sym_size.int, site.x, 0)
-        return builder.call(aten.expand.default, noise, [batch, site.n], name=f"block{site.block}_random_score")
+                             2654435761 + 7919 * (1 + site.block) + 104729 * self.seed)
+        return builder.cast(builder.call(aten.remainder.Scalar, mixed, 1 << 24), torch.float32,
+                            name=f"block{site.block}_random_score")

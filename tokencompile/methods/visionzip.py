@@ -41,10 +41,10 @@ class VisionZip(Method):
         rest = builder.call(operator.getitem, split, 1)                                 # [B, n - dominant], ascending
         if site.valid is not None:  # real tokens first (ascending), then padding: targets are real when possible
             padding = builder.call(aten.logical_not.default, builder.call(aten.gather.default, site.valid, 1, rest))
-            key = builder.call(aten.add.Tensor, builder.call(aten.mul.Tensor, builder.call(
-                aten.to.dtype, padding, torch.int64), site.n), rest)                   # distinct: no ties
+            key = builder.call(aten.add.Tensor, builder.call(aten.mul.Tensor, builder.cast(
+                padding, torch.int64), site.n), rest)                   # distinct: no ties
             order = builder.call(operator.getitem, builder.call(
-                aten.topk.default, builder.call(aten.neg.default, builder.call(aten.to.dtype, key, torch.float32)),
+                aten.topk.default, builder.call(aten.neg.default, builder.cast(key, torch.float32)),
                 site.n - dominant), 1)
             rest = builder.call(aten.gather.default, rest, 1, order)
         step = (site.n - dominant) // targets_count

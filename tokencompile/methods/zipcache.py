@@ -47,7 +47,7 @@ class ZipCache(PruneMethod):
         # queries see nothing (under a causal mask, queries before the key would not either)
         if site.valid is None:
             return builder.call(aten.mean.dim, attention, [1], name=f"block{site.block}_zipcache_saliency")
-        seen_by = builder.call(aten.to.dtype, self._take(builder, site.valid, 1, slices), torch.float32)  # [B, P]
+        seen_by = builder.cast(self._take(builder, site.valid, 1, slices), torch.float32)  # [B, P]
         total = builder.call(aten.squeeze.dim, builder.call(
             aten.matmul.default, builder.call(aten.unsqueeze.default, seen_by, 1), attention), 1)
         count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, seen_by, [1], True), 1.0)

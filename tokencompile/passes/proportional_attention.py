@@ -20,7 +20,7 @@ def proportional_attention(gm: GraphModule, ctx: RewriteContext) -> GraphModule:
         attention = block.attention
         scope = pseudo_module_stack(attention.node, f"{block.name}.proportional_attention")
         builder = GraphBuilder(gm, latest(gm, sizes, attention.query), scope)
-        log_sizes = builder.call(aten.log.default, builder.call(aten.to.dtype, sizes, tensor_meta(attention.query).dtype))
+        log_sizes = builder.call(aten.log.default, builder.cast(sizes, tensor_meta(attention.query).dtype))
         bias = builder.call(aten.unsqueeze.default, builder.call(aten.unsqueeze.default, log_sizes, 1), 1,
                             name=f"block{block.index}_log_sizes")
         attention.add_key_bias(gm, bias, scope)

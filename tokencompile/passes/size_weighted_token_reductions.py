@@ -25,7 +25,7 @@ def size_weighted_token_reductions(gm: GraphModule, ctx: RewriteContext) -> Grap
             continue
         sizes = sizes_by_count[value.shape[1]]
         builder = GraphBuilder(gm, latest(gm, source, sizes))
-        weight = builder.call(aten.to.dtype, sizes, value.dtype)
+        weight = builder.cast(sizes, value.dtype)
         for _ in range(value.dim() - 2):
             weight = builder.call(aten.unsqueeze.default, weight, -1)
         weighted = builder.call(aten.mul.Tensor, source, weight, name=f"{node.name}_size_weighted")
