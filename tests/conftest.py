@@ -44,23 +44,28 @@ def optimized(recipe):
 
 
 @pytest.fixture(scope="session")
-def tiny_vit():
-    """A 2-block timm ViT on 32x32 images (16 patches + CLS), 10 classes, exported with a symbolic batch."""
+def tiny_vit_module():
+    """A 2-block timm ViT on 32x32 images (16 patches + CLS), 10 classes, and example inputs (batch 2)."""
     from timm.models.vision_transformer import VisionTransformer
-
-    from tokencompile.compiler import export_module
 
     torch.manual_seed(0)
     module = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10).eval()
-    return export_module(module, (torch.randn(2, 3, 32, 32),))
+    return module, (torch.randn(2, 3, 32, 32),)
 
 
 @pytest.fixture(scope="session")
-def tiny_bert():
-    """A 2-layer BERT with masked mean pooling over 16 tokens (MiniLM's vocabulary size)."""
+def tiny_vit(tiny_vit_module):
+    """tiny_vit_module exported with a symbolic batch."""
+    from tokencompile.compiler import export_module
+
+    return export_module(*tiny_vit_module)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_module():
+    """A 2-layer BERT with masked mean pooling over 16 tokens (MiniLM's vocabulary size), and example inputs."""
     from transformers import BertConfig, BertModel
 
-    from tokencompile.compiler import export_module
     from tokencompile.load import MeanPooled
 
     torch.manual_seed(0)
@@ -68,4 +73,12 @@ def tiny_bert():
                         intermediate_size=64, attn_implementation="sdpa")
     module = MeanPooled(BertModel(config).eval()).eval()
     ids = torch.randint(1000, 2000, (2, 16))
-    return export_module(module, (ids, torch.ones(2, 16, dtype=torch.long)))
+    return module, (ids, torch.ones(2, 16, dtype=torch.long))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_bert_module):
+    """tiny_bert_module exported with a symbolic batch."""
+    from tokencompile.compiler import export_module
+
+    return export_module(*tiny_bert_module)

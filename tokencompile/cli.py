@@ -162,7 +162,8 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
     program, inputs = load_model(model, input_shape, trust_pickle)
     dynamic_note = None
     if dynamic_batch:
-        from .signature import make_batch_dynamic, static_batch
+        from .batch import make_batch_dynamic
+        from .signature import static_batch
 
         fixed = static_batch(program)
         if fixed is None:

@@ -131,20 +131,3 @@ class FixedBatch:
             outputs.append(first_output(self.module(*pad_to_batch(chunk, self.batch)))[:size])
         return torch.cat(outputs)
 
-
-def make_batch_dynamic(program: ExportedProgram, inputs: tuple, source: str = "the program") -> ExportedProgram:
-    """``program`` exported again from its module with a symbolic batch axis; an error if its graph fixes the
-    batch (sizes computed from the batch at export time, such as reshapes to a literal batch)."""
-    from torch.export import Dim
-
-    batch = Dim("batch")
-    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
-    try:
-        with torch.no_grad():
-            return torch.export.export(program.module(), tuple(inputs), dynamic_shapes=dynamic)
-    except Exception as error:  # noqa: BLE001 - torch reports a fixed batch in several ways
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TokenCompileError(f"cannot make the batch of {source} symbolic: its graph fixes it, e.g. in reshape "
-                                f"sizes recorded for batch {static_batch(program)} ({reason[:120]})",
-                                "export the model itself with dynamic_shapes={0: Dim('batch')} on its inputs") \
-            from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -52,12 +53,17 @@ def run_torch_onnx_export(program: ExportedProgram, example_inputs: tuple, opset
                           what: str = "ONNX export"):
     """torch.onnx's dynamo export with ``table`` for the tokencompile ops; the batch axis named "batch" and
     readable node names. Returns the ONNXProgram and the number of nodes in token ops."""
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding.level
+    folding.setLevel(logging.ERROR)  # "Evaluation failed" warnings: a constant it could not fold stays a node
     try:
         exported = torch.onnx.export(program, tuple(example_inputs), dynamo=True, opset_version=opset,
                                      custom_translation_table=table, verbose=False)
     except Exception as error:
         raise TokenCompileError(f"{what} failed: {str(error).splitlines()[0]}",
                                 "rerun with --debug and report the model") from error
+    finally:
+        folding.setLevel(level)
     model = exported.model
     batch = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape else None
     if batch is not None and not isinstance(batch, int):
