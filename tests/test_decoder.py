@@ -46,8 +46,9 @@ def _causal(n: int) -> torch.Tensor:
     return torch.full((n, n), float("-inf")).triu(1)[None, None]
 
 
-def reference_scores(lm, ids, layer: int) -> torch.Tensor:
-    """[B, N]: head mean of the last token's softmax attention row in layer ``layer`` (full prompt)."""
+def reference_scores(lm, ids, layer: int, probes: int = 1) -> torch.Tensor:
+    """[B, N]: mean over heads and the last ``probes`` query rows of layer ``layer``'s causal softmax
+    attention (probes=1: the last token's row, FastV)."""
     hidden = lm(input_ids=ids, output_hidden_states=True).hidden_states[layer]
     attention = lm.model.layers[layer].self_attn
     x = lm.model.layers[layer].input_layernorm(hidden)
@@ -57,8 +58,8 @@ def reference_scores(lm, ids, layer: int) -> torch.Tensor:
     cos, sin = lm.model.rotary_emb(x, torch.arange(ids.shape[1])[None])
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = repeat_kv(k, attention.num_key_value_groups)
-    row = (q[:, :, -1:] @ k.transpose(-2, -1) * attention.scaling).softmax(-1)
-    return row[:, :, 0].mean(1)
+    logits = q @ k.transpose(-2, -1) * attention.scaling + _causal(ids.shape[1])
+    return logits[:, :, -probes:].softmax(-1).mean((1, 2))
 
 
 def reference_kept(scores: torch.Tensor, removable: torch.Tensor, n_keep_span: int) -> torch.Tensor:
@@ -136,6 +137,15 @@ def test_fastv_by_image_token_id_keeps_text(llama):
     torch.testing.assert_close(prefill(program, ids)[0], expected[:, -1], atol=1e-5, rtol=1e-4)
 
 
+def test_fastv_probe_window_matches_reference(llama, prompts):
+    program = compile_decoder(llama, prompts, keep=0.25, layer=3, span=(0, 20), probes=4)
+    kept = reference_kept(reference_scores(llama, prompts, 2, probes=4), Span(0, 20).removable(prompts), 5)
+    with torch.no_grad():
+        expected, _ = reference_forward(llama, prompts, 3, kept)
+    assert program.report["tokens_per_layer"] == [24, 24, 24, 9]
+    torch.testing.assert_close(prefill(program, prompts)[0], expected[:, -1], atol=1e-5, rtol=1e-4)
+
+
 def test_fastv_renumbered_positions_match_reference(llama, prompts):
     program = compile_decoder(llama, prompts, keep=0.5, layer=2, span=(4, 16), positions="renumber")
     kept = reference_kept(reference_scores(llama, prompts, 1), Span(4, 16).removable(prompts), 8)
@@ -208,3 +218,17 @@ def test_bad_input_is_one_line_error(llama, prompts, kwargs, message):
 def test_prompt_length_must_match_program(fastv_half):
     with pytest.raises(TokenCompileError, match="compiled for 24-token prompts"):
         generate(fastv_half, torch.ones(1, 10, dtype=torch.long), 2)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_64_tokens_equals_hugging_face():
+    """Real weights: the exported prefill + decode loop reproduces Hugging Face's greedy generation."""
+    model = models.build("smollm2")[0].model
+    tokenizer = models.decoders.smollm2_tokenizer()
+    prompt = tokenizer("The Apache License grants every contributor's users a license to", return_tensors="pt")
+    ids = prompt.input_ids
+    program = compile_decoder(model, ids, budget=1.0)
+    expected = model.generate(ids, attention_mask=prompt.attention_mask, max_new_tokens=64, do_sample=False,
+                              min_new_tokens=64)
+    assert expected.shape[1] == ids.shape[1] + 64
+    assert torch.equal(generate(program, ids, 64), expected)

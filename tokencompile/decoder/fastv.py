@@ -26,7 +26,9 @@ POSITION_POLICIES = ("keep", "renumber")
 class FastV(PruneMethod):
     """``layer``: the first layer that sees only the kept tokens (scores come from the layer before);
     ``positions``: kept tokens keep their original RoPE positions (``keep``) or are renumbered
-    0..n-1 from that layer on (``renumber``)."""
+    0..n-1 from that layer on (``renumber``); ``probes``: the score is the attention row of the last
+    prompt token (1, FastV) or the mean row of the last ``probes`` prompt tokens (an observation
+    window, as SnapKV scores a KV cache), each row causal."""
 
     name: ClassVar[str] = "fastv"
     family: ClassVar[str] = "prune"
@@ -35,6 +37,7 @@ class FastV(PruneMethod):
 
     layer: int = 2
     positions: str = "keep"
+    probes: int = 1
     span: Span = Span()
     input_ids: Node | None = None  # the program's input_ids (set by the compiler, for token-id spans)
     scale: float = 1.0             # the probe attention's softmax scale (set by the compiler)
@@ -43,19 +46,28 @@ class FastV(PruneMethod):
         if self.positions not in POSITION_POLICIES:
             raise TokenCompileError(f"positions={self.positions!r} is not a position policy",
                                     f"give one of: {', '.join(POSITION_POLICIES)}")
+        if self.probes < 1:
+            raise TokenCompileError(f"probes={self.probes} is not a number of query rows", "give probes >= 1")
         if self.layer < 1:
             raise TokenCompileError(f"layer={self.layer} is not a layer after the first",
                                     "give layer >= 1 (the first layer that sees the kept tokens)")
 
     def last_token_attention(self, builder: GraphBuilder, site: SiteInputs) -> Node:
-        """[B, N]: head mean of the last token's attention over all keys (causal: it sees them all)."""
-        last = builder.call(aten.slice.Tensor, site.query, 2, site.n - 1, site.n)              # [B, H, 1, D]
-        logits = builder.call(aten.matmul.default, last, builder.call(aten.transpose.int, site.keys, -2, -1))
-        logits = builder.call(aten.mul.Tensor, logits, self.scale)                                # [B, H, 1, N]
-        attention = builder.call(aten.softmax.int, builder.call(aten._to_copy.default, logits,
-                                                                dtype=torch.float32), -1)
-        return builder.call(aten.mean.dim, builder.call(aten.squeeze.dim, attention, 2), [1],
-                            name=f"block{site.block}_last_token_attention")
+        """[B, N]: mean over heads (and probe rows) of the last prompt tokens' causal attention rows."""
+        probes = min(self.probes, site.n)
+        rows = builder.call(aten.slice.Tensor, site.query, 2, site.n - probes, site.n)          # [B, H, P, D]
+        logits = builder.call(aten.matmul.default, rows, builder.call(aten.transpose.int, site.keys, -2, -1))
+        logits = builder.call(aten.mul.Tensor, builder.call(aten._to_copy.default, logits, dtype=torch.float32),
+                              self.scale)                                                        # [B, H, P, N]
+        if probes > 1:  # probe row j (position n - P + j) sees keys 0 .. n - P + j
+            positions = builder.positions(site.x)                                                # [B, N]
+            rows_at = builder.call(aten.slice.Tensor, positions, 1, site.n - probes, site.n)      # [B, P]
+            future = builder.call(aten.gt.Tensor, builder.call(aten.unsqueeze.default, positions, 1),
+                                  builder.call(aten.unsqueeze.default, rows_at, 2))              # [B, P, N]
+            logits = builder.call(aten.masked_fill.Scalar, logits,
+                                  builder.call(aten.unsqueeze.default, future, 1), float("-inf"))
+        attention = builder.call(aten.softmax.int, logits, -1)
+        return builder.call(aten.mean.dim, attention, [1, 2], name=f"block{site.block}_last_token_attention")
 
     def removable(self, builder: GraphBuilder, site: SiteInputs) -> Node:
         """[B, N] bool: tokens of the span, the last token excluded."""

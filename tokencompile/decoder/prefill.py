@@ -154,12 +154,13 @@ def rewrite_prefill(ep: ExportedProgram, input_ids: torch.Tensor, method: FastV,
 
 def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: float | None = None,
                     keep: float | None = None, layer: int = 2, span: Span | tuple | None = None,
-                    positions: str = "keep") -> DecoderProgram:
+                    positions: str = "keep", probes: int = 1) -> DecoderProgram:
     """Reduce a causal LM's prompt in prefill with FastV.
 
     ``budget``: prefill FLOPs ratio to meet (counted on the final program); or ``keep``: the fraction of
     the span's tokens kept from layer ``layer`` on. ``span``: ``Span`` or (start, length); default the
-    whole prompt but its last token. ``input_ids`` fixes the prompt length (shapes are static)."""
+    whole prompt but its last token. ``probes``: score by the last token's attention row (1, FastV) or
+    the mean of the last ``probes`` rows. ``input_ids`` fixes the prompt length (shapes are static)."""
     if (budget is None) == (keep is None):
         raise TokenCompileError("give exactly one of budget and keep", "budget=<prefill FLOPs ratio> or keep=<ratio>")
     if budget is not None and not 0 < budget <= 1:
@@ -168,7 +169,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         raise TokenCompileError(f"keep {keep:g} is out of range", "give 0 <= keep <= 1")
     started = time.perf_counter()
     span = span if isinstance(span, Span) else Span(*span) if span is not None else Span()
-    method = FastV(layer=layer, positions=positions, span=span)
+    method = FastV(layer=layer, positions=positions, probes=probes, span=span)
     lm = as_causal_lm(model).eval()
     ep = export_prefill(lm, input_ids)
     inputs = (input_ids,)
@@ -211,6 +212,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         "budget": budget,
         "layer": method.layer if reduced else None,
         "positions": positions,
+        "probes": probes,
         "span_tokens_removable": removable,
         "span_tokens_kept": removable - removed,
         "keep_ratio": (removable - removed) / removable if removable else 1.0,
