@@ -232,3 +232,20 @@ def test_smollm2_greedy_64_tokens_equals_hugging_face():
                               min_new_tokens=64)
     assert expected.shape[1] == ids.shape[1] + 64
     assert torch.equal(generate(program, ids, 64), expected)
+
+
+def test_cli_generate_on_a_saved_model(llama, prompts, tmp_path):
+    from click.testing import CliRunner
+
+    from tokencompile.cli import main
+
+    llama.save_pretrained(tmp_path)
+    ids = ",".join(map(str, prompts[0].tolist()))
+    result = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt-ids", ids, "--keep", "0.5", "--span",
+                                       "4,16", "--max-new-tokens", "5", "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    expected = generate(compile_decoder(llama, prompts[:1], keep=0.5, span=(4, 16)), prompts[:1], 5)
+    assert result.stdout.strip().splitlines()[0] == ",".join(map(str, expected[0, TOKENS:].tolist()))
+    assert "tokens per layer [24, 24, 16, 16]" in result.output
+    bad = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt-ids", "1,x"])
+    assert bad.exit_code == 2 and "cannot read --prompt-ids" in bad.output

@@ -461,5 +461,10 @@ def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_confi
         click.echo(f"wrote {plot_path}")
 
 
+from .decoder.cli import generate_command  # noqa: E402  (decoder LLMs: prompt reduction + greedy decoding)
+
+main.add_command(generate_command(_Command, _debug))
+
+
 if __name__ == "__main__":
     main()
