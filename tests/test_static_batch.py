@@ -57,6 +57,7 @@ def test_every_verb_on_a_static_batch_program(files, name, tmp_path):
 
     info = [json.loads(run("inspect", model, "--json").stdout) for model in (static, symbolic)]
     assert info[0]["tokens"] == info[1]["tokens"] and info[0]["blocks"] == info[1]["blocks"] == 2
+    assert info[0]["inputs"].startswith(("x: 2,3,32,32", "input_ids: 2,16")) and "(B in " in info[1]["inputs"]
 
     fixed, free = report(files, static, "--budget", "0.75"), report(files, symbolic, "--budget", "0.75")
     assert fixed["schedule"] == free["schedule"] and fixed["flops_ratio"] == pytest.approx(free["flops_ratio"])

@@ -61,9 +61,11 @@ def inspect(model, input_shape, trust_pickle, as_json, debug):
     from .inspection import format_inspection, inspect_program
     from .load import load_model
 
+    from .signature import describe
+
     program, inputs = load_model(model, input_shape, trust_pickle)
-    info = inspect_program(program, inputs)
-    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+    info = {**inspect_program(program, inputs), "inputs": describe(program)}
+    click.echo(json.dumps(info, indent=2) if as_json else f"inputs: {info['inputs']}\n{format_inspection(info)}")
 
 
 def _write_json(path: str, data) -> None:
