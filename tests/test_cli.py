@@ -70,7 +70,7 @@ def test_unknown_method(vit_file):
 
 
 def test_schedule_removing_too_many_tokens(vit_file):
-    code, out = run("optimize", vit_file, "--schedule", "r=120")
+    code, out = run("optimize", vit_file, "--schedule", "r=120,0")  # a constant r=K is capped per block instead
     assert code == 2 and "removes 120 tokens in block 0" in out
 
 
