@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..errors import TokenCompileError
@@ -66,6 +64,10 @@ def generate_command(command_class, debug_option):
             raise TokenCompileError(f"--max-new-tokens {max_new_tokens} is below 1", "give --max-new-tokens >= 1")
         if budget is None and keep is None:
             budget = 1.0
+        if report_path:  # checked before the model loads (see tokencompile.outputs)
+            from ..outputs import check_output
+
+            report_path = check_output(report_path, "--report", (".json",), [model_dir])
         model, tokenizer = load_causal_lm(model_dir, gguf_file)
         if prompt is not None:
             if tokenizer is None:
@@ -92,8 +94,9 @@ def generate_command(command_class, debug_option):
                    f"{report['span_tokens_kept']}/{report['span_tokens_removable']}, tokens per layer "
                    f"{report['tokens_per_layer']}", err=True)
         if report_path:
-            with open(report_path, "w") as f:
-                json.dump(report, f, indent=1)
+            from ..outputs import write_json
+
+            write_json(report_path, report)
 
     return generate
 
