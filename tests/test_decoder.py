@@ -202,12 +202,12 @@ def test_budget_picks_layer_and_keep_and_is_met(llama, prompts):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(keep=0.5, budget=0.5), "exactly one"),
-    (dict(budget=1.5), "out of range"),
-    (dict(keep=0.5, span=(20, 10)), "does not fit"),
-    (dict(keep=0.5, layer=4), "no layer to reduce"),
-    (dict(keep=0.5, positions="shift"), "position policy"),
-    (dict(budget=0.05), "cannot be met"),
+    ({"keep": 0.5, "budget": 0.5}, "exactly one"),
+    ({"budget": 1.5}, "out of range"),
+    ({"keep": 0.5, "span": (20, 10)}, "does not fit"),
+    ({"keep": 0.5, "layer": 4}, "no layer to reduce"),
+    ({"keep": 0.5, "positions": "shift"}, "position policy"),
+    ({"budget": 0.05}, "cannot be met"),
 ])
 def test_bad_input_is_one_line_error(llama, prompts, kwargs, message):
     with pytest.raises(TokenCompileError, match=message) as error:

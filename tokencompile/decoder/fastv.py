@@ -8,7 +8,7 @@ stay for every later layer; tokens outside the span and the last token always st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -38,7 +38,7 @@ class FastV(PruneMethod):
     layer: int = 2
     positions: str = "keep"
     probes: int = 1
-    span: Span = Span()
+    span: Span = field(default_factory=Span)
     input_ids: Node | None = None  # the program's input_ids (set by the compiler, for token-id spans)
     scale: float = 1.0             # the probe attention's softmax scale (set by the compiler)
 
@@ -87,4 +87,4 @@ class FastV(PruneMethod):
                             name=f"block{site.block}_fastv_score")
 
 
-__all__ = ["FastV", "POSITION_POLICIES"]
+__all__ = ["POSITION_POLICIES", "FastV"]

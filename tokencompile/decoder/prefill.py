@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 
 from ..errors import TokenCompileError
 from ..flops import CostModel, build_cost_model, count_flops
-from ..graph_utils import aten, descendants
+from ..graph_utils import aten
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
 from .fastv import FastV
