@@ -13,7 +13,6 @@ from PIL import Image
 
 import tokencompile
 from tokencompile.cli import main
-from tokencompile.compiler import export_module
 from tokencompile.errors import TokenCompileError
 from tokencompile.evaluation import data as evdata
 from tokencompile.evaluation import metrics

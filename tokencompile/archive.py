@@ -81,4 +81,4 @@ def check_archive(path: str) -> None:
             else:
                 raise _refuse(path, f"the archive entry {entry!r}", "is not one torch.export.save writes")
         if pickled:
-            raise _refuse(path, f"the weight or constant {sorted(pickled)[0]!r}", "is stored as a pickle")
+            raise _refuse(path, f"the weight or constant {min(pickled)!r}", "is stored as a pickle")

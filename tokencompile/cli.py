@@ -60,7 +60,6 @@ def inspect(model, input_shape, trust_pickle, as_json, debug):
     """Show blocks, token axis, protected tokens, attention and FLOPs per block."""
     from .inspection import format_inspection, inspect_program
     from .load import load_model
-
     from .signature import describe
 
     program, inputs = load_model(model, input_shape, trust_pickle)
@@ -100,7 +99,7 @@ def _check_opset(opset: int) -> None:
 
 def _file_inputs(*specs: str | None) -> list[str]:
     """The files among model specs and data paths (outputs must not overwrite them)."""
-    return [spec[3:] if spec.startswith("hf:") else spec for spec in specs if spec and not spec.startswith("timm:")]
+    return [spec.removeprefix("hf:") for spec in specs if spec and not spec.startswith("timm:")]
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -136,8 +135,6 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
 def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer, method_options, no_prop_attn,
              output, force, report_path, onnx_path, dynamic_batch, input_shape, trust_pickle, debug):
     """Rewrite MODEL so it processes fewer tokens, within a FLOPs budget."""
-    import torch
-
     from .compiler import check_budget
     from .compiler import optimize as run_optimize
     from .load import load_model
@@ -158,9 +155,9 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
         output = default_program_path(model)
         if os.path.exists(output) and not force:
             raise TokenCompileError(f"{output} exists", "pass --force to overwrite it, or -o PATH")
-    output, report_path, onnx_path = check_outputs(
-        [("-o", output, (".pt2",), "for ONNX use --onnx NAME.onnx"), ("--report", report_path, (".json",)), ("--onnx", onnx_path, (".onnx",))],
-        _file_inputs(model, calib_path))
+    output, report_path, onnx_path = check_outputs([("-o", output, (".pt2",), "for ONNX use --onnx NAME.onnx"),
+                                                    ("--report", report_path, (".json",)),
+                                                    ("--onnx", onnx_path, (".onnx",))], _file_inputs(model, calib_path))
     program, inputs = load_model(model, input_shape, trust_pickle)
     dynamic_note = None
     if dynamic_batch:
@@ -433,7 +430,6 @@ def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_confi
     from .evaluation.sweep import parse_list, write_json
     from .load import load_model
     from .methods import METHODS, get_method
-
     from .outputs import check_outputs
 
     _check_data_options(batch, limit)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch.export import ExportedProgram
-
-import math
 
 from ..calibrate import first_output
 from ..errors import TokenCompileError
