@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -24,16 +26,35 @@ def _fail(error: Exception, debug: bool) -> None:
     sys.exit(2)
 
 
+# torch loggers that print tracebacks of errors torch (or tokencompile) recovers from
+QUIET_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
+@contextlib.contextmanager
+def _quiet_torch_tracebacks(quiet: bool):
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS] if quiet else []
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 class _Command(click.Command):
     """Turns every exception into a one-line error with exit code 2 (traceback only with --debug)."""
 
     def invoke(self, ctx):
+        debug = ctx.params.get("debug", False)
         try:
-            return super().invoke(ctx)
+            with _quiet_torch_tracebacks(not debug):
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as error:  # noqa: BLE001 - the CLI boundary
-            _fail(error, ctx.params.get("debug", False))
+            _fail(error, debug)
 
 
 _model = click.argument("model")
