@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from .errors import TokenCompileError
 from .flops import CostModel
 
@@ -34,10 +36,10 @@ def parse_schedule(text: str | None) -> str | list[int]:
 def check_r_list(values) -> list[int]:
     """An r-list given in Python: non-negative integers, as `r=...` accepts on the command line."""
     values = list(values)
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    if not values or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in values):
         raise TokenCompileError(f"cannot use schedule {values!r}",
                                 "give a list of non-negative integers (tokens removed per block)")
-    return values
+    return [int(v) for v in values]
 
 
 def capped(schedule: list[int], tokens: int, protected: int, method) -> list[int]:
