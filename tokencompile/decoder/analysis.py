@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from ..analysis import ModelAnalysis, analyse
 from ..attention import Attention
 from ..errors import TokenCompileError, UnsupportedModelError
-from ..graph_utils import aten, ancestors, node_arg, shape_of
+from ..graph_utils import ancestors, aten, node_arg, shape_of
 
 
 @dataclass(frozen=True)
