@@ -199,21 +199,23 @@ def test_crafted_archives_would_run_their_payload(work, tmp_path):
         os.chdir(cwd)
 
 
-def test_full_disk_keeps_the_old_file(work):
-    """A write that fails half-way (file-size limit) leaves the old output as it was and no partial file."""
+@pytest.mark.parametrize("args,target", [("optimize {w}/tiny.pt2 --schedule r=3 -o {w}/old.pt2", "old.pt2"),
+                                         ("export {w}/tiny.pt2 -o {w}/old.onnx", "old.onnx")])
+def test_full_disk_keeps_the_old_file(work, args, target):
+    """A write that fails half-way (file-size limit: past it a write fails as on a full disk) leaves the old
+    output as it was and no partial file."""
     before = md5s(work)
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    proc = subprocess.run([sys.executable, "-m", "tokencompile.cli", "optimize", str(work / "tiny.pt2"),
-                           "--schedule", "r=3", "-o", str(work / "old.pt2")],
+    proc = subprocess.run([sys.executable, "-m", "tokencompile.cli", *args.format(w=work).split()],
                           capture_output=True, text=True, preexec_fn=limit, check=False)
     assert proc.returncode == 2, proc.stderr
     error = proc.stderr.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith(f"error: cannot write {work / 'old.pt2'}: "), proc.stderr
-    assert "the old file is unchanged" in error[0]
+    assert len(error) == 1 and error[0].startswith(f"error: cannot write {work / target}: File too large"), proc.stderr
+    assert error[0].endswith("; the old file is unchanged)")
     assert md5s(work) == before
 
 

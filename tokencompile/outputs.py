@@ -96,6 +96,7 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
     """``write(temporary_path)``, then fsync and rename it to ``path``; on failure remove it, keep ``path``."""
     folder, name = os.path.split(os.path.abspath(path))
     stem, extension = os.path.splitext(name)
+    existed = os.path.exists(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{extension}", dir=folder)
     os.close(handle)
     try:
@@ -116,8 +117,8 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
         if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write" in str(error).lower()):
             reason = error.strerror if isinstance(error, OSError) and error.strerror else \
                 str(error).strip().splitlines()[-1]
-            raise TokenCompileError(f"cannot write {path}: {reason}",
-                                    "free some space or choose another folder; the old file is unchanged") from error
+            raise TokenCompileError(f"cannot write {path}: {reason}", "free some space or choose another folder"
+                                    + ("; the old file is unchanged" if existed else "")) from error
         raise
 
 
