@@ -305,3 +305,14 @@ def test_own_kernel_plugins_do_not_block_tensorrt():
     findings = {f.op_type: f for f in check_tensorrt(helper.make_model(graph))}
     assert not findings["TcMergeTokens"].blocking and "tokencompile TensorRT plugin" in findings["TcMergeTokens"].problem
     assert findings["TcTomePlan"].blocking and "writes plans in standard ops" in findings["TcTomePlan"].problem
+
+
+def test_python_save_and_load(work, tmp_path):
+    program = tokencompile.load_program(str(work / "tiny.pt2"))
+    tokencompile.save_program(program, str(tmp_path / "copy.pt2"))
+    assert tokencompile.load_program(str(tmp_path / "copy.pt2")).graph_signature.user_inputs == ("tokens",)
+    with pytest.raises(TokenCompileError, match="cannot write .*missing/copy.pt2: No such file or directory"):
+        tokencompile.save_program(program, str(tmp_path / "missing" / "copy.pt2"))
+    with pytest.raises(TokenCompileError, match="is stored as a pickle"):
+        tokencompile.load_program(str(work / "evil_weights.pt2"))
+    assert os.listdir(tmp_path) == ["copy.pt2"]

@@ -11,6 +11,9 @@ from . import (
 from .analysis import ModelAnalysis, analyse
 from .compiler import OptimizeResult, optimize
 from .errors import TokenCompileError, UnsupportedModelError
+from .load import load_program
+from .outputs import save_program
 
-__all__ = ["ModelAnalysis", "OptimizeResult", "TokenCompileError", "UnsupportedModelError", "analyse", "optimize"]
+__all__ = ["ModelAnalysis", "OptimizeResult", "TokenCompileError", "UnsupportedModelError", "analyse",
+           "load_program", "optimize", "save_program"]
 __version__ = "0.1.0"

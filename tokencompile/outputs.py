@@ -97,7 +97,11 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
     folder, name = os.path.split(os.path.abspath(path))
     stem, extension = os.path.splitext(name)
     existed = os.path.exists(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{extension}", dir=folder)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{extension}", dir=folder)
+    except OSError as error:
+        raise TokenCompileError(f"cannot write {path}: {error.strerror or error}", "choose a writable folder") \
+            from None
     os.close(handle)
     try:
         write(temporary)
