@@ -151,7 +151,8 @@ def inserted_share(fn, images) -> float:
                 fn(images)
             torch.cuda.synchronize()
     events = prof.key_averages()
-    total = sum(e.self_device_time_total for e in events)
+    # kernels only: an aten op's row repeats the device time of the kernels it launched
+    total = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     inserted = sum(e.device_time_total for e in events if e.key.startswith("tokencompile::"))
     return inserted / total if total else 0.0
 

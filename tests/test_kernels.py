@@ -63,8 +63,9 @@ def _check_tome(metric, valid, num_prefix, protect_last_valid, rs, context):
     batch, n, _ = metric.shape
     cap = _tome_cap(valid, batch, n, num_prefix, protect_last_valid)
     for r in sorted({0, *(r for r in rs if r <= cap), cap}):
-        args = (metric, valid, r, num_prefix, protect_last_valid)
-        _assert_same_plan(_kernels().tome_plan(*args), ops.tome_plan(*args), f"{context}, r={r}")
+        for ab_order in (False, True):
+            args = (metric, valid, r, num_prefix, protect_last_valid, ab_order)
+            _assert_same_plan(_kernels().tome_plan(*args), ops.tome_plan(*args), f"{context}, r={r}, ab={ab_order}")
 
 
 # ---------------------------------------------------------------- tome_plan (match kernel + ranking)
@@ -329,7 +330,7 @@ def _representatives():
     from tokencompile.kernels import aot
 
     wanted = ["tome_match_bf16", "merge_tokens_fp16", "sum_tokens_fp32", "probe_scores_bf16",
-              "gather_tokens_b1_flat"]
+              "gather_tokens_b1_flat", "tome_rank"]
     specs = {spec.name: spec for spec in aot.kernel_specs()}
     return [specs[name] for name in wanted]
 

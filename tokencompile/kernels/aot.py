@@ -74,6 +74,14 @@ def _tome_match(dtype: str) -> KernelSpec:
                       requires="metric L2-normalised per token; valid/protect int8 [B, N]")
 
 
+def _tome_rank() -> KernelSpec:
+    types = {"best_ptr": "*fp32", "best_index_ptr": "*i64", "valid_ptr": "*i8", "N": "i32", "r": "i32",
+             "num_prefix": "i32", "protect_last_valid": "i32", "ab_order": "i32", "rep_ptr": "*i64",
+             "src_ptr": "*i64", "dst_ptr": "*i64", "key_ptr": "*i64", "slot_ptr": "*i64"}
+    return KernelSpec("tome_rank", kernels.tome_rank_kernel, types, {"BLOCK": kernels.RANK_BLOCK}, ("B", "1", "1"),
+                      requires="best/best_index from tome_match; key_ptr and slot_ptr are [B, N] int64 scratch")
+
+
 def _merge_tokens(dtype: str) -> KernelSpec:
     ptr = FLOAT_TYPES[dtype]
     types = {"x_ptr": ptr, "weight_ptr": ptr, "rep_ptr": "*i64", "src_ptr": "*i64", "dst_ptr": "*i64",
@@ -125,6 +133,7 @@ def kernel_specs() -> list[KernelSpec]:
     for dtype in FLOAT_TYPES:
         specs += [_tome_match(dtype), _merge_tokens(dtype), _sum_tokens(dtype), _probe_scores(dtype)]
     specs += [_gather_tokens(width, tile) for width in GATHER_WIDTHS for tile in GATHER_TILES]
+    specs.append(_tome_rank())
     return specs
 
 

@@ -7,6 +7,7 @@ Kernels (the launchers below named after a ``tokencompile::`` op take and return
 - ``merge_tokens_kernel``: gather of the kept rows plus the removed rows of each block of slots,
   weighted by their sizes, divided by the summed size: memory-bound, one program per (sample, block of
   output slots, channel block);
+- ``tome_rank_kernel``: ToMe's plan from the matches (ranking by counting, output order, slots);
 - ``sum_tokens_kernel``: the per-slot sum of token sizes;
 - ``probe_scores_kernel``: head mean of softmax(q[:, :, 0] . k / sqrt(d)) over valid keys (EViT's score);
 - ``gather_tokens_kernel``: per-sample gather along a token axis (kept rows of any per-token tensor,
@@ -31,6 +32,7 @@ MERGE_BLOCK_S = 32      # output slots per merge program
 MERGE_BLOCK_M = 32      # removed tokens tested per step when slots collect their merged rows
 PROBE_BLOCK_N = 128     # keys per probe-score tile
 PROBE_BLOCK_D = 32      # channels per probe-score step
+RANK_BLOCK = 64         # tokens per step when the ToMe plan ranks by counting
 MATCH_BLOCK = 32        # A rows, B rows and channels per tome_match tile (tl.dot needs >= 16)
 
 
@@ -98,6 +100,86 @@ def tome_match_kernel(metric_ptr, valid_ptr, protect_ptr, N, D, best_ptr, best_i
         best = tl.where(improved, tile_best, best)
     tl.store(best_ptr + batch * num_a + a_index, best, mask=a_ok)
     tl.store(best_index_ptr + batch * num_a + a_index, best_index, mask=a_ok)
+
+
+@triton.jit
+def tome_rank_kernel(best_ptr, best_index_ptr, valid_ptr, N, r, num_prefix, protect_last_valid, ab_order,
+                     rep_ptr, src_ptr, dst_ptr, key_ptr, slot_ptr, BLOCK: tl.constexpr):
+    """Grid (B,). ToMe's plan from each A token's best score and B partner, as ``ops.plan_from_matches``:
+    the r best-scored A tokens (stable descending order) merge; the kept tokens' slots follow the sort
+    key of ``ops.tome_order_key`` (or positions). Sorting is done by counting: a token's rank is the
+    number of tokens before it, so the plan equals the reference's, ties included. key and slot are
+    [B, N] int64 scratch."""
+    batch = tl.program_id(0).to(tl.int64)
+    num_a = (N + 1) // 2
+    n_out = N - r
+    best = best_ptr + batch * num_a
+    valid = valid_ptr + batch * N
+    keys = key_ptr + batch * N
+    slots = slot_ptr + batch * N
+    count = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, N, BLOCK):
+        token = start + tl.arange(0, BLOCK)
+        count += tl.load(valid + token, mask=token < N, other=0).to(tl.int32)
+    last = tl.where(protect_last_valid != 0, tl.sum(count, axis=0) - 1, -1)  # the protected [SEP]
+
+    # A tokens: rank by descending score (stable), merged when rank < r; their sort keys
+    for start in range(0, num_a, BLOCK):
+        a = start + tl.arange(0, BLOCK)
+        a_ok = a < num_a
+        score = tl.load(best + a, mask=a_ok, other=float("-inf"))
+        rank = tl.zeros((BLOCK,), tl.int64)
+        for other_start in range(0, num_a, BLOCK):
+            other = other_start + tl.arange(0, BLOCK)
+            other_score = tl.load(best + other, mask=other < num_a, other=float("-inf"))
+            before = (other_score[None, :] > score[:, None]) | \
+                ((other_score[None, :] == score[:, None]) & (other[None, :] < a[:, None]))
+            rank += tl.sum((before & (other < num_a)[None, :]).to(tl.int64), axis=1)
+        merged = a_ok & (rank < r)
+        tl.store(src_ptr + batch * r + rank, 2 * a.to(tl.int64), mask=merged)
+        key = tl.where(num_prefix > 0, a.to(tl.int64), rank)
+        key = order_key(2 * a, key, N, num_prefix, last, valid, a_ok, ab_order)
+        tl.store(keys + 2 * a, tl.where(merged, 8 * N, key), mask=a_ok)
+    for start in range(0, N // 2, BLOCK):
+        b = start + tl.arange(0, BLOCK)
+        b_ok = b < N // 2
+        key = order_key(2 * b + 1, (num_a + b).to(tl.int64), N, num_prefix, last, valid, b_ok, ab_order)
+        tl.store(keys + 2 * b + 1, key, mask=b_ok)
+    tl.debug_barrier()
+
+    # kept tokens: slot = number of tokens with a smaller key (kept keys are distinct, removed ones largest)
+    for start in range(0, N, BLOCK):
+        token = start + tl.arange(0, BLOCK)
+        token_ok = token < N
+        key = tl.load(keys + token, mask=token_ok, other=0)
+        slot = tl.zeros((BLOCK,), tl.int64)
+        for other_start in range(0, N, BLOCK):
+            other = other_start + tl.arange(0, BLOCK)
+            other_key = tl.load(keys + other, mask=other < N, other=8 * N)
+            slot += tl.sum((other_key[None, :] < key[:, None]).to(tl.int64), axis=1)
+        kept = token_ok & (key < 8 * N)
+        tl.store(rep_ptr + batch * n_out + slot, token.to(tl.int64), mask=kept)
+        tl.store(slots + token, slot, mask=token_ok)
+    tl.debug_barrier()
+
+    for start in range(0, r, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        index_ok = index < r
+        a = tl.load(src_ptr + batch * r + index, mask=index_ok, other=0) // 2
+        partner = tl.load(best_index_ptr + batch * num_a + a, mask=index_ok, other=0)
+        tl.store(dst_ptr + batch * r + index, tl.load(slots + 2 * partner + 1, mask=index_ok, other=0), mask=index_ok)
+
+
+@triton.jit
+def order_key(token, ab_key, N, num_prefix, last, valid, ok, ab_order):
+    """``ops.tome_order_key`` for the tokens ``token`` whose key in the [A, B] order is ``ab_key``;
+    their positions when ab_order is 0."""
+    token = token.to(tl.int64)
+    key = tl.where(token < num_prefix, token - N, ab_key.to(tl.int64))
+    key = tl.where(token == last, 2 * N, key)
+    is_valid = tl.load(valid + token, mask=ok, other=1) != 0
+    key = tl.where(is_valid, key, key + 4 * N)
+    return tl.where(ab_order != 0, key, token)
 
 
 @triton.jit
@@ -277,8 +359,23 @@ def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int, pro
               ab_order: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``tokencompile::tome_plan`` with the similarity/best-match step in a kernel."""
     best, best_index = tome_matches(metric, valid, num_prefix, protect_last_valid)
-    return ops.plan_from_matches(best, best_index, metric.shape[1], r, ab_order, valid, num_prefix,
-                                 protect_last_valid)
+    return plan_from_matches(best, best_index, metric.shape[1], r, ab_order, valid, num_prefix, protect_last_valid)
+
+
+def plan_from_matches(best: Tensor, best_index: Tensor, n: int, r: int, ab_order: bool, valid: Tensor | None,
+                      num_prefix: int, protect_last_valid: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``ops.plan_from_matches`` in one kernel launch (a dozen torch ops otherwise, whose launches
+    dominate at ViT sizes)."""
+    batch = best.shape[0]
+    rep = torch.empty((batch, n - r), dtype=torch.int64, device=best.device)
+    src = torch.empty((batch, r), dtype=torch.int64, device=best.device)
+    dst = torch.empty((batch, r), dtype=torch.int64, device=best.device)
+    if batch:
+        scratch = torch.empty((2, batch, n), dtype=torch.int64, device=best.device)
+        tome_rank_kernel[(batch,)](best, best_index, _flags(valid, best, (batch, n)), n, r, num_prefix,
+                                   int(protect_last_valid and valid is not None), int(ab_order), rep, src, dst,
+                                   scratch[0], scratch[1], BLOCK=RANK_BLOCK)
+    return rep, src, dst
 
 
 def merge_block_c(channels: int) -> int:
