@@ -8,6 +8,7 @@ each budget, plus the mean cosine between optimized and original embeddings. Sen
     python benchmarks/stsb_fidelity.py                      # README table (ToMe)
     python benchmarks/stsb_fidelity.py --tokens 32 --methods all --budgets 0.75,0.5,0.25   # README method table
     python benchmarks/stsb_fidelity.py --tokens 32 --budgets 1.0,0.5 --limit 200
+    python benchmarks/stsb_fidelity.py --tokens 32 --budgets 0.75,0.5 --option order=keep   # ToMe order
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def main() -> None:
     parser.add_argument("--methods", default="tome",
                         help="comma-separated methods (see `tokencompile methods`), or `all`")
     parser.add_argument("--limit", type=int, help="use only the first N pairs")
+    parser.add_argument("--option", action="append", default=[], help="method option key=value (repeatable)")
     args = parser.parse_args()
+    options = dict(option.split("=", 1) for option in args.option)
     torch.set_num_threads(os.cpu_count() or 1)
 
     from transformers import AutoTokenizer
@@ -91,7 +94,7 @@ def main() -> None:
             for budget in [float(b) for b in args.budgets.split(",")]:
                 started = time.perf_counter()
                 try:
-                    result = tokencompile.optimize(program, budget=budget, method=method)
+                    result = tokencompile.optimize(program, budget=budget, method=method, options=options)
                 except tokencompile.TokenCompileError as error:
                     print(f"| {tokens} | {truncated} | {method} | {budget:g} | not reachable: {error.problem} "
                           "| | | |", flush=True)
