@@ -18,7 +18,7 @@ import torch
 from .errors import TokenCompileError
 
 METADATA = re.compile(r"(archive_format|archive_version|byteorder|version|\.data/version|\.data/serialization_id"
-                      r"|models/[^/]+\.json|extra/.+)")
+                      r"|models/[^/]+\.json|serialized_[a-z_]+\.json|extra/.+)")
 PAYLOAD_CONFIG = re.compile(r"data/(weights|constants)/[^/]+_(weights|constants)_config\.json")
 RAW_TENSOR = re.compile(r"data/(weights/weight|constants/tensor)_\d+")
 # pickles holding tensors only (example inputs; the older formats' state dict and constants)

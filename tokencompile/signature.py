@@ -27,7 +27,8 @@ def _range(program: ExportedProgram, size) -> tuple[int, int | None]:
         upper = int(bounds.upper)
     except (TypeError, ValueError, AttributeError, OverflowError):  # unbounded (sympy's infinity)
         upper = None
-    return int(bounds.lower), upper
+    # torch.export gives a free batch the lower bound 2 (it specialises sizes 0 and 1), yet runs batch 1
+    return (1 if int(bounds.lower) == 2 else int(bounds.lower)), upper
 
 
 def input_specs(program: ExportedProgram) -> list[InputSpec]:
@@ -81,7 +82,7 @@ def verify_batches(program: ExportedProgram) -> list[int]:
     if fixed is not None:
         return [fixed]
     low, high = batch_range(program)
-    low = 1 if low <= 2 else low  # torch.export's lower bound 2 of a free batch still runs batch 1
+    low = max(low, 1)
     return sorted({min(max(size, low), high or max(size, low)) for size in (1, 8)})
 
 
