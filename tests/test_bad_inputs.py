@@ -316,3 +316,12 @@ def test_python_save_and_load(work, tmp_path):
     with pytest.raises(TokenCompileError, match="is stored as a pickle"):
         tokencompile.load_program(str(work / "evil_weights.pt2"))
     assert os.listdir(tmp_path) == ["copy.pt2"]
+
+
+def test_default_output_names():
+    from tokencompile.outputs import default_program_path
+
+    assert default_program_path("timm:vit_small_patch16_224") == os.path.abspath("vit_small_patch16_224.tc.pt2")
+    assert default_program_path("hf:/models/bert-base/") == os.path.abspath("bert-base.tc.pt2")
+    assert default_program_path("/data/net.pt") == "/data/net.tc.pt2"
+    assert default_program_path("/data/vit.tc.pt2") == "/data/vit.tc.tc.pt2"
