@@ -56,13 +56,14 @@ def test_onnx_parity_other_budgets(optimized, name, budget, tmp_path):
 
 
 class _AllOps(torch.nn.Module):
-    def __init__(self, use_valid):
+    def __init__(self, use_valid, ab_order=False):
         super().__init__()
-        self.use_valid = use_valid
+        self.use_valid, self.ab_order = use_valid, ab_order
         self.table = torch.nn.Parameter(torch.randn(1, 12, 3))
 
     def forward(self, x, valid):
-        rep, src, dst = tc.tome_plan(x, valid if self.use_valid else None, 4, 1, self.use_valid)
+        rep, src, dst = tc.tome_plan(x, valid if self.use_valid else None, 4, int(self.ab_order), self.use_valid,
+                                     self.ab_order)
         sizes = x[..., 0].abs() + 1
         merged = tc.merge_tokens(x, sizes, rep, src, dst)
         mask = valid[:, None, :, None] & valid[:, None, None, :]
@@ -80,9 +81,9 @@ class _AllOps(torch.nn.Module):
                 tc.merge_tokens(x, sizes, *plans[1]), *routed, tc.max_tokens(sizes, *routed), ranks)
 
 
-@pytest.mark.parametrize("use_valid", [False, True])
-def test_each_op_lowers_exactly(tmp_path, use_valid):
-    module = _AllOps(use_valid)
+@pytest.mark.parametrize("use_valid,ab_order", [(False, False), (True, False), (False, True), (True, True)])
+def test_each_op_lowers_exactly(tmp_path, use_valid, ab_order):
+    module = _AllOps(use_valid, ab_order)
     x = torch.randn(3, 12, 5)
     valid = torch.ones(3, 12, dtype=torch.bool)
     valid[1, 7:] = False
