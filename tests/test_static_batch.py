@@ -51,7 +51,7 @@ def report(folder, model, *args):
 
 
 @pytest.mark.parametrize("name", ["vit", "bert"])
-def test_every_verb_on_a_static_batch_program(files, name, tmp_path):
+def test_every_verb_on_a_static_batch_program(files, name, tmp_path, caplog):
     static, symbolic = files / f"{name}_b2.pt2", files / f"{name}.pt2"
     assert static_batch(torch.export.load(str(static))) == 2 and static_batch(torch.export.load(str(symbolic))) is None
 
@@ -64,8 +64,11 @@ def test_every_verb_on_a_static_batch_program(files, name, tmp_path):
     optimized = files / f"{name}_b2.tc.pt2"
     assert static_batch(torch.export.load(str(optimized))) == 2
 
-    out = run("export", optimized, "-o", tmp_path / "b2.onnx", "--verify").output
+    exported = run("export", optimized, "-o", tmp_path / "b2.onnx", "--verify")
+    out = exported.output
     assert "verify batch 2: " in out and "(ok" in out and "verify batch 1" not in out and "FAILED" not in out
+    # torch.onnx's constant folding of fixed sizes warns "Evaluation failed" (twice for BERT): not shown
+    assert not [record for record in caplog.records if "Evaluation failed" in record.getMessage()]
     if name == "vit":
         out = run("export", optimized, "-o", tmp_path / "b2p.onnx", "--plugins", "--verify").output
         assert "verify batch 2: " in out and "FAILED" not in out
