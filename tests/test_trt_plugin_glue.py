@@ -138,7 +138,7 @@ def test_every_plugin_registers_and_describes_its_outputs(glue):
     rep, src = TensorDesc((8, 101), "trt.int64"), TensorDesc((8, 96), "trt.int64")
     (merged,) = glue[("describe", "tokencompile::TcMergeTokens")](x, w, rep, src, src)
     assert [d.value for d in merged.shape_expr] == [8, 101, 384] and merged.dtype == "trt.float32"
-    plan = glue[("describe", "tokencompile::TcTomePlan")](TensorDesc((8, 197, 64), "trt.float32"), w, 16, 1, 0)
+    plan = glue[("describe", "tokencompile::TcTomePlan")](TensorDesc((8, 197, 64), "trt.float32"), w, 16, 1, 0, 1)
     assert [[d.value for d in o.shape_expr] for o in plan] == [[8, 181], [8, 16], [8, 16]]
     assert all(o.dtype == "trt.int64" for o in plan)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch.fx import Node
 
 from ..graph_utils import GraphBuilder, aten, tensor_meta
@@ -47,10 +46,11 @@ class ZipCache(PruneMethod):
         # queries see nothing (under a causal mask, queries before the key would not either)
         if site.valid is None:
             return builder.call(aten.mean.dim, attention, [1], name=f"block{site.block}_zipcache_saliency")
-        seen_by = builder.cast(self._take(builder, site.valid, 1, slices), torch.float32)  # [B, P]
-        total = builder.call(aten.squeeze.dim, builder.call(
-            aten.matmul.default, builder.call(aten.unsqueeze.default, seen_by, 1), attention), 1)
-        count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, seen_by, [1], True), 1.0)
+        seen_by = self._take(builder, site.valid, 1, slices)                                          # [B, P] bool
+        # bool * attention keeps attention's dtype: no cast to a dtype fixed when the graph is built
+        total = builder.call(aten.sum.dim_IntList, builder.call(
+            aten.mul.Tensor, attention, builder.call(aten.unsqueeze.default, seen_by, -1)), [1])
+        count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, seen_by, [1], True), 1)
         return builder.call(aten.div.Tensor, total, count, name=f"block{site.block}_zipcache_saliency")
 
     @staticmethod
