@@ -66,12 +66,12 @@ class CompiledKernel(NamedTuple):
 
 def _tome_match(dtype: str) -> KernelSpec:
     block = kernels.MATCH_BLOCK
-    types = {"metric_ptr": FLOAT_TYPES[dtype], "valid_ptr": "*i8", "protect_ptr": "*i8", "best_ptr": "*fp32",
-             "best_index_ptr": "*i64", "N": "i32", "D": "i32"}
+    types = {"metric_ptr": FLOAT_TYPES[dtype], "valid_ptr": "*i8", "best_ptr": "*fp32", "best_index_ptr": "*i64",
+             "N": "i32", "D": "i32", "num_prefix": "i32", "protect_last_valid": "i32"}
     constexprs = {"PAD_BONUS": kernels.ops.PAD_PAIR_BONUS, "BLOCK_A": block, "BLOCK_B": block, "BLOCK_D": block}
     return KernelSpec(f"tome_match_{dtype}", kernels.tome_match_kernel, types, constexprs,
                       ("B", f"cdiv((N + 1) // 2, {block})", "1"),
-                      requires="metric L2-normalised per token; valid/protect int8 [B, N]")
+                      requires="metric L2-normalised per token; valid int8 [B, N]")
 
 
 def _tome_rank() -> KernelSpec:

@@ -49,20 +49,26 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def tome_match_kernel(metric_ptr, valid_ptr, protect_ptr, N, D, best_ptr, best_index_ptr,
+def tome_match_kernel(metric_ptr, valid_ptr, N, D, num_prefix, protect_last_valid, best_ptr, best_index_ptr,
                       PAD_BONUS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                       BLOCK_D: tl.constexpr):
-    """Grid (B, cdiv(NA, BLOCK_A)). metric is L2-normalised [B, N, D]; valid and protect are int8 [B, N].
+    """Grid (B, cdiv(NA, BLOCK_A)). metric is L2-normalised [B, N, D]; valid is int8 [B, N]. Protected
+    tokens (``ops.protected_mask``): the first num_prefix and, with protect_last_valid, the last valid.
     Writes best [B, NA] (fp32 holding metric-dtype values) and best_index [B, NA] (int64)."""
     batch = tl.program_id(0).to(tl.int64)
     num_a = (N + 1) // 2
     num_b = N // 2
+    count = tl.zeros((BLOCK_A,), tl.int32)
+    for start in range(0, N, BLOCK_A):
+        token = start + tl.arange(0, BLOCK_A)
+        count += tl.load(valid_ptr + batch * N + token, mask=token < N, other=0).to(tl.int32)
+    last = tl.where(protect_last_valid != 0, tl.sum(count, axis=0) - 1, -1)
     a_index = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_ok = a_index < num_a
     a_token = 2 * a_index
     metric = metric_ptr + batch * N * D
     a_pad = tl.load(valid_ptr + batch * N + a_token, mask=a_ok, other=1) == 0
-    a_protected = tl.load(protect_ptr + batch * N + a_token, mask=a_ok, other=0) != 0
+    a_protected = (a_token < num_prefix) | (a_token == last)
 
     best = tl.full((BLOCK_A,), float("-inf"), tl.float32)
     best_index = tl.zeros((BLOCK_A,), tl.int64)
@@ -87,7 +93,7 @@ def tome_match_kernel(metric_ptr, valid_ptr, protect_ptr, N, D, best_ptr, best_i
         one_pad = (a_pad[:, None] ^ b_pad[None, :]).to(tl.float32)
         score = round_to(score + PAD_BONUS * both_pad, element)
         score = round_to(score - PAD_BONUS * one_pad, element)
-        b_protected = tl.load(protect_ptr + batch * N + b_token, mask=b_ok, other=1) != 0
+        b_protected = (b_token < num_prefix) | (b_token == last)
         excluded = a_protected[:, None] | b_protected[None, :] | (b_ok == 0)[None, :]
         score = tl.where(excluded, float("-inf"), score)
 
@@ -337,33 +343,37 @@ def _flags(mask: Tensor | None, like: Tensor, shape: tuple[int, int]) -> Tensor:
     return mask.to(torch.int8).contiguous()
 
 
-def tome_matches(metric: Tensor, valid: Tensor | None, num_prefix: int,
-                 protect_last_valid: bool) -> tuple[Tensor, Tensor]:
-    """Best B partner of every A token: (best score [B, NA] fp32, B index [B, NA] int64)."""
+def tome_matches(metric: Tensor, valid: Tensor | None, num_prefix: int, protect_last_valid: bool,
+                 flags: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Best B partner of every A token: (best score [B, NA] fp32, B index [B, NA] int64). ``flags``: valid
+    as int8, when the caller has it already."""
     batch, n, dim = metric.shape
     # the same expression as the reference, so the normalised rows are bit-identical
     normalized = (metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)).contiguous()
-    protect = ops.protected_mask(valid, (batch, n), num_prefix, protect_last_valid, metric.device)
     num_a = (n + 1) // 2
     best = torch.empty((batch, num_a), dtype=torch.float32, device=metric.device)
     best_index = torch.zeros((batch, num_a), dtype=torch.int64, device=metric.device)
     if batch * num_a:
+        flags = _flags(valid, metric, (batch, n)) if flags is None else flags
         grid = (batch, triton.cdiv(num_a, MATCH_BLOCK))
-        tome_match_kernel[grid](normalized, _flags(valid, metric, (batch, n)), protect.to(torch.int8).contiguous(),
-                                n, dim, best, best_index, PAD_BONUS=ops.PAD_PAIR_BONUS, BLOCK_A=MATCH_BLOCK,
+        tome_match_kernel[grid](normalized, flags, n, dim, num_prefix, int(protect_last_valid and valid is not None),
+                                best, best_index, PAD_BONUS=ops.PAD_PAIR_BONUS, BLOCK_A=MATCH_BLOCK,
                                 BLOCK_B=MATCH_BLOCK, BLOCK_D=MATCH_BLOCK)
     return best, best_index
 
 
 def tome_plan(metric: Tensor, valid: Tensor | None, r: int, num_prefix: int, protect_last_valid: bool,
               ab_order: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``tokencompile::tome_plan`` with the similarity/best-match step in a kernel."""
-    best, best_index = tome_matches(metric, valid, num_prefix, protect_last_valid)
-    return plan_from_matches(best, best_index, metric.shape[1], r, ab_order, valid, num_prefix, protect_last_valid)
+    """``tokencompile::tome_plan``: the matches and the plan, two kernel launches."""
+    flags = _flags(valid, metric, metric.shape[:2])
+    best, best_index = tome_matches(metric, valid, num_prefix, protect_last_valid, flags)
+    return plan_from_matches(best, best_index, metric.shape[1], r, ab_order, valid, num_prefix, protect_last_valid,
+                             flags)
 
 
 def plan_from_matches(best: Tensor, best_index: Tensor, n: int, r: int, ab_order: bool, valid: Tensor | None,
-                      num_prefix: int, protect_last_valid: bool) -> tuple[Tensor, Tensor, Tensor]:
+                      num_prefix: int, protect_last_valid: bool,
+                      flags: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``ops.plan_from_matches`` in one kernel launch (a dozen torch ops otherwise, whose launches
     dominate at ViT sizes)."""
     batch = best.shape[0]
@@ -371,8 +381,9 @@ def plan_from_matches(best: Tensor, best_index: Tensor, n: int, r: int, ab_order
     src = torch.empty((batch, r), dtype=torch.int64, device=best.device)
     dst = torch.empty((batch, r), dtype=torch.int64, device=best.device)
     if batch:
+        flags = _flags(valid, best, (batch, n)) if flags is None else flags
         scratch = torch.empty((2, batch, n), dtype=torch.int64, device=best.device)
-        tome_rank_kernel[(batch,)](best, best_index, _flags(valid, best, (batch, n)), n, r, num_prefix,
+        tome_rank_kernel[(batch,)](best, best_index, flags, n, r, num_prefix,
                                    int(protect_last_valid and valid is not None), int(ab_order), rep, src, dst,
                                    scratch[0], scratch[1], BLOCK=RANK_BLOCK)
     return rep, src, dst
