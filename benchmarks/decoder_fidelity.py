@@ -24,6 +24,9 @@ Measured here (2 shared CPU cores, about 10 minutes; 8 texts, 512-token prompts,
 | fastv, probes=64 (`--probes 64`) | 0.6 | 0.600 | 2 | 250/448 | 0.8184 | 7.731 | +46.2% |
 | fastv, probes=64 (`--probes 64`) | 0.4 | 0.400 | 2 | 143/448 | 0.7754 | 8.329 | +57.5% |
 
+The probe layer matters (budget 0.6, probes=1, `--layer K`): K=2 0.797 / +43.8%, K=8 0.867 / +27.3%
+(span kept 194/448), K=12 0.789 / +62.3% (135/448).
+
 FastV as published (last token's row, K=2) misses the targets of issue 13 on text (agreement >= 0.90,
 perplexity within +8% at 0.6): one query row at layer 2 is a poor judge of which context a text
 continuation needs. Averaging the rows of the 64 protected tokens helps a little (0.82 / 0.78).
