@@ -38,10 +38,10 @@ class PiToMe(Method):
         if site.valid is None:
             energy = builder.call(aten.mean.dim, elu, [-1])
         else:  # the mean over real tokens only: a token's energy must not depend on the padding
-            real = builder.cast(site.valid, torch.float32)
+            # bool * elu keeps elu's dtype (no cast to a dtype fixed when the graph is built)
             total = builder.call(aten.sum.dim_IntList, builder.call(
-                aten.mul.Tensor, elu, builder.call(aten.unsqueeze.default, real, 1)), [-1])
-            count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, real, [1], True), 1.0)
+                aten.mul.Tensor, elu, builder.call(aten.unsqueeze.default, site.valid, 1)), [-1])
+            count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, site.valid, [1], True), 1)
             energy = builder.call(aten.div.Tensor, total, count)
         # protected tokens are never candidates; padding always is, first. Energies lie in (-1, 1], so
         # padding gets distinct values above them: ties would be ordered differently by each runtime's top-k.
