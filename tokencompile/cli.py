@@ -480,9 +480,10 @@ def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_confi
         click.echo(f"wrote {plot_path}")
 
 
-from .decoder.cli import generate_command  # noqa: E402  (decoder LLMs: prompt reduction + greedy decoding)
+from .decoder.cli import export_decoder_command, generate_command  # noqa: E402  (decoder LLMs)
 
 main.add_command(generate_command(_Command, _debug))
+main.add_command(export_decoder_command(_Command, _debug))
 
 
 if __name__ == "__main__":

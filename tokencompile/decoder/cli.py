@@ -33,66 +33,126 @@ def load_causal_lm(model_dir: str, gguf_file: str | None):
     return model, tokenizer
 
 
+def _compile_options(command):
+    """Options that choose the prompt reduction (shared by `generate` and `export-decoder`)."""
+    options = [
+        click.option("--gguf-file", help="GGUF checkpoint inside MODEL_DIR (dequantised to fp32)."),
+        click.option("--budget", type=float, help="Prefill FLOPs ratio to meet (0 < B <= 1)."),
+        click.option("--keep", type=float, help="Fraction of the span kept (instead of --budget)."),
+        click.option("--layer", type=int, default=2, show_default=True,
+                     help="First layer that sees the kept tokens."),
+        click.option("--span", help="START,LENGTH of the prompt tokens that may go (default: all but the last)."),
+        click.option("--image-token-id", type=int, help="The span is every token with this id (VLM image tokens)."),
+        click.option("--positions", type=click.Choice(["keep", "renumber"]), default="keep", show_default=True),
+        click.option("--probes", type=int, default=1, show_default=True,
+                     help="Score by the mean attention row of the last P prompt tokens (1: FastV's last token)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _region(span: str | None, image_token_id: int | None):
+    from . import Span
+
+    if image_token_id is not None:
+        return Span(token_id=image_token_id)
+    if span is None:
+        return Span()
+    values = _int_list(span, "--span")
+    if len(values) != 2:
+        raise TokenCompileError(f"--span {span!r} is not START,LENGTH", "give --span START,LENGTH")
+    return Span(*values)
+
+
+def _prompt(tokenizer, prompt: str | None, prompt_ids: str | None, where: str):
+    import torch
+
+    if prompt is not None:
+        if tokenizer is None:
+            raise TokenCompileError(f"{where} has no tokenizer", "give --tokenizer DIR or --prompt-ids")
+        return tokenizer(prompt, return_tensors="pt").input_ids
+    return torch.tensor([_int_list(prompt_ids, "--prompt-ids")])
+
+
+def _compile(model, ids, budget, keep, layer, span, image_token_id, positions, probes):
+    from . import compile_decoder
+
+    if budget is None and keep is None:
+        budget = 1.0
+    return compile_decoder(model, ids, budget=budget if keep is None else None, keep=keep, layer=layer,
+                           span=_region(span, image_token_id), positions=positions, probes=probes)
+
+
+def _describe(report: dict) -> str:
+    return (f"prefill FLOPs ratio {report['flops_ratio']:.3f}, layer {report['layer']}, span kept "
+            f"{report['span_tokens_kept']}/{report['span_tokens_removable']}, tokens per layer "
+            f"{report['tokens_per_layer']}")
+
+
+def _load_tokenizer(folder: str, gguf_file: str | None):
+    from transformers import AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(folder, **extra)
+    except (OSError, ValueError) as error:
+        raise TokenCompileError(f"cannot load a tokenizer from {folder}: {str(error).splitlines()[0]}",
+                                "give a Hugging Face model folder (and --gguf-file for a GGUF one)") from None
+
+
 def generate_command(command_class, debug_option):
+    from .onnx_export import MANIFEST
+
     @click.command("generate", cls=command_class)
     @click.argument("model_dir")
-    @click.option("--gguf-file", help="GGUF checkpoint inside MODEL_DIR (dequantised to fp32).")
-    @click.option("--prompt", help="Prompt text (needs a tokenizer in MODEL_DIR).")
+    @click.option("--prompt", help="Prompt text (needs a tokenizer in MODEL_DIR, or --tokenizer).")
     @click.option("--prompt-ids", help="Prompt as comma-separated token ids (instead of --prompt).")
-    @click.option("--budget", type=float, help="Prefill FLOPs ratio to meet (0 < B <= 1).")
-    @click.option("--keep", type=float, help="Fraction of the span kept (instead of --budget).")
-    @click.option("--layer", type=int, default=2, show_default=True, help="First layer that sees the kept tokens.")
-    @click.option("--span", help="START,LENGTH of the prompt tokens that may go (default: all but the last).")
-    @click.option("--image-token-id", type=int, help="The span is every token with this id (VLM image tokens).")
-    @click.option("--positions", type=click.Choice(["keep", "renumber"]), default="keep", show_default=True)
-    @click.option("--probes", type=int, default=1, show_default=True, help="Score by the mean attention row of the "
-                  "last P prompt tokens (1: FastV's last token).")
+    @click.option("--tokenizer", "tokenizer_dir", help="Tokenizer folder (for an exported decoder folder).")
+    @_compile_options
     @click.option("--max-new-tokens", type=int, default=32, show_default=True)
     @click.option("--report", "report_path", help="Write the report (JSON).")
     @debug_option
-    def generate(model_dir, gguf_file, prompt, prompt_ids, budget, keep, layer, span, image_token_id, positions,
-                 probes, max_new_tokens, report_path, debug):
-        """Greedy generation with the prompt reduced in prefill; prints the continuation and tokens per layer."""
-        import torch
+    def generate(model_dir, prompt, prompt_ids, tokenizer_dir, gguf_file, budget, keep, layer, span, image_token_id,
+                 positions, probes, max_new_tokens, report_path, debug):
+        """Greedy generation with the prompt reduced in prefill; prints the continuation and tokens per layer.
 
-        from . import Span, compile_decoder
+        MODEL_DIR is a Hugging Face causal LM folder, or a folder written by `export-decoder` (then the
+        reduction was chosen at export and prefill and decode run in ONNX Runtime)."""
+        import os
+
         from . import generate as greedy
 
         if (prompt is None) == (prompt_ids is None):
             raise TokenCompileError("give exactly one of --prompt and --prompt-ids")
         if max_new_tokens < 1:
             raise TokenCompileError(f"--max-new-tokens {max_new_tokens} is below 1", "give --max-new-tokens >= 1")
-        if budget is None and keep is None:
-            budget = 1.0
         if report_path:  # checked before the model loads (see tokencompile.outputs)
             from ..outputs import check_output
 
             report_path = check_output(report_path, "--report", (".json",), [model_dir])
-        model, tokenizer = load_causal_lm(model_dir, gguf_file)
-        if prompt is not None:
-            if tokenizer is None:
-                raise TokenCompileError(f"{model_dir} has no tokenizer", "give --prompt-ids instead of --prompt")
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
+        if os.path.isfile(os.path.join(model_dir, MANIFEST)):
+            from .onnx_export import OnnxRunner
+
+            if budget is not None or keep is not None:
+                raise TokenCompileError(f"{model_dir} is an exported decoder: its reduction was chosen at export",
+                                        "drop --budget / --keep, or export again")
+            source = OnnxRunner(model_dir)
+            tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
+            ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
+            report, eos = source.manifest["report"], source.manifest.get("eos_token_id")
         else:
-            ids = torch.tensor([_int_list(prompt_ids, "--prompt-ids")])
-        if image_token_id is not None:
-            region = Span(token_id=image_token_id)
-        elif span is not None:
-            values = _int_list(span, "--span")
-            if len(values) != 2:
-                raise TokenCompileError(f"--span {span!r} is not START,LENGTH", "give --span START,LENGTH")
-            region = Span(*values)
-        else:
-            region = Span()
-        program = compile_decoder(model, ids, budget=budget if keep is None else None, keep=keep, layer=layer,
-                                  span=region, positions=positions, probes=probes)
-        out = greedy(program, ids, max_new_tokens, eos_token_id=getattr(model.config, "eos_token_id", None))
+            model, tokenizer = load_causal_lm(model_dir, gguf_file)
+            if tokenizer_dir:
+                tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
+            ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
+            source = _compile(model, ids, budget, keep, layer, span, image_token_id, positions, probes)
+            report, eos = source.report, getattr(model.config, "eos_token_id", None)
+        out = greedy(source, ids, max_new_tokens, eos_token_id=eos)
         new = out[0, ids.shape[1]:].tolist()
         click.echo(tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new)))
-        report = {**program.report, "generated_ids": new}
-        click.echo(f"prefill FLOPs ratio {report['flops_ratio']:.3f}, layer {report['layer']}, span kept "
-                   f"{report['span_tokens_kept']}/{report['span_tokens_removable']}, tokens per layer "
-                   f"{report['tokens_per_layer']}", err=True)
+        report = {**report, "generated_ids": new}
+        click.echo(_describe(report), err=True)
         if report_path:
             from ..outputs import write_json
 
@@ -101,4 +161,95 @@ def generate_command(command_class, debug_option):
     return generate
 
 
-__all__ = ["generate_command", "load_causal_lm"]
+def export_decoder_command(command_class, debug_option):
+    @click.command("export-decoder", cls=command_class)
+    @click.argument("model_dir")
+    @click.option("-o", "--output", "folder", required=True, help="Folder for prefill.onnx, decode.onnx and "
+                  "decoder.json.")
+    @click.option("--prompt", help="Example prompt text: fixes the prompt length (and image-token positions).")
+    @click.option("--prompt-ids", help="Example prompt as comma-separated token ids.")
+    @click.option("--prompt-tokens", type=int, help="Prompt length, for a span given by --span (random example ids).")
+    @_compile_options
+    @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (TensorRT 10 reads 9..20).")
+    @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch: prefill, and 8 greedy tokens.")
+    @click.option("--check", "check_target", type=click.Choice(["trt"]), help="Report ops TensorRT cannot build, "
+                  "in both graphs.")
+    @click.option("--force", is_flag=True, help="Replace the files of an earlier export in the folder.")
+    @debug_option
+    def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, budget, keep, layer, span,
+                       image_token_id, positions, probes, opset, verify, check_target, force, debug):
+        """Compile a causal LM's prompt reduction and write prefill and decode as two ONNX graphs."""
+        import os
+        import sys
+
+        import torch
+
+        from .onnx_export import (
+            DECODE,
+            MANIFEST,
+            PREFILL,
+            OnnxRunner,
+            export_decoder_onnx,
+        )
+
+        if sum(x is not None for x in (prompt, prompt_ids, prompt_tokens)) != 1:
+            raise TokenCompileError("give exactly one of --prompt, --prompt-ids and --prompt-tokens")
+        if prompt_tokens is not None and prompt_tokens < 2:
+            raise TokenCompileError(f"--prompt-tokens {prompt_tokens} is below 2", "give --prompt-tokens 2 or more")
+        if not 9 <= opset <= 20:
+            raise TokenCompileError(f"--opset {opset} is out of range", "give an opset from 9 to 20")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise TokenCompileError(f"-o {folder} is a file", "give a folder")
+        existing = [name for name in (PREFILL, DECODE, MANIFEST) if os.path.exists(os.path.join(folder, name))]
+        if existing and not force:
+            raise TokenCompileError(f"{folder} already holds {', '.join(existing)}", "add --force to replace them")
+        if os.path.abspath(folder) == os.path.abspath(model_dir):
+            raise TokenCompileError("-o is the model folder: its files would be mixed with the export",
+                                    "choose another folder")
+        model, tokenizer = load_causal_lm(model_dir, gguf_file)
+        if prompt_tokens is not None:
+            vocab = model.config.vocab_size
+            ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+        else:
+            ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
+        program = _compile(model, ids, budget, keep, layer, span, image_token_id, positions, probes)
+        click.echo(_describe(program.report))
+        info = export_decoder_onnx(program, folder, opset=opset)
+        click.echo(f"wrote {info.prefill} and {info.decode} ({info.layers} layers, opset {opset}, checker passed, "
+                   f"{info.seconds:.0f} s)")
+        failed = False
+        if verify:
+            from . import generate as greedy
+            from . import prefill
+
+            runner = OnnxRunner(folder)
+            batch = torch.cat([ids, ids.flip(1)])
+            expected_logits, expected_caches = prefill(program, batch)
+            logits, caches = runner.prefill(batch)
+            error = max(float((a - b).abs().max()) for a, b in
+                        zip([logits, *[t for kv in caches for t in kv]],
+                            [expected_logits, *[t for kv in expected_caches for t in kv]]))
+            same = torch.equal(greedy(program, batch, 8), greedy(runner, batch, 8))
+            click.echo(f"verify batch 2: prefill max abs error {error:.2e} (atol 1e-4), 8 greedy tokens "
+                       f"{'identical' if same else 'DIFFERENT'}")
+            failed |= error > 1e-4 or not same
+        if check_target == "trt":
+            import onnx
+
+            from ..lowering.tensorrt_check import check_tensorrt
+
+            for path in (info.prefill, info.decode):
+                findings = check_tensorrt(onnx.load(path, load_external_data=False))
+                blocking = [f for f in findings if f.blocking]
+                for finding in findings:
+                    click.echo(f"{os.path.basename(path)}: {finding}")
+                click.echo(f"TensorRT check of {os.path.basename(path)}: {len(blocking)} blocking, "
+                           f"{len(findings) - len(blocking)} notes")
+                failed |= bool(blocking)
+        if failed:
+            sys.exit(1)
+
+    return export_decoder
+
+
+__all__ = ["export_decoder_command", "generate_command", "load_causal_lm"]

@@ -54,20 +54,37 @@ def decode_step(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.T
     return out.logits[:, -1], [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _decoder_of(program_or_model) -> torch.nn.Module:
-    if isinstance(program_or_model, DecoderProgram):
-        if program_or_model.positions != "keep" and program_or_model.first_reduced_layer is not None:
-            raise TokenCompileError("decoding after positions=renumber is not supported: layers before and after "
-                                    "the reduction would need different positions", "compile with positions=keep")
-        return program_or_model.model
-    return program_or_model
+class TorchRunner:
+    """Prefill (the reduced program, or the unreduced model) and decode steps (the model's layers) in torch."""
+
+    def __init__(self, program_or_model):
+        if isinstance(program_or_model, DecoderProgram):
+            if program_or_model.positions != "keep" and program_or_model.first_reduced_layer is not None:
+                raise TokenCompileError("decoding after positions=renumber is not supported: layers before and "
+                                        "after the reduction would need different positions",
+                                        "compile with positions=keep")
+            self.decoder = program_or_model.model
+        else:
+            self.decoder = program_or_model
+        self.source = program_or_model
+
+    def prefill(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, Caches]:
+        return prefill(self.source, prompt_ids)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Caches) -> tuple[torch.Tensor, Caches]:
+        return decode_step(self.decoder, tokens, positions, caches)
 
 
-def generate(program_or_model, prompt_ids: torch.Tensor, max_new_tokens: int,
-             eos_token_id: int | None = None) -> torch.Tensor:
-    """Greedy decoding: [B, N + new] ids (stops early when every sample produced ``eos_token_id``)."""
-    decoder = _decoder_of(program_or_model)
-    logits, caches = prefill(program_or_model, prompt_ids)
+def as_runner(source):
+    """A runner (``prefill`` and ``decode`` methods, e.g. ``OnnxRunner``) as is; a program or model in torch."""
+    return source if hasattr(source, "prefill") and hasattr(source, "decode") else TorchRunner(source)
+
+
+def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+    """Greedy decoding: [B, N + new] ids (stops early when every sample produced ``eos_token_id``).
+    ``source``: a DecoderProgram, a causal LM, or a runner such as ``OnnxRunner``."""
+    runner = as_runner(source)
+    logits, caches = runner.prefill(_check_prompt(prompt_ids))
     ids, position = prompt_ids, prompt_ids.shape[1]
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
     for step in range(max_new_tokens):
@@ -78,23 +95,22 @@ def generate(program_or_model, prompt_ids: torch.Tensor, max_new_tokens: int,
             if bool(finished.all()):
                 break
         if step + 1 < max_new_tokens:
-            positions = torch.full_like(token, position)
-            logits, caches = decode_step(decoder, token, positions, caches)
+            logits, caches = runner.decode(token, torch.full_like(token, position), caches)
             position += 1
     return ids
 
 
-def teacher_forced_logits(program_or_model, prompt_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+def teacher_forced_logits(source, prompt_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
     """[B, T, V]: logits predicting continuation[:, t] after the prompt and continuation[:, :t]."""
-    decoder = _decoder_of(program_or_model)
-    logits, caches = prefill(program_or_model, prompt_ids)
+    runner = as_runner(source)
+    logits, caches = runner.prefill(_check_prompt(prompt_ids))
     steps, position = [logits], prompt_ids.shape[1]
     for t in range(continuation.shape[1] - 1):
         token = continuation[:, t:t + 1]
-        logits, caches = decode_step(decoder, token, torch.full_like(token, position), caches)
+        logits, caches = runner.decode(token, torch.full_like(token, position), caches)
         steps.append(logits)
         position += 1
     return torch.stack(steps, dim=1)
 
 
-__all__ = ["decode_step", "generate", "prefill", "teacher_forced_logits"]
+__all__ = ["Caches", "TorchRunner", "as_runner", "decode_step", "generate", "prefill", "teacher_forced_logits"]

@@ -1,0 +1,180 @@
+"""A reduced decoder as two ONNX graphs, prefill and decode, and a generation loop in ONNX Runtime.
+
+Names follow Optimum / onnxruntime-genai:
+
+- ``prefill.onnx``: ``input_ids [batch, N]`` (N fixed at compile time, no padding) -> ``logits [batch, V]``
+  (the last prompt token's), ``present.{i}.key`` / ``present.{i}.value [batch, H_kv, n_i, D]``. After a
+  reduction n_i differs per layer: layers below the first reduced one hold all N tokens.
+- ``decode.onnx``: ``input_ids [batch, 1]``, ``position_ids [batch, 1]``, ``past_key_values.{i}.key`` /
+  ``.value [batch, H_kv, past_sequence_length.{i}, D]`` -> ``logits [batch, V]``, ``present.{i}.key`` /
+  ``.value`` one token longer. Each layer's past length is its own axis, so one graph decodes on
+  full and reduced caches alike. There is no ``attention_mask``: the new token sees its layer's whole
+  cache (no padding).
+- ``decoder.json``: prompt length, layer count, position policy, the compile report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.export import Dim, ExportedProgram
+
+from ..errors import TokenCompileError
+from ..lowering.onnx_export import DEFAULT_OPSET, ort_session, run_torch_onnx_export
+from ..lowering.onnx_ops import translation_table
+from ..outputs import write_bytes, write_json
+from .generate import Caches, TorchRunner, decode_step
+from .prefill import DecoderProgram
+
+PREFILL, DECODE, MANIFEST = "prefill.onnx", "decode.onnx", "decoder.json"
+MAX_CACHE = 1 << 17
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{role}" for i in range(layers) for role in ("key", "value")]
+
+
+class DecodeStep(torch.nn.Module):
+    """(input_ids [B, 1], position_ids [B, 1], key_0, value_0, ...) -> (logits [B, V], key_0', value_0', ...)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, past):
+        logits, caches = decode_step(self.model, input_ids, position_ids, list(zip(past[0::2], past[1::2])))
+        return (logits, *[t for kv in caches for t in kv])
+
+
+def export_decode_step(model: torch.nn.Module, example_caches: Caches) -> ExportedProgram:
+    """The decode step with a symbolic batch and a symbolic past length per layer."""
+    batch = example_caches[0][0].shape[0]
+    token = torch.zeros(batch, 1, dtype=torch.long)
+    position = torch.full_like(token, example_caches[0][0].shape[2])
+    past = tuple(t for kv in example_caches for t in kv)
+    batch_dim = Dim("batch", min=1, max=4096)
+    past_dims = [Dim(f"past_{i}", min=1, max=MAX_CACHE) for i in range(len(example_caches))]
+    dynamic = ({0: batch_dim}, {0: batch_dim}, tuple({0: batch_dim, 2: past_dims[i // 2]} for i in range(len(past))))
+    with torch.no_grad():
+        return torch.export.export(DecodeStep(model).eval(), (token, position, past), dynamic_shapes=dynamic,
+                                   strict=False)
+
+
+def _rename(exported, inputs: list[str], outputs: list[str]) -> None:
+    graph = exported.model.graph
+    for value, name in zip(graph.inputs, inputs):
+        value.name = name
+    for value, name in zip(graph.outputs, outputs):
+        value.name = name
+    axes = {}
+    for value in graph.inputs:
+        if value.name.startswith("past_key_values.") and value.shape is not None:
+            layer = value.name.split(".")[1]
+            axis = value.shape[2]
+            if not isinstance(axis, int):
+                axes[str(axis)] = f"past_sequence_length.{layer}"
+    if axes:
+        exported.rename_axes(axes)
+
+
+def _save(exported, path: str) -> None:
+    import onnx
+    import onnx_ir
+
+    proto = onnx_ir.serde.serialize_model(exported.model)
+    onnx.checker.check_model(proto, full_check=True)
+    write_bytes(path, proto.SerializeToString())
+
+
+@dataclass
+class DecoderExport:
+    folder: str
+    prefill: str
+    decode: str
+    seconds: float
+    layers: int
+
+
+def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAULT_OPSET) -> DecoderExport:
+    """Write prefill.onnx, decode.onnx and decoder.json of ``program`` into ``folder``."""
+    import tokencompile.ops  # noqa: F401  (the token ops' ONNX lowering)
+
+    if program.positions != "keep" and program.first_reduced_layer is not None:
+        raise TokenCompileError("a decode graph after positions=renumber is not supported: layers before and after "
+                                "the reduction would need different positions", "compile with positions=keep")
+    started = time.perf_counter()
+    os.makedirs(folder, exist_ok=True)
+    example = torch.zeros(2, program.prompt_tokens, dtype=torch.long)
+    runner = TorchRunner(program)
+    logits, caches = runner.prefill(example)
+    layers = len(caches)
+    table = translation_table()
+
+    exported, _ = run_torch_onnx_export(program.prefill, (example,), opset, table, "ONNX export of the prefill")
+    _rename(exported, ["input_ids"], ["logits", *cache_names("present", layers)])
+    prefill_path = os.path.join(folder, PREFILL)
+    _save(exported, prefill_path)
+
+    step = export_decode_step(program.model, caches)
+    token = logits.argmax(-1, keepdim=True)
+    past = tuple(t for kv in caches for t in kv)
+    exported, _ = run_torch_onnx_export(step, (token, torch.full_like(token, program.prompt_tokens), past), opset,
+                                        table, "ONNX export of the decode step")
+    _rename(exported, ["input_ids", "position_ids", *cache_names("past_key_values", layers)],
+            ["logits", *cache_names("present", layers)])
+    decode_path = os.path.join(folder, DECODE)
+    _save(exported, decode_path)
+
+    write_json(os.path.join(folder, MANIFEST), {
+        "prompt_tokens": program.prompt_tokens, "layers": layers, "positions": program.positions,
+        "first_reduced_layer": program.first_reduced_layer,
+        "cache_tokens": [int(k.shape[2]) for k, _ in caches], "opset": opset,
+        "eos_token_id": getattr(getattr(program.model, "config", None), "eos_token_id", None),
+        "report": program.report})
+    return DecoderExport(folder, prefill_path, decode_path, time.perf_counter() - started, layers)
+
+
+class OnnxRunner:
+    """Prefill and decode steps of an exported decoder folder in ONNX Runtime (CPU)."""
+
+    def __init__(self, folder: str, threads: int = 2):
+        manifest = os.path.join(folder, MANIFEST)
+        missing = [name for name in (PREFILL, DECODE, MANIFEST) if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            raise TokenCompileError(f"{folder} is not an exported decoder: {', '.join(missing)} missing",
+                                    "write it with `tokencompile export-decoder ... -o FOLDER`")
+        with open(manifest) as handle:
+            self.manifest = json.load(handle)
+        self.prompt_tokens = int(self.manifest["prompt_tokens"])
+        self.layers = int(self.manifest["layers"])
+        self.prefill_session = ort_session(os.path.join(folder, PREFILL), threads)
+        self.decode_session = ort_session(os.path.join(folder, DECODE), threads)
+        self.past_names = cache_names("past_key_values", self.layers)
+
+    def prefill(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, Caches]:
+        if prompt_ids.shape[1] != self.prompt_tokens:
+            raise TokenCompileError(f"the decoder was exported for {self.prompt_tokens}-token prompts, got "
+                                    f"{prompt_ids.shape[1]}", "export it again for this prompt length")
+        logits, *flat = self.prefill_session.run(None, {"input_ids": prompt_ids.numpy()})
+        return torch.from_numpy(logits), _pairs(flat)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Caches) -> tuple[torch.Tensor, Caches]:
+        feeds = {"input_ids": tokens.numpy(), "position_ids": positions.numpy()}
+        for name, tensor in zip(self.past_names, (t for kv in caches for t in kv)):
+            feeds[name] = np.ascontiguousarray(tensor.numpy())
+        logits, *flat = self.decode_session.run(None, feeds)
+        return torch.from_numpy(logits), _pairs(flat)
+
+
+def _pairs(flat: list) -> Caches:
+    tensors = [torch.from_numpy(t) for t in flat]
+    return list(zip(tensors[0::2], tensors[1::2]))
+
+
+__all__ = ["DECODE", "MANIFEST", "PREFILL", "DecodeStep", "DecoderExport", "OnnxRunner", "cache_names",
+           "export_decode_step", "export_decoder_onnx"]
