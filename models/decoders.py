@@ -54,6 +54,19 @@ def tiny_llama() -> CausalLMPrefill:
     return CausalLMPrefill(LlamaForCausalLM(config).eval()).eval()
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer of 256 ids (no merges), for the random-weight decoders' 256-token vocabulary."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(BPE(vocab={byte: i for i, byte in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
 def prompt_ids(batch: int, tokens: int = 48, vocab: int = 256, seed: int = 0) -> tuple:
     """Random prompts (no padding)."""
     return (torch.randint(3, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed)),)
@@ -72,5 +85,5 @@ def _recipes() -> list:
 
 DECODER_RECIPES = {recipe.name: recipe for recipe in _recipes()}
 
-__all__ = ["DECODER_RECIPES", "SMOLLM2_GGUF", "prompt_ids", "smollm2", "smollm2_dir", "smollm2_tokenizer",
+__all__ = ["DECODER_RECIPES", "SMOLLM2_GGUF", "byte_tokenizer", "prompt_ids", "smollm2", "smollm2_dir", "smollm2_tokenizer",
            "tiny_llama"]

@@ -369,8 +369,9 @@ def _data_options(command):
     options = [
         click.option("--data", "data_path", required=True,
                      help="Image folder, text file (one text per line) or .tsv of sentence pairs."),
-        click.option("--task", type=click.Choice(["sts", "embed", "classify"]), required=True,
-                     help="sts: pairs, Spearman + cosine; embed: cosine to original; classify: agreement, KL."),
+        click.option("--task", type=click.Choice(["sts", "embed", "classify", "lm"]), required=True,
+                     help="sts: pairs, Spearman + cosine; embed: cosine to original; classify: agreement, KL; "
+                          "lm: a causal LM's next-token agreement and perplexity on a text file."),
         click.option("--tokenizer", help="Local Hugging Face directory with the tokenizer (text data)."),
         click.option("--batch", type=int, default=32, show_default=True, help="Samples per model call."),
         click.option("--limit", type=int, help="Use only the first N samples (pairs for .tsv)."),
@@ -381,6 +382,13 @@ def _data_options(command):
         click.option("--crop-pct", type=float, help="Center-crop fraction (default 0.875)."),
         click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest", "lanczos"])),
         click.option("--no-labels", is_flag=True, help="Ignore ImageNet synsets in image file names."),
+        click.option("--gguf-file", help="--task lm: GGUF checkpoint inside the model folder."),
+        click.option("--continuation", type=int, default=64, show_default=True,
+                     help="--task lm: tokens teacher-forced after each prompt."),
+        click.option("--prompt-tokens", type=int, default=512, show_default=True,
+                     help="--task lm (sweep): prompt length; eval takes it from the exported decoder."),
+        click.option("--protected", type=int, default=64, show_default=True,
+                     help="--task lm (sweep): last prompt tokens kept (the span is the rest)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -408,16 +416,29 @@ def _check_data_options(batch, limit):
 @_pickle
 @_debug
 def eval_command(original, optimized, data_path, task, tokenizer, batch, limit, json_path, timm_config, mean, std,
-                 crop_pct, interpolation, no_labels, trust_pickle, debug):
-    """Fidelity of OPTIMIZED to ORIGINAL on your data (agreement, KL, cosine, Spearman)."""
+                 crop_pct, interpolation, no_labels, gguf_file, continuation, prompt_tokens, protected, trust_pickle,
+                 debug):
+    """Fidelity of OPTIMIZED to ORIGINAL on your data (agreement, KL, cosine, Spearman).
+
+    With --task lm: ORIGINAL is a causal LM folder, OPTIMIZED a folder from `export-decoder`."""
     from .evaluation import evaluate, format_metrics
     from .load import load_model
     from .outputs import check_output
     from .signature import check_same_inputs
 
     _check_data_options(batch, limit)
+    _at_least("--continuation", continuation)
     if json_path:
         json_path = check_output(json_path, "--json", (".json",), _file_inputs(original, optimized, data_path))
+    if task == "lm":
+        from .decoder.cli import eval_lm
+
+        result = eval_lm(original, optimized, data_path, tokenizer, gguf_file, continuation, batch, limit,
+                         progress=lambda text: click.echo(text, err=True))
+        click.echo(format_metrics(result))
+        if json_path:
+            _write_json(json_path, result)
+        return
     reference, _ = load_model(original, trust_pickle=trust_pickle)
     candidate, _ = load_model(optimized, trust_pickle=trust_pickle)
     check_same_inputs(reference, candidate, original, optimized)
@@ -442,8 +463,8 @@ def eval_command(original, optimized, data_path, task, tokenizer, batch, limit, 
 @_pickle
 @_debug
 def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_config, mean, std, crop_pct,
-          interpolation, no_labels, method_list, budgets, latency, rounds, plot_path, input_shape, trust_pickle,
-          debug):
+          interpolation, no_labels, gguf_file, continuation, prompt_tokens, protected, method_list, budgets, latency,
+          rounds, plot_path, input_shape, trust_pickle, debug):
     """Optimize MODEL with every method at every budget and measure fidelity on your data."""
     from .compiler import check_budget
     from .evaluation import format_sweep, plot_pareto
@@ -455,6 +476,21 @@ def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_confi
 
     _check_data_options(batch, limit)
     _at_least("--rounds", rounds)
+    if task == "lm":
+        from .decoder.cli import sweep_lm
+
+        _at_least("--continuation", continuation)
+        _at_least("--prompt-tokens", prompt_tokens, 2)
+        _at_least("--protected", protected, 0)
+        json_path = check_outputs([("--json", json_path, (".json",))], _file_inputs(model, data_path))[0]
+        results = sweep_lm(model, data_path, tokenizer, gguf_file, method_list, parse_list(budgets, float, "budgets"),
+                           prompt_tokens, protected, continuation, batch, limit,
+                           progress=lambda text: click.echo(text, err=True))
+        click.echo(format_sweep(results))
+        if json_path:
+            write_json(results, json_path)
+            click.echo(f"wrote {json_path}")
+        return
     names = sorted(METHODS) if method_list == "all" else parse_list(method_list, str, "methods")
     for name in names:
         get_method(name)  # validate before the slow part

@@ -252,4 +252,70 @@ def export_decoder_command(command_class, debug_option):
     return export_decoder
 
 
-__all__ = ["export_decoder_command", "generate_command", "load_causal_lm"]
+def _lm_data(model_dir: str, tokenizer_dir: str | None, gguf_file: str | None, data_path: str, prompt_tokens: int,
+             continuation: int, limit: int | None):
+    from ..evaluation.lm import lm_windows
+
+    model, tokenizer = load_causal_lm(model_dir, gguf_file)
+    if tokenizer_dir:
+        tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
+    if tokenizer is None:
+        raise TokenCompileError(f"{model_dir} has no tokenizer", "give --tokenizer DIR")
+    return model, lm_windows(tokenizer, data_path, prompt_tokens, continuation, limit)
+
+
+def eval_lm(model_dir: str, exported: str, data_path: str, tokenizer_dir: str | None, gguf_file: str | None,
+            continuation: int, batch: int, limit: int | None, progress=None) -> dict:
+    """`eval --task lm`: an exported decoder (ONNX Runtime) against the full causal LM (torch)."""
+    from ..evaluation.lm import evaluate_lm
+    from .onnx_export import OnnxRunner
+
+    runner = OnnxRunner(exported)
+    model, windows = _lm_data(model_dir, tokenizer_dir, gguf_file, data_path, runner.prompt_tokens, continuation,
+                              limit)
+    result = evaluate_lm(model, runner, windows, runner.prompt_tokens, batch, progress)
+    report = runner.manifest["report"]
+    return {**result, "flops_ratio": report["flops_ratio"], "layer": report["layer"]}
+
+
+DECODER_METHODS = ("fastv",)
+
+
+def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_file: str | None, method_list: str,
+             budgets: list[float], prompt_tokens: int, protected: int, continuation: int, batch: int,
+             limit: int | None, progress=None) -> dict:
+    """`sweep --task lm`: every decoder method at every prefill budget, in torch, on windows of a text file."""
+    from ..evaluation.lm import evaluate_lm
+    from . import Span, compile_decoder
+
+    names = list(DECODER_METHODS) if method_list == "all" else [m.strip() for m in method_list.split(",")]
+    unknown = [name for name in names if name not in DECODER_METHODS]
+    if unknown:
+        raise TokenCompileError(f"{', '.join(unknown)}: not a decoder method", f"give one of: "
+                                f"{', '.join(DECODER_METHODS)}")
+    if protected >= prompt_tokens:
+        raise TokenCompileError(f"--protected {protected} leaves no span in a {prompt_tokens}-token prompt",
+                                "give --protected below --prompt-tokens")
+    model, windows = _lm_data(model_dir, tokenizer_dir, gguf_file, data_path, prompt_tokens, continuation, limit)
+    full = evaluate_lm(model, model, windows, prompt_tokens, batch)
+    original = {"flops_ratio": 1.0, "next_token_agreement": 1.0, "perplexity": full["perplexity_original"],
+                "perplexity_change": 0.0}
+    runs = []
+    for name in names:
+        for budget in budgets:
+            try:
+                program = compile_decoder(model, windows[:1, :prompt_tokens], budget=budget,
+                                          span=Span(0, prompt_tokens - protected))
+                result = evaluate_lm(model, program, windows, prompt_tokens, batch)
+                runs.append({"method": name, "budget": budget, "flops_ratio": program.report["flops_ratio"],
+                             "layer": program.report["layer"], "tokens_per_layer": program.report["tokens_per_layer"],
+                             **{k: result[k] for k in ("next_token_agreement", "perplexity", "perplexity_change")}})
+            except TokenCompileError as error:
+                runs.append({"method": name, "budget": budget, "error": str(error)})
+            if progress:
+                progress(f"sweep: {name} at {budget:g} done")
+    return {"task": "lm", "samples": len(windows), "primary": "next_token_agreement", "original": original,
+            "runs": runs, "prompt_tokens": prompt_tokens, "protected": protected, "continuation": continuation}
+
+
+__all__ = ["eval_lm", "export_decoder_command", "generate_command", "load_causal_lm", "sweep_lm"]

@@ -155,7 +155,8 @@ def format_sweep(results: dict) -> str:
     """A markdown table: one row per run, the original first."""
     primary = results["primary"]
     latency = "latency_ratio" in results["original"]
-    extra = [key for key in ("cosine_to_original", "top5_agreement", "kl_divergence", "accuracy_optimized")
+    extra = [key for key in ("cosine_to_original", "top5_agreement", "kl_divergence", "accuracy_optimized",
+                            "perplexity", "perplexity_change")
              if key != primary and any(key in run for run in results["runs"])]
     header = ["method", "budget", "FLOPs ratio"] + (["latency ms", "latency ratio"] if latency else []) \
         + [primary] + extra
