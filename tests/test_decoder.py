@@ -89,6 +89,46 @@ def reference_forward(lm, ids, first_reduced: int, kept: torch.Tensor | None, re
     return logits, [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def reference_staged(lm, ids, stages, removable: torch.Tensor, prompt: int | None = None, probes: int = 1,
+                     renumber: bool = False):
+    """Several stages: ``stages`` is [(layer, span tokens kept from that layer on)]. Before each stage
+    layer L, the rows that reached layer L-1 are scored by the last prompt rows' causal attention at
+    layer L-1 (over the prompt rows that reached it) and the top span rows stay. ``removable`` [B, N]:
+    the span (prompt rows only); rows from ``prompt`` on (a continuation) always stay. Returns the
+    logits [B, n, V], each layer's (key, value) cache and the kept original positions after each stage."""
+    batch, n = ids.shape
+    prompt = n if prompt is None else prompt
+    hidden = lm.model.embed_tokens(ids)
+    positions = torch.arange(n)[None].expand(batch, -1)
+    kept_after = {layer: kept for layer, kept in stages}
+    cache, kept_positions = DynamicCache(), []
+    for index, layer in enumerate(lm.model.layers):
+        cos_sin = lm.model.rotary_emb(hidden, torch.arange(hidden.shape[1])[None].expand_as(positions)
+                                      if renumber else positions)
+        if index + 1 in kept_after:
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            shape = (*x.shape[:2], -1, attention.head_dim)
+            q = attention.q_proj(x).view(shape).transpose(1, 2)
+            k = attention.k_proj(x).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+            k = repeat_kv(k, attention.num_key_value_groups)
+            rows = int((positions[0] < prompt).sum())
+            logits = q[:, :, :rows] @ k[:, :, :rows].transpose(-2, -1) * attention.scaling + _causal(rows)
+            scores = logits[:, :, rows - probes:].softmax(-1).mean((1, 2))
+        hidden = layer(hidden, attention_mask=_causal(hidden.shape[1]), position_embeddings=cos_sin, cache=cache,
+                       use_cache=True)
+        if index + 1 in kept_after:
+            can_go = removable.gather(1, positions[:, :rows])
+            kept = reference_kept(scores, can_go, kept_after[index + 1])
+            kept = torch.cat([kept, torch.arange(rows, positions.shape[1]).expand(batch, -1)], dim=1)
+            hidden = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
+            positions = positions.gather(1, kept)
+            kept_positions.append(positions)
+    logits = lm.lm_head(lm.model.norm(hidden))
+    return logits, [(layer.keys, layer.values) for layer in cache.layers], kept_positions
+
+
 # ---------------------------------------------------------------- analysis
 
 def test_analysis_finds_causal_rope_and_caches(llama, prompts):

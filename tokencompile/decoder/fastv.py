@@ -1,9 +1,15 @@
-"""FastV on a decoder prompt (Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024).
+"""FastV and PyramidDrop on a decoder prompt.
 
-At the probe layer the span's tokens are scored by the attention the last prompt token gives them
-(softmax of q_last . k / sqrt(d), averaged over heads). The row is computed from q and k next to the
-attention, so the layer's SDPA stays fused and no N x N matrix is built. The top tokens of the span
-stay for every later layer; tokens outside the span and the last token always stay.
+FastV (Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024): at the probe layer the
+span's tokens are scored by the attention the last prompt token gives them (softmax of
+q_last . k / sqrt(d), averaged over heads). The row is computed from q and k next to the attention, so
+the layer's SDPA stays fused and no N x N matrix is built. The top tokens of the span stay for every
+later layer; tokens outside the span, the first ``sinks`` prompt tokens and the last token always stay.
+
+PyramidDrop (Xing et al., 2024) is the same score at several stages (the paper: layers 8/16/24 of 32,
+each stage keeping half of the remaining span). Every stage scores at its own layer, over the tokens
+that reached it; the span and the always-kept tokens are judged by original prompt positions, which the
+method carries from stage to stage (gathered by each stage's plan).
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from torch.fx import Node
 
 from ..errors import TokenCompileError
 from ..graph_utils import GraphBuilder, aten
-from ..methods.base import PruneMethod, SiteInputs
+from ..methods.base import Plan, PruneMethod, SiteInputs
 from .analysis import Span
+
+tc = torch.ops.tokencompile
 
 POSITION_POLICIES = ("keep", "renumber")
 
@@ -39,8 +47,11 @@ class FastV(PruneMethod):
     positions: str = "keep"
     probes: int = 1
     span: Span = field(default_factory=Span)
+    sinks: int = 0                 # the first prompt tokens never removed (attention sinks)
     input_ids: Node | None = None  # the program's input_ids (set by the compiler, for token-id spans)
-    scale: float = 1.0             # the probe attention's softmax scale (set by the compiler)
+    scale: float = 1.0             # the probe attention's softmax scale (set by the compiler) ...
+    scales: tuple = ()             # ... or one per block
+    _removable: Node | None = field(default=None, init=False, repr=False)  # [B, n] at the current stage
 
     def __post_init__(self):
         if self.positions not in POSITION_POLICIES:
@@ -48,6 +59,8 @@ class FastV(PruneMethod):
                                     f"give one of: {', '.join(POSITION_POLICIES)}")
         if self.probes < 1:
             raise TokenCompileError(f"probes={self.probes} is not a number of query rows", "give probes >= 1")
+        if self.sinks < 0:
+            raise TokenCompileError(f"sinks={self.sinks} is not a number of tokens", "give sinks >= 0")
         if self.layer < 1:
             raise TokenCompileError(f"layer={self.layer} is not a layer after the first",
                                     "give layer >= 1 (the first layer that sees the kept tokens)")
@@ -57,8 +70,9 @@ class FastV(PruneMethod):
         probes = min(self.probes, site.n)
         rows = builder.call(aten.slice.Tensor, site.query, 2, site.n - probes, site.n)          # [B, H, P, D]
         logits = builder.call(aten.matmul.default, rows, builder.call(aten.transpose.int, site.keys, -2, -1))
+        scale = self.scales[site.block] if self.scales else self.scale
         logits = builder.call(aten.mul.Tensor, builder.call(aten._to_copy.default, logits, dtype=torch.float32),
-                              self.scale)                                                        # [B, H, P, N]
+                              scale)                                                        # [B, H, P, N]
         if probes > 1:  # probe row j (position n - P + j) sees keys 0 .. n - P + j
             positions = builder.positions(site.x)                                                # [B, N]
             rows_at = builder.call(aten.slice.Tensor, positions, 1, site.n - probes, site.n)      # [B, P]
@@ -69,8 +83,15 @@ class FastV(PruneMethod):
         attention = builder.call(aten.softmax.int, logits, -1)
         return builder.call(aten.mean.dim, attention, [1, 2], name=f"block{site.block}_last_token_attention")
 
+    def reset(self) -> None:
+        """Forget the stages of an earlier rewrite (call before each rewrite of a program)."""
+        self._removable = None
+
     def removable(self, builder: GraphBuilder, site: SiteInputs) -> Node:
-        """[B, N] bool: tokens of the span, the last token excluded."""
+        """[B, n] bool: tokens of the span, the sinks and the last token excluded. Judged on original
+        positions: built at the first stage, then carried through each stage's plan."""
+        if self._removable is not None:
+            return self._removable
         positions = builder.positions(site.x)
         if self.span.token_id is not None:
             inside = builder.call(aten.eq.Scalar, self.input_ids, self.span.token_id)
@@ -78,13 +99,40 @@ class FastV(PruneMethod):
             end = site.n if self.span.length is None else self.span.start + self.span.length
             inside = builder.call(aten.logical_and.default, builder.call(aten.ge.Scalar, positions, self.span.start),
                                   builder.call(aten.lt.Scalar, positions, end))
+        if self.sinks:
+            inside = builder.call(aten.logical_and.default, inside, builder.call(aten.ge.Scalar, positions, self.sinks))
         return builder.call(aten.logical_and.default, inside, builder.call(aten.lt.Scalar, positions, site.n - 1))
 
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         attention = self.last_token_attention(builder, site)
         keep_always = builder.call(aten.full_like.default, attention, float("inf"))
-        return builder.call(aten.where.self, self.removable(builder, site), attention, keep_always,
-                            name=f"block{site.block}_fastv_score")
+        self._removable = self.removable(builder, site)
+        return builder.call(aten.where.self, self._removable, attention, keep_always,
+                            name=f"block{site.block}_{self.name}_score")
+
+    def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> Plan:
+        plan = super().plan(builder, site, r)
+        # the next stage sees only this stage's survivors: carry their removable flags along
+        self._removable = builder.call(tc.gather_tokens.default, self._removable, plan.rep, 1,
+                                       name=f"block{site.block}_{self.name}_removable_kept")
+        return plan
 
 
-__all__ = ["POSITION_POLICIES", "FastV"]
+@dataclass
+class PyramidDrop(FastV):
+    """FastV's last-token score at several stages (``compile_decoder(method="pyramiddrop")``): the paper
+    drops at layers 8/16/24 of 32, each stage keeping ``ratio`` = 0.5 of the span that reached it, and
+    renumbers positions (``positions="renumber"``; ``keep`` is the default here, so that decoding works)."""
+
+    name: ClassVar[str] = "pyramiddrop"
+    summary: ClassVar[str] = "decoder prompt: FastV's score at several stages, a pyramid of shrinking spans"
+    reference: ClassVar[str] = "Xing et al., PyramidDrop: Accelerating Your Large Vision-Language Models via " \
+                               "Pyramid Visual Redundancy Reduction, 2024"
+
+
+def pyramid_layers(depth: int, stages: int = 3) -> tuple[int, ...]:
+    """PyramidDrop's stage layers scaled to a model's depth: 8/16/24 of 32 are depth * i / (stages + 1)."""
+    return tuple(sorted({min(max(int(depth * i / (stages + 1) + 0.5), 1), depth - 1) for i in range(1, stages + 1)}))
+
+
+__all__ = ["POSITION_POLICIES", "FastV", "PyramidDrop", "pyramid_layers"]

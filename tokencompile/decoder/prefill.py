@@ -1,10 +1,11 @@
 """Prefill programs of causal LMs, and their rewrite with a reduced prompt.
 
 ``CausalLMPrefill`` wraps a Hugging Face causal LM so that its export returns plain tensors: the last
-token's logits, then key and value of every layer. ``compile_decoder`` exports it, picks the layer K
-and the number of span tokens kept from a prefill-FLOPs budget, and inserts FastV's plan after the
-attention of layer K-1 with the project's rewrite passes: layers >= K (and their caches) see only the
-kept tokens, layers < K keep every token in their caches.
+token's logits, then key and value of every layer. ``compile_decoder`` exports it, picks the stages
+(layer K and the span tokens kept from it on; one stage for FastV, several for PyramidDrop) from a
+prefill-FLOPs budget, and inserts each stage's plan after the attention of layer K-1 with the
+project's rewrite passes. Every layer's cache holds exactly the tokens that layer saw: layers before
+the first stage every token, layers between stages the survivors of the earlier stages.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..flops import CostModel, build_cost_model, count_flops
 from ..graph_utils import aten
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
-from .fastv import FastV
+from .fastv import FastV, PyramidDrop, pyramid_layers
 
 tc = torch.ops.tokencompile
 
@@ -63,6 +64,8 @@ class DecoderProgram:
     first_reduced_layer: int | None   # K: layers >= K cache only the kept tokens (None: no reduction)
     positions: str = "keep"
     report: dict = field(default_factory=dict)
+    tokens_per_layer: list[int] = field(default_factory=list)        # prompt tokens each layer sees and caches
+    stages: list[tuple[int, int]] = field(default_factory=list)      # (layer, span tokens kept from it on)
 
 
 def as_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -77,10 +80,34 @@ def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor) -> ExportedP
         return torch.export.export(wrapper, (example,), dynamic_shapes=({0: Dim.AUTO},))
 
 
-def _schedule(layers: int, layer: int, removed: int) -> list[int]:
-    schedule = [0] * layers
-    schedule[layer - 1] = removed
+@dataclass(frozen=True)
+class Stage:
+    """From ``layer`` on, ``kept`` of the span's tokens remain (scored at layer - 1)."""
+
+    layer: int
+    kept: int
+
+
+def stage_schedule(layers: int, removable: int, stages: list[Stage]) -> list[int]:
+    """Tokens removed after the attention of each block (the rewrite's schedule)."""
+    schedule, kept = [0] * layers, removable
+    for stage in stages:
+        schedule[stage.layer - 1] += kept - stage.kept
+        kept = stage.kept
     return schedule
+
+
+def stages_from_ratios(layers: tuple[int, ...], ratios: tuple[float, ...], removable: int) -> list[Stage]:
+    """Stages keeping round(ratio * span) tokens (ratios of the whole span, non-increasing)."""
+    stages, kept = [], removable
+    for layer, ratio in zip(layers, ratios):
+        kept = min(kept, round(ratio * removable))
+        stages.append(Stage(layer, kept))
+    return stages
+
+
+def _schedule(layers: int, layer: int, removed: int) -> list[int]:
+    return stage_schedule(layers, removed, [Stage(layer, 0)])
 
 
 def _removed_for_budget(cost: CostModel, budget: float, layer: int, removable: int) -> int | None:
@@ -99,6 +126,12 @@ def _removed_for_budget(cost: CostModel, budget: float, layer: int, removable: i
     return hi
 
 
+def _unreachable(budget: float, best: float, how: str) -> TokenCompileError:
+    return TokenCompileError(f"prefill budget {budget:g} cannot be met by removing the span: the best reachable "
+                             f"FLOPs ratio is {best:.3f} ({how})",
+                             f"use a budget of {best + 0.005:.2f} or more, or a longer span")
+
+
 def choose_schedule(cost: CostModel, budget: float, layer: int, removable: int) -> tuple[int, int]:
     """(K, removed): K = ``layer`` if the budget can be met there, else the deepest earlier layer that
     meets it; removed = the fewest span tokens that meet the budget at K."""
@@ -107,79 +140,155 @@ def choose_schedule(cost: CostModel, budget: float, layer: int, removable: int) 
         if removed is not None:
             return k, removed
     best = cost.flops(_schedule(len(cost.blocks), 1, removable)) / cost.original
-    raise TokenCompileError(f"prefill budget {budget:g} cannot be met by removing the span: the best reachable "
-                            f"FLOPs ratio is {best:.3f} (every span token removed after layer 1)",
-                            f"use a budget of {best + 0.005:.2f} or more, or a longer span")
+    raise _unreachable(budget, best, "every span token removed after layer 1")
 
 
-def _restore_early_caches(gm: GraphModule, analysis: DecoderAnalysis, site_block: int, originals: list) -> None:
-    """The rewrite gathers every per-token tensor read after the site, the output included; the caches of
-    layers before the reduced ones must stay whole, so give the output their original nodes back."""
+def choose_pyramid(cost: CostModel, budget: float, layers: tuple[int, ...], removable: int) -> list[Stage]:
+    """Stages at ``layers`` keeping ratio**i of the span at stage i (PyramidDrop's geometric pyramid),
+    with the largest ratio whose modelled prefill FLOPs meet the budget (bisection on the ratio)."""
+    depth = len(cost.blocks)
+
+    def flops(ratio: float) -> float:
+        ratios = tuple(ratio ** (i + 1) for i in range(len(layers)))
+        return cost.flops(stage_schedule(depth, removable, stages_from_ratios(layers, ratios, removable)))
+
+    target = budget * cost.original
+    if flops(0.0) > target:
+        raise _unreachable(budget, flops(0.0) / cost.original, f"every span token removed after layer {layers[0]}")
+    lo, hi = 0.0, 1.0
+    if flops(hi) <= target:
+        lo = hi
+    for _ in range(40):
+        if hi - lo < 1e-6:
+            break
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if flops(mid) <= target else (lo, mid)
+    ratios = tuple(lo ** (i + 1) for i in range(len(layers)))
+    return stages_from_ratios(layers, ratios, removable)
+
+
+def _cache_gathers_of_earlier_sites(gm: GraphModule, analysis: DecoderAnalysis, sites: list) -> None:
+    """Each layer's cache holds exactly the tokens that layer saw. A site gathers every per-token tensor
+    read after it, the program's outputs included, so the cache of layer L comes out of the rewrite as
+    a chain of gathers, one per site (earliest innermost). A site after the attention of block s reduces
+    the layers > s only: peel from each cache the gathers of the sites at blocks >= L."""
+    reduces_from = {site.rep: site.block + 1 for site in sites}
     output = next(node for node in gm.graph.nodes if node.op == "output")
     values = list(output.args[0])
     for index, (layer, _) in analysis.cache_outputs.items():
-        if layer <= site_block:
-            values[index] = originals[index]
+        value = values[index]
+        while (value.op == "call_function" and value.target == tc.gather_tokens.default
+               and reduces_from.get(value.args[1], 0) > layer):
+            value = value.args[0]
+        values[index] = value
     output.args = (tuple(values),)
 
 
-def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, n_out: int) -> None:
-    """positions=renumber: the kept tokens take the first n_out rotary positions instead of their own."""
+def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, sites: list) -> None:
+    """positions=renumber: after each site the kept tokens take the first n_out rotary positions
+    instead of their own (a gather of a rotary table becomes a slice of the table)."""
     tables = set(analysis.rope_tables)
-    for node in list(gm.graph.nodes):
-        if node.target == tc.gather_tokens.default and rope_table(node.args[0]) in tables:
-            with gm.graph.inserting_after(node):
-                first = gm.graph.call_function(aten.slice.Tensor, (node.args[0], node.args[2], 0, n_out))
-            node.replace_all_uses_with(first)
-            gm.graph.erase_node(node)
+    n_out = {site.rep: site.n_out for site in sites}
+    renumbered = []
+    for node in gm.graph.nodes:
+        if node.target == tc.gather_tokens.default and node.args[1] in n_out:
+            root = node.args[0]
+            while root.target == tc.gather_tokens.default:
+                root = root.args[0]
+            if rope_table(root) in tables:
+                renumbered.append((node, root))
+    for node, root in renumbered:
+        with gm.graph.inserting_after(node):
+            first = gm.graph.call_function(aten.slice.Tensor, (root, node.args[2], 0, n_out[node.args[1]]))
+        node.replace_all_uses_with(first)
+        gm.graph.erase_node(node)
 
 
-def rewrite_prefill(ep: ExportedProgram, input_ids: torch.Tensor, method: FastV, removed: int) -> GraphModule:
-    """A fresh module of the prefill program with ``removed`` span tokens pruned after layer K-1."""
+def rewrite_prefill(ep: ExportedProgram, input_ids: torch.Tensor, method: FastV,
+                    stages: list[Stage], removable: int) -> GraphModule:
+    """A fresh module of the prefill program with the span reduced at every stage (after layer - 1)."""
     gm = ep.module()
     analysis = analyse_decoder(gm, input_ids)
-    site_block = method.layer - 1
+    method.reset()
     method.input_ids = analysis.input_ids
-    method.scale = analysis.scales[site_block]
-    output = next(node for node in gm.graph.nodes if node.op == "output")
-    originals = list(output.args[0])
-    schedule = _schedule(analysis.layers, method.layer, removed)
+    method.scales = tuple(analysis.scales)
+    schedule = stage_schedule(analysis.layers, removable, stages)
     ctx = RewriteContext(analysis.base, method, schedule, proportional_attention=False)
     gm = run_passes(gm, ctx, REDUCTION_PASSES[:-1])
-    _restore_early_caches(gm, analysis, site_block, originals)
+    _cache_gathers_of_earlier_sites(gm, analysis, ctx.sites)
     if method.positions == "renumber":
-        _renumber_positions(gm, analysis, analysis.tokens - removed)
+        _renumber_positions(gm, analysis, ctx.sites)
     return run_passes(gm, ctx, REDUCTION_PASSES[-1:])
 
 
-def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: float | None = None,
-                    keep: float | None = None, layer: int = 2, span: Span | tuple | None = None,
-                    positions: str = "keep", probes: int = 1) -> DecoderProgram:
-    """Reduce a causal LM's prompt in prefill with FastV.
+METHODS = {"fastv": FastV, "pyramiddrop": PyramidDrop}
 
-    ``budget``: prefill FLOPs ratio to meet (counted on the final program); or ``keep``: the fraction of
-    the span's tokens kept from layer ``layer`` on. ``span``: ``Span`` or (start, length); default the
-    whole prompt but its last token. ``probes``: score by the last token's attention row (1, FastV) or
-    the mean of the last ``probes`` rows. ``input_ids`` fixes the prompt length (shapes are static)."""
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _check_stages(method: str, layers: tuple, keep, depth: int) -> None:
+    if any(not isinstance(layer, int) or not 1 <= layer < depth for layer in layers):
+        raise TokenCompileError(f"layer={_plain(layers)} leaves no layer to reduce in a {depth}-layer model",
+                                f"give stage layers 1 <= layer <= {depth - 1}")
+    if list(layers) != sorted(set(layers)):
+        raise TokenCompileError(f"stage layers {_plain(layers)} are not increasing", "give e.g. layer=(8, 16, 24)")
+    if isinstance(keep, (tuple, list)):
+        if len(keep) != len(layers):
+            raise TokenCompileError(f"{len(keep)} keep ratios for {len(layers)} stage layers",
+                                    "give one keep ratio of the span per stage layer")
+        if list(keep) != sorted(keep, reverse=True):
+            raise TokenCompileError(f"keep ratios {_plain(keep)} grow from stage to stage",
+                                    "give non-increasing ratios of the span, e.g. keep=(0.5, 0.25, 0.125)")
+    if method not in METHODS:
+        raise TokenCompileError(f"method {method!r} is not a decoder method", f"give one of: {', '.join(METHODS)}")
+
+
+def _plain(values) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in _as_tuple(values))
+
+
+def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: float | None = None,
+                    keep=None, layer=None, span: Span | tuple | None = None, positions: str = "keep",
+                    probes: int = 1, method: str = "fastv", sinks: int = 0) -> DecoderProgram:
+    """Reduce a causal LM's prompt in prefill with FastV or PyramidDrop (FastV's score at several stages).
+
+    ``layer``: the first layer that sees only the kept tokens (fastv, default 2), or the stage layers
+    (a tuple; pyramiddrop's default: 8/16/24 of 32 scaled to the model's depth). ``keep``: the fraction
+    of the span kept (one stage); with several stages a tuple of fractions of the span, one per stage
+    (non-increasing), or one ratio r that each stage keeps of the span that reached it (r, r**2, ...).
+    ``budget``: prefill FLOPs ratio to meet (counted on the final program), instead of ``keep``: one
+    stage keeps the most span tokens that meet it at ``layer`` (or the deepest earlier layer that can);
+    several stages keep r, r**2, ... with the largest r that meets it. ``span``: ``Span`` or
+    (start, length); default the whole prompt but its last token. ``probes``: score by the last
+    token's attention row (1, FastV) or the mean of the last ``probes`` rows. ``sinks``: the first
+    prompt tokens never removed. ``input_ids`` fixes the prompt length (shapes are static).
+    pyramiddrop without budget or keep keeps 0.5 of the remaining span per stage (the paper)."""
+    if method == "pyramiddrop" and budget is None and keep is None:
+        keep = 0.5
     if (budget is None) == (keep is None):
         raise TokenCompileError("give exactly one of budget and keep", "budget=<prefill FLOPs ratio> or keep=<ratio>")
     if budget is not None and not 0 < budget <= 1:
         raise TokenCompileError(f"budget {budget:g} is out of range", "give 0 < budget <= 1")
-    if keep is not None and not 0 <= keep <= 1:
-        raise TokenCompileError(f"keep {keep:g} is out of range", "give 0 <= keep <= 1")
+    if keep is not None and any(not isinstance(k, (int, float)) or not 0 <= k <= 1 for k in _as_tuple(keep)):
+        raise TokenCompileError(f"keep {_plain(keep)} is out of range", "give 0 <= keep <= 1")
     started = time.perf_counter()
     span = span if isinstance(span, Span) else Span(*span) if span is not None else Span()
-    method = FastV(layer=layer, positions=positions, probes=probes, span=span)
+    if method not in METHODS:
+        raise TokenCompileError(f"method {method!r} is not a decoder method", f"give one of: {', '.join(METHODS)}")
+    pruner = METHODS[method](positions=positions, probes=probes, span=span, sinks=sinks)
     lm = as_causal_lm(model).eval()
     ep = export_prefill(lm, input_ids)
     inputs = (input_ids,)
     original = ep.module()
     analysis = analyse_decoder(original, input_ids)
     span.check(analysis.tokens)
-    if layer >= analysis.layers:
-        raise TokenCompileError(f"layer={layer} leaves no layer to reduce in a {analysis.layers}-layer model",
-                                f"give 1 <= layer <= {analysis.layers - 1}")
-    removable_per_sample = span.removable(input_ids).sum(1)
+    if layer is None:
+        layer = pyramid_layers(analysis.layers) if method == "pyramiddrop" else 2
+    layers = _as_tuple(layer)
+    _check_stages(method, layers, keep, analysis.layers)
+    removable_per_sample = (span.removable(input_ids) & (torch.arange(analysis.tokens) >= sinks)).sum(1)
     if len(set(removable_per_sample.tolist())) != 1:
         raise TokenCompileError("the samples hold different numbers of span tokens",
                                 "every prompt of a batch needs the same number of image tokens")
@@ -188,44 +297,57 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     original_flops = count_flops(original, inputs)
 
     if keep is not None:
-        removed = removable - round(keep * removable)
+        ratios = _as_tuple(keep)
+        if len(ratios) == 1 and len(layers) > 1:
+            ratios = tuple(ratios[0] ** (i + 1) for i in range(len(layers)))
+        stages = stages_from_ratios(layers, ratios, removable)
+    elif len(layers) == 1:
+        k, removed = choose_schedule(cost, budget, layers[0], removable)
+        stages = [Stage(k, removable - removed)]
     else:
-        method.layer, removed = choose_schedule(cost, budget, layer, removable)
+        stages = choose_pyramid(cost, budget, layers, removable)
     while True:
-        gm = rewrite_prefill(ep, input_ids, method, removed) if removed else ep.module()
+        stages = [stage for stage, before in zip(stages, [removable] + [s.kept for s in stages])
+                  if stage.kept < before]  # a stage that removes nothing is no stage
+        gm = rewrite_prefill(ep, input_ids, pruner, stages, removable) if stages else ep.module()
         with torch.no_grad():
             program = torch.export.export(gm, (torch.cat([input_ids, input_ids]) if input_ids.shape[0] == 1
                                                else input_ids,), dynamic_shapes=({0: Dim.AUTO},))
         flops = count_flops(program.module(), inputs)
-        if budget is None or flops <= budget * original_flops + 1e-9 or removed >= removable:
+        if budget is None or flops <= budget * original_flops + 1e-9 or not stages or stages[-1].kept == 0:
             break
-        removed += 1  # the cost model was optimistic
+        stages[-1] = Stage(stages[-1].layer, stages[-1].kept - 1)  # the cost model was optimistic
     if budget is not None and flops > budget * original_flops + 1e-9:
         raise TokenCompileError(f"prefill budget {budget:g} was not met (FLOPs ratio {flops / original_flops:.3f})",
                                 "raise the budget or lengthen the span")
 
-    reduced = bool(removed)
-    tokens = [analysis.tokens if i < method.layer or not reduced else analysis.tokens - removed
-              for i in range(analysis.layers)]
+    schedule = stage_schedule(analysis.layers, removable, stages)
+    tokens = cost.tokens_per_block(schedule)
+    kept = stages[-1].kept if stages else removable
+    first = stages[0].layer if stages else None
     report = {
-        "method": "fastv",
+        "method": method,
         "budget": budget,
-        "layer": method.layer if reduced else None,
+        "layer": first,
+        "stages": [{"layer": s.layer, "span_kept": s.kept, "tokens": tokens[s.layer]} for s in stages],
         "positions": positions,
         "probes": probes,
+        "sinks": sinks,
         "span_tokens_removable": removable,
-        "span_tokens_kept": removable - removed,
-        "keep_ratio": (removable - removed) / removable if removable else 1.0,
+        "span_tokens_kept": kept,
+        "keep_ratio": kept / removable if removable else 1.0,
         "prompt_tokens": analysis.tokens,
         "tokens_per_layer": tokens,
         "flops_original": original_flops,
         "flops_prefill": flops,
         "flops_ratio": flops / original_flops,
-        "flops_ratio_modelled": cost.flops(_schedule(analysis.layers, method.layer, removed)) / cost.original,
+        "flops_ratio_modelled": cost.flops(schedule) / cost.original,
         "analysis": analysis.summary(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return DecoderProgram(program, lm, analysis.tokens, method.layer if reduced else None, positions, report)
+    return DecoderProgram(program, lm, analysis.tokens, first, positions, report, tokens,
+                          [(s.layer, s.kept) for s in stages])
 
 
-__all__ = ["CausalLMPrefill", "DecoderProgram", "choose_schedule", "compile_decoder", "export_prefill"]
+__all__ = ["METHODS", "CausalLMPrefill", "DecoderProgram", "Stage", "choose_pyramid", "choose_schedule",
+           "compile_decoder", "export_prefill", "stage_schedule"]
