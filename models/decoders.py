@@ -54,6 +54,16 @@ def tiny_llama() -> CausalLMPrefill:
     return CausalLMPrefill(LlamaForCausalLM(config).eval()).eval()
 
 
+def tiny_gpt2() -> CausalLMPrefill:
+    """GPT-2 style: 4 layers, 64 wide, 4 heads, learned absolute positions (no RoPE); random weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_positions=512, n_embd=64, n_layer=4, n_head=4, bos_token_id=0,
+                        eos_token_id=0, attn_implementation="sdpa")
+    return CausalLMPrefill(GPT2LMHeadModel(config).eval()).eval()
+
+
 def byte_tokenizer():
     """A byte-level tokenizer of 256 ids (no merges), for the random-weight decoders' 256-token vocabulary."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers
@@ -80,10 +90,12 @@ def _recipes() -> list:
                "KV cache, 128-token prompts", smollm2, lambda batch: prompt_ids(batch, 128, 49152)),
         Recipe("tiny_llama", "Llama (4 layers, 64 wide, GQA, RoPE), random weights, prefill: last logits + KV cache",
                tiny_llama, lambda batch: prompt_ids(batch, 48)),
+        Recipe("tiny_gpt2", "GPT-2 style (4 layers, 64 wide, learned positions), random weights, prefill: last logits "
+               "+ KV cache", tiny_gpt2, lambda batch: prompt_ids(batch, 48)),
     ]
 
 
 DECODER_RECIPES = {recipe.name: recipe for recipe in _recipes()}
 
-__all__ = ["DECODER_RECIPES", "SMOLLM2_GGUF", "byte_tokenizer", "prompt_ids", "smollm2", "smollm2_dir", "smollm2_tokenizer",
-           "tiny_llama"]
+__all__ = ["DECODER_RECIPES", "SMOLLM2_GGUF", "byte_tokenizer", "prompt_ids", "smollm2", "smollm2_dir",
+           "smollm2_tokenizer", "tiny_gpt2", "tiny_llama"]
