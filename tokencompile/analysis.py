@@ -151,11 +151,26 @@ def _mask_input(attentions: list[Attention], model_inputs: list[Node]) -> Node |
     return None
 
 
-def analyse(gm: GraphModule) -> ModelAnalysis:
-    """Find blocks, attention, reduction sites and protected tokens in an exported program's module."""
+def block_stacks(gm: GraphModule) -> dict[str, int]:
+    """Containers of attention blocks (module path of the ModuleList, e.g. ``model.language_model.layers``)
+    and the token count their first block sees, in graph order."""
+    stacks: dict[str, int] = {}
+    for attention in find_attention(gm):
+        name = _block_name(attention.node)
+        if name is not None:
+            stacks.setdefault(name.rsplit(".", 1)[0], attention.tokens)
+    return stacks
+
+
+def analyse(gm: GraphModule, stack: str | None = None) -> ModelAnalysis:
+    """Find blocks, attention, reduction sites and protected tokens in an exported program's module.
+    ``stack``: consider only the blocks of this container (see ``block_stacks``), e.g. the language
+    model of a VLM whose vision tower has blocks too."""
     graph = gm.graph
     nodes = list(graph.nodes)
     attentions = find_attention(gm)
+    if stack is not None:
+        attentions = [a for a in attentions if (_block_name(a.node) or "").rsplit(".", 1)[0] == stack]
     if not attentions:
         raise UnsupportedModelError("no transformer blocks found: the graph has no attention",
                                     "tokencompile optimizes transformers (ViT, BERT, ...), not CNNs or MLPs")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from ..analysis import ModelAnalysis, analyse
+from ..analysis import ModelAnalysis, analyse, block_stacks
 from ..attention import Attention
 from ..errors import TokenCompileError, UnsupportedModelError
 from ..graph_utils import ancestors, aten, node_arg, shape_of
@@ -94,13 +94,13 @@ def _is_causal_mask(mask: torch.Tensor) -> bool:
     return n_q == n_k and bool((visible == torch.ones(n_q, n_k, dtype=torch.bool).tril()).all())
 
 
-def _causal_flags(gm: GraphModule, attentions: list[Attention], example_ids: torch.Tensor) -> list[bool]:
+def _causal_flags(gm: GraphModule, attentions: list[Attention], example_inputs: tuple) -> list[bool]:
     masks = {a.mask() for a in attentions if a.kind == "sdpa" and isinstance(a.mask(), Node)}
     values = {}
     if masks:
         runner = _MaskValues(gm, masks)
         with torch.no_grad():
-            runner.run(example_ids)
+            runner.run(*example_inputs)
         values = runner.values
     flags = []
     for attention in attentions:
@@ -164,9 +164,16 @@ def _cache_outputs(gm: GraphModule, attentions: list[Attention]) -> dict[int, tu
     return found
 
 
-def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor) -> DecoderAnalysis:
-    """Blocks, causality, RoPE and the key/value cache outputs of a prefill program's module."""
-    base = analyse(gm)
+def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tuple = ()) -> DecoderAnalysis:
+    """Blocks, causality, RoPE and the key/value cache outputs of a prefill program's module. With more
+    than one stack of blocks (a VLM's vision tower and language model) the one that sees the prompt's
+    tokens is the decoder. ``extra_inputs``: the program's inputs after input_ids (a VLM's pixel values)."""
+    stacks = block_stacks(gm)
+    decoder_stacks = [name for name, tokens in stacks.items() if tokens == example_ids.shape[1]]
+    if len(stacks) > 1 and len(decoder_stacks) != 1:
+        raise UnsupportedModelError(f"cannot tell the decoder among the block stacks {stacks} for a "
+                                    f"{example_ids.shape[1]}-token prompt", "export the language model alone")
+    base = analyse(gm, decoder_stacks[0] if len(stacks) > 1 else None)
     # A decoder prompt has no [CLS] to protect and no padding mask: input_ids only shape the causal mask.
     base = dataclasses.replace(base, num_prefix=0, mask_input=None, protect_last_valid=False)
     attentions = [block.attention for block in base.blocks]
@@ -176,7 +183,7 @@ def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor) -> DecoderAnalys
     if len(ids) != 1:
         raise UnsupportedModelError("the prefill program needs exactly one integer [B, N] input (input_ids)",
                                     "export through tokencompile.decoder.CausalLMPrefill")
-    causal = _causal_flags(gm, attentions, example_ids)
+    causal = _causal_flags(gm, attentions, (example_ids, *extra_inputs))
     if not all(causal):
         raise UnsupportedModelError(f"attention of blocks {[i for i, c in enumerate(causal) if not c]} is not "
                                     "causal", "prompt reduction needs a causal decoder exported with SDPA")

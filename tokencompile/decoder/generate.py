@@ -24,17 +24,29 @@ def _check_prompt(prompt_ids) -> torch.Tensor:
     return prompt_ids
 
 
-def prefill(program_or_model, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, Caches]:
-    """Logits of the last prompt token [B, V] and every layer's (key, value) cache."""
+def check_extra_inputs(expected: tuple[str, ...], extra: dict | None) -> tuple:
+    """The values of ``extra`` in the program's input order, after checking the names."""
+    extra = extra or {}
+    if set(extra) != set(expected):
+        raise TokenCompileError(f"the program takes {', '.join(('input_ids', *expected))}, got "
+                                f"{', '.join(('input_ids', *extra))}", "pass the same inputs as at compile time")
+    return tuple(extra[name] for name in expected)
+
+
+def prefill(program_or_model, prompt_ids: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, Caches]:
+    """Logits of the last prompt token [B, V] and every layer's (key, value) cache. ``extra``: further
+    inputs by name (a VLM's pixel_values)."""
     prompt_ids = _check_prompt(prompt_ids)
     with torch.no_grad():
         if isinstance(program_or_model, DecoderProgram):
             if prompt_ids.shape[1] != program_or_model.prompt_tokens:
                 raise TokenCompileError(f"the program was compiled for {program_or_model.prompt_tokens}-token "
                                         f"prompts, got {prompt_ids.shape[1]}", "compile it for this prompt length")
-            logits, *flat = program_or_model.prefill.module()(prompt_ids)
+            values = check_extra_inputs(program_or_model.extra_inputs, extra)
+            logits, *flat = program_or_model.prefill.module()(prompt_ids, *values)
         else:
-            out = as_causal_lm(program_or_model)(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
+            out = as_causal_lm(program_or_model)(input_ids=prompt_ids, use_cache=True, logits_to_keep=1,
+                                                 **(extra or {}))
             logits = out.logits[:, -1]
             flat = [t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)]
     return logits, list(zip(flat[0::2], flat[1::2]))
@@ -68,8 +80,8 @@ class TorchRunner:
             self.decoder = program_or_model
         self.source = program_or_model
 
-    def prefill(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, Caches]:
-        return prefill(self.source, prompt_ids)
+    def prefill(self, prompt_ids: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, Caches]:
+        return prefill(self.source, prompt_ids, extra)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Caches) -> tuple[torch.Tensor, Caches]:
         return decode_step(self.decoder, tokens, positions, caches)
@@ -80,11 +92,13 @@ def as_runner(source):
     return source if hasattr(source, "prefill") and hasattr(source, "decode") else TorchRunner(source)
 
 
-def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+             extra: dict | None = None) -> torch.Tensor:
     """Greedy decoding: [B, N + new] ids (stops early when every sample produced ``eos_token_id``).
-    ``source``: a DecoderProgram, a causal LM, or a runner such as ``OnnxRunner``."""
+    ``source``: a DecoderProgram, a causal LM, or a runner such as ``OnnxRunner``; ``extra``: further
+    prefill inputs by name (a VLM's pixel_values)."""
     runner = as_runner(source)
-    logits, caches = runner.prefill(_check_prompt(prompt_ids))
+    logits, caches = runner.prefill(_check_prompt(prompt_ids), extra)
     ids, position = prompt_ids, prompt_ids.shape[1]
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
     for step in range(max_new_tokens):
@@ -100,10 +114,11 @@ def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id
     return ids
 
 
-def teacher_forced_logits(source, prompt_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+def teacher_forced_logits(source, prompt_ids: torch.Tensor, continuation: torch.Tensor,
+                          extra: dict | None = None) -> torch.Tensor:
     """[B, T, V]: logits predicting continuation[:, t] after the prompt and continuation[:, :t]."""
     runner = as_runner(source)
-    logits, caches = runner.prefill(_check_prompt(prompt_ids))
+    logits, caches = runner.prefill(_check_prompt(prompt_ids), extra)
     steps, position = [logits], prompt_ids.shape[1]
     for t in range(continuation.shape[1] - 1):
         token = continuation[:, t:t + 1]

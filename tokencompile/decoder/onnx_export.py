@@ -28,7 +28,7 @@ from ..errors import TokenCompileError
 from ..lowering.onnx_export import DEFAULT_OPSET, ort_session, run_torch_onnx_export
 from ..lowering.onnx_ops import translation_table
 from ..outputs import write_bytes, write_json
-from .generate import Caches, TorchRunner, decode_step
+from .generate import Caches, TorchRunner, check_extra_inputs, decode_step
 from .prefill import DecoderProgram
 
 PREFILL, DECODE, MANIFEST = "prefill.onnx", "decode.onnx", "decoder.json"
@@ -100,8 +100,10 @@ class DecoderExport:
     layers: int
 
 
-def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAULT_OPSET) -> DecoderExport:
-    """Write prefill.onnx, decode.onnx and decoder.json of ``program`` into ``folder``."""
+def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAULT_OPSET,
+                        example_extra: dict | None = None) -> DecoderExport:
+    """Write prefill.onnx, decode.onnx and decoder.json of ``program`` into ``folder``. ``example_extra``:
+    example values of the prefill's further inputs (a VLM's pixel_values, batch 2)."""
     import tokencompile.ops  # noqa: F401  (the token ops' ONNX lowering)
 
     if program.positions != "keep" and program.first_reduced_layer is not None:
@@ -110,13 +112,16 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
     started = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     example = torch.zeros(2, program.prompt_tokens, dtype=torch.long)
-    runner = TorchRunner(program)
-    logits, caches = runner.prefill(example)
+    if example_extra is None and program.extra_inputs:
+        raise TokenCompileError(f"the prefill also takes {', '.join(program.extra_inputs)}",
+                                "pass example_extra={name: tensor} with a batch of 2")
+    extra = check_extra_inputs(program.extra_inputs, example_extra)
+    logits, caches = TorchRunner(program).prefill(example, example_extra)
     layers = len(caches)
     table = translation_table()
 
-    exported, _ = run_torch_onnx_export(program.prefill, (example,), opset, table, "ONNX export of the prefill")
-    _rename(exported, ["input_ids"], ["logits", *cache_names("present", layers)])
+    exported, _ = run_torch_onnx_export(program.prefill, (example, *extra), opset, table, "ONNX export of the prefill")
+    _rename(exported, ["input_ids", *program.extra_inputs], ["logits", *cache_names("present", layers)])
     prefill_path = os.path.join(folder, PREFILL)
     _save(exported, prefill_path)
 
@@ -131,7 +136,7 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
     _save(exported, decode_path)
 
     write_json(os.path.join(folder, MANIFEST), {
-        "prompt_tokens": program.prompt_tokens, "layers": layers, "positions": program.positions,
+        "prompt_tokens": program.prompt_tokens, "extra_inputs": list(program.extra_inputs), "layers": layers, "positions": program.positions,
         "first_reduced_layer": program.first_reduced_layer,
         "cache_tokens": [int(k.shape[2]) for k, _ in caches], "opset": opset,
         "eos_token_id": getattr(getattr(program.model, "config", None), "eos_token_id", None),
@@ -155,12 +160,16 @@ class OnnxRunner:
         self.prefill_session = ort_session(os.path.join(folder, PREFILL), threads)
         self.decode_session = ort_session(os.path.join(folder, DECODE), threads)
         self.past_names = cache_names("past_key_values", self.layers)
+        self.extra_inputs = tuple(self.manifest.get("extra_inputs", ()))
 
-    def prefill(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, Caches]:
+    def prefill(self, prompt_ids: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, Caches]:
         if prompt_ids.shape[1] != self.prompt_tokens:
             raise TokenCompileError(f"the decoder was exported for {self.prompt_tokens}-token prompts, got "
                                     f"{prompt_ids.shape[1]}", "export it again for this prompt length")
-        logits, *flat = self.prefill_session.run(None, {"input_ids": prompt_ids.numpy()})
+        feeds = {"input_ids": prompt_ids.numpy()}
+        for name, value in zip(self.extra_inputs, check_extra_inputs(self.extra_inputs, extra)):
+            feeds[name] = np.ascontiguousarray(value.numpy())
+        logits, *flat = self.prefill_session.run(None, feeds)
         return torch.from_numpy(logits), _pairs(flat)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Caches) -> tuple[torch.Tensor, Caches]:

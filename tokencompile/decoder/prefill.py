@@ -29,15 +29,18 @@ tc = torch.ops.tokencompile
 
 
 class CausalLMPrefill(torch.nn.Module):
-    """input_ids [B, N] -> (logits of the last token [B, V], key_0, value_0, key_1, value_1, ...), each
-    cache [B, H_kv, N, D] with RoPE applied (as the model caches them)."""
+    """(input_ids [B, N], *extra) -> (logits of the last token [B, V], key_0, value_0, key_1, value_1, ...),
+    each cache [B, H_kv, N, D] with RoPE applied (as the model caches them). ``extra_inputs``: the
+    keywords of further inputs, e.g. ("pixel_values",) for a VLM."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, extra_inputs: tuple[str, ...] = ()):
         super().__init__()
         self.model = model
+        self.extra_inputs = tuple(extra_inputs)
 
-    def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    def forward(self, input_ids, *extra):
+        named = dict(zip(self.extra_inputs, extra))
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **named)
         caches = []
         for layer in returned_cache(out).layers:
             caches += [layer.keys, layer.values]
@@ -66,18 +69,29 @@ class DecoderProgram:
     report: dict = field(default_factory=dict)
     tokens_per_layer: list[int] = field(default_factory=list)        # prompt tokens each layer sees and caches
     stages: list[tuple[int, int]] = field(default_factory=list)      # (layer, span tokens kept from it on)
+    extra_inputs: tuple[str, ...] = ()  # the prefill's inputs after input_ids (a VLM's pixel_values)
 
 
 def as_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.model if isinstance(model, CausalLMPrefill) else model
 
 
-def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor) -> ExportedProgram:
-    """The prefill program of a causal LM with a symbolic batch axis (token count static)."""
-    wrapper = model if isinstance(model, CausalLMPrefill) else CausalLMPrefill(model)
-    example = input_ids if input_ids.shape[0] > 1 else torch.cat([input_ids, input_ids])
+def batched_example(inputs: tuple) -> tuple:
+    """The inputs with a batch of two when they hold one sample (so that the batch axis stays symbolic)."""
+    return inputs if inputs[0].shape[0] > 1 else tuple(torch.cat([x, x]) for x in inputs)
+
+
+def export_with_batch_axis(module: torch.nn.Module, inputs: tuple) -> ExportedProgram:
     with torch.no_grad():
-        return torch.export.export(wrapper, (example,), dynamic_shapes=({0: Dim.AUTO},))
+        return torch.export.export(module, batched_example(inputs), dynamic_shapes=tuple({0: Dim.AUTO} for _ in inputs))
+
+
+def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict | None = None) -> ExportedProgram:
+    """The prefill program of a causal LM with a symbolic batch axis (token count static). ``extra``:
+    further keyword inputs of the model (a VLM's pixel_values), in program input order after input_ids."""
+    extra = extra or {}
+    wrapper = CausalLMPrefill(as_causal_lm(model), tuple(extra))
+    return export_with_batch_axis(wrapper, (input_ids, *extra.values()))
 
 
 @dataclass(frozen=True)
@@ -205,10 +219,10 @@ def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, sites: list)
 
 
 def rewrite_prefill(ep: ExportedProgram, input_ids: torch.Tensor, method: FastV,
-                    stages: list[Stage], removable: int) -> GraphModule:
+                    stages: list[Stage], removable: int, extra: tuple = ()) -> GraphModule:
     """A fresh module of the prefill program with the span reduced at every stage (after layer - 1)."""
     gm = ep.module()
-    analysis = analyse_decoder(gm, input_ids)
+    analysis = analyse_decoder(gm, input_ids, extra)
     method.reset()
     method.input_ids = analysis.input_ids
     method.scales = tuple(analysis.scales)
@@ -251,7 +265,8 @@ def _plain(values) -> str:
 
 def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: float | None = None,
                     keep=None, layer=None, span: Span | tuple | None = None, positions: str = "keep",
-                    probes: int = 1, method: str = "fastv", sinks: int = 0) -> DecoderProgram:
+                    probes: int = 1, method: str = "fastv", sinks: int = 0, pool: int = 1,
+                    extra_inputs: dict | None = None) -> DecoderProgram:
     """Reduce a causal LM's prompt in prefill with FastV or PyramidDrop (FastV's score at several stages).
 
     ``layer``: the first layer that sees only the kept tokens (fastv, default 2), or the stage layers
@@ -263,7 +278,9 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     several stages keep r, r**2, ... with the largest r that meets it. ``span``: ``Span`` or
     (start, length); default the whole prompt but its last token. ``probes``: score by the last
     token's attention row (1, FastV) or the mean of the last ``probes`` rows. ``sinks``: the first
-    prompt tokens never removed. ``input_ids`` fixes the prompt length (shapes are static).
+    prompt tokens never removed. ``pool``: average the score over that many neighbours (odd).
+    ``input_ids`` fixes the prompt length (shapes are static).
+    ``extra_inputs``: further keyword inputs of the model by name (a VLM's ``pixel_values``).
     pyramiddrop without budget or keep keeps 0.5 of the remaining span per stage (the paper)."""
     if method == "pyramiddrop" and budget is None and keep is None:
         keep = 0.5
@@ -277,12 +294,14 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     span = span if isinstance(span, Span) else Span(*span) if span is not None else Span()
     if method not in METHODS:
         raise TokenCompileError(f"method {method!r} is not a decoder method", f"give one of: {', '.join(METHODS)}")
-    pruner = METHODS[method](positions=positions, probes=probes, span=span, sinks=sinks)
+    pruner = METHODS[method](positions=positions, probes=probes, span=span, sinks=sinks, pool=pool)
     lm = as_causal_lm(model).eval()
-    ep = export_prefill(lm, input_ids)
-    inputs = (input_ids,)
+    extra_inputs = dict(extra_inputs or {})
+    ep = export_prefill(lm, input_ids, extra_inputs)
+    extra = tuple(extra_inputs.values())
+    inputs = (input_ids, *extra)
     original = ep.module()
-    analysis = analyse_decoder(original, input_ids)
+    analysis = analyse_decoder(original, input_ids, extra)
     span.check(analysis.tokens)
     if layer is None:
         layer = pyramid_layers(analysis.layers) if method == "pyramiddrop" else 2
@@ -309,10 +328,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     while True:
         stages = [stage for stage, before in zip(stages, [removable] + [s.kept for s in stages])
                   if stage.kept < before]  # a stage that removes nothing is no stage
-        gm = rewrite_prefill(ep, input_ids, pruner, stages, removable) if stages else ep.module()
-        with torch.no_grad():
-            program = torch.export.export(gm, (torch.cat([input_ids, input_ids]) if input_ids.shape[0] == 1
-                                               else input_ids,), dynamic_shapes=({0: Dim.AUTO},))
+        gm = rewrite_prefill(ep, input_ids, pruner, stages, removable, extra) if stages else ep.module()
+        program = export_with_batch_axis(gm, inputs)
         flops = count_flops(program.module(), inputs)
         if budget is None or flops <= budget * original_flops + 1e-9 or not stages or stages[-1].kept == 0:
             break
@@ -333,6 +350,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         "positions": positions,
         "probes": probes,
         "sinks": sinks,
+        "pool": pool,
         "span_tokens_removable": removable,
         "span_tokens_kept": kept,
         "keep_ratio": kept / removable if removable else 1.0,
@@ -346,7 +364,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         "seconds": round(time.perf_counter() - started, 2),
     }
     return DecoderProgram(program, lm, analysis.tokens, first, positions, report, tokens,
-                          [(s.layer, s.kept) for s in stages])
+                          [(s.layer, s.kept) for s in stages], tuple(extra_inputs))
 
 
 __all__ = ["METHODS", "CausalLMPrefill", "DecoderProgram", "Stage", "choose_pyramid", "choose_schedule",
