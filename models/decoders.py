@@ -14,6 +14,7 @@ import os
 import torch
 
 from tokencompile.decoder import CausalLMPrefill
+from tokencompile.decoder.prefill import returned_cache
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,6 +65,63 @@ def tiny_gpt2() -> CausalLMPrefill:
     return CausalLMPrefill(GPT2LMHeadModel(config).eval()).eval()
 
 
+LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKENS, LLAVA_TEXT_BEFORE = 255, 64, 4
+
+
+def llava_tiny() -> CausalLMPrefill:
+    """LLaVA-style VLM, random weights: a CLIP vision tower (3 layers, 64 wide, 64x64 images in 8x8 patches:
+    64 image tokens, CLS dropped, features of the second-to-last layer), a 2-layer MLP projector and the
+    tiny Llama (4 layers). Image features replace the placeholder tokens (id 255) by masked_scatter."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=64, patch_size=8, projection_dim=64)
+    text = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE_TOKEN,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=LLAVA_IMAGE_TOKENS)
+    config._attn_implementation = "sdpa"
+    return LlavaPrefill(LlavaForConditionalGeneration(config).eval()).eval()
+
+
+class LlavaPrefill(CausalLMPrefill):
+    """The prefill of a LLaVA model with a symbolic batch: the image features are computed here (vision
+    tower, feature layer, CLS dropped, projector) and handed to the model as one [B * 64, C] tensor;
+    transformers' own path splits them per image in a Python loop, which fixes the batch size at export."""
+
+    def __init__(self, model):
+        super().__init__(model, ("pixel_values",))
+
+    def forward(self, input_ids, pixel_values):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        vlm, config = self.model.model, self.model.config
+        hidden = vlm.vision_tower(pixel_values, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        if config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        features = vlm.multi_modal_projector(hidden).flatten(0, 1)
+        image = BaseModelOutputWithPooling(pooler_output=[features])
+        out = self.model(input_ids=input_ids, mm_encoder_outputs={"image": image}, use_cache=True, logits_to_keep=1)
+        return (out.logits[:, -1], *[t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)])
+
+
+def llava_inputs(batch: int, text_after: int = 12, seed: int = 0) -> tuple:
+    """(input_ids [B, 4 + 64 + text_after] with the 64 image placeholders after 4 text tokens, pixel_values
+    [B, 3, 64, 64])."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = LLAVA_TEXT_BEFORE + LLAVA_IMAGE_TOKENS + text_after
+    ids = torch.randint(3, LLAVA_IMAGE_TOKEN, (batch, tokens), generator=generator)
+    ids[:, LLAVA_TEXT_BEFORE:LLAVA_TEXT_BEFORE + LLAVA_IMAGE_TOKENS] = LLAVA_IMAGE_TOKEN
+    return ids, torch.randn(batch, 3, 64, 64, generator=generator)
+
+
 def byte_tokenizer():
     """A byte-level tokenizer of 256 ids (no merges), for the random-weight decoders' 256-token vocabulary."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers
@@ -90,6 +148,8 @@ def _recipes() -> list:
                "KV cache, 128-token prompts", smollm2, lambda batch: prompt_ids(batch, 128, 49152)),
         Recipe("tiny_llama", "Llama (4 layers, 64 wide, GQA, RoPE), random weights, prefill: last logits + KV cache",
                tiny_llama, lambda batch: prompt_ids(batch, 48)),
+        Recipe("llava_tiny", "LLaVA-style VLM (CLIP tower 3 layers, MLP projector, Llama 4 layers), random weights, "
+               "prefill of 80 tokens (64 image tokens): last logits + KV cache", llava_tiny, llava_inputs),
         Recipe("tiny_gpt2", "GPT-2 style (4 layers, 64 wide, learned positions), random weights, prefill: last logits "
                "+ KV cache", tiny_gpt2, lambda batch: prompt_ids(batch, 48)),
     ]
@@ -97,5 +157,5 @@ def _recipes() -> list:
 
 DECODER_RECIPES = {recipe.name: recipe for recipe in _recipes()}
 
-__all__ = ["DECODER_RECIPES", "SMOLLM2_GGUF", "byte_tokenizer", "prompt_ids", "smollm2", "smollm2_dir",
-           "smollm2_tokenizer", "tiny_gpt2", "tiny_llama"]
+__all__ = ["DECODER_RECIPES", "LLAVA_IMAGE_TOKEN", "SMOLLM2_GGUF", "byte_tokenizer", "llava_inputs", "llava_tiny",
+           "prompt_ids", "smollm2", "smollm2_dir", "smollm2_tokenizer", "tiny_gpt2", "tiny_llama"]

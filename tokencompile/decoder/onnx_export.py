@@ -100,10 +100,9 @@ class DecoderExport:
     layers: int
 
 
-def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAULT_OPSET,
-                        example_extra: dict | None = None) -> DecoderExport:
-    """Write prefill.onnx, decode.onnx and decoder.json of ``program`` into ``folder``. ``example_extra``:
-    example values of the prefill's further inputs (a VLM's pixel_values, batch 2)."""
+def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAULT_OPSET) -> DecoderExport:
+    """Write prefill.onnx, decode.onnx and decoder.json of ``program`` into ``folder`` (traced on the
+    inputs it was compiled with)."""
     import tokencompile.ops  # noqa: F401  (the token ops' ONNX lowering)
 
     if program.positions != "keep" and program.first_reduced_layer is not None:
@@ -111,12 +110,8 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
                                 "the reduction would need different positions", "compile with positions=keep")
     started = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
-    example = torch.zeros(2, program.prompt_tokens, dtype=torch.long)
-    if example_extra is None and program.extra_inputs:
-        raise TokenCompileError(f"the prefill also takes {', '.join(program.extra_inputs)}",
-                                "pass example_extra={name: tensor} with a batch of 2")
-    extra = check_extra_inputs(program.extra_inputs, example_extra)
-    logits, caches = TorchRunner(program).prefill(example, example_extra)
+    example, *extra = program.example_inputs
+    logits, caches = TorchRunner(program).prefill(example, dict(zip(program.extra_inputs, extra)))
     layers = len(caches)
     table = translation_table()
 

@@ -70,6 +70,7 @@ class DecoderProgram:
     tokens_per_layer: list[int] = field(default_factory=list)        # prompt tokens each layer sees and caches
     stages: list[tuple[int, int]] = field(default_factory=list)      # (layer, span tokens kept from it on)
     extra_inputs: tuple[str, ...] = ()  # the prefill's inputs after input_ids (a VLM's pixel_values)
+    example_inputs: tuple = ()          # (input_ids, *extra) it was compiled with, batch >= 2 (for exports)
 
 
 def as_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -81,17 +82,26 @@ def batched_example(inputs: tuple) -> tuple:
     return inputs if inputs[0].shape[0] > 1 else tuple(torch.cat([x, x]) for x in inputs)
 
 
-def export_with_batch_axis(module: torch.nn.Module, inputs: tuple) -> ExportedProgram:
+def export_with_batch_axis(module: torch.nn.Module, inputs: tuple, varargs: bool = False) -> ExportedProgram:
+    """torch.export with axis 0 of every input symbolic; ``varargs``: forward(first, *rest)."""
+    axis = Dim("batch", min=1, max=4096) if len(inputs) > 1 else Dim.AUTO  # one batch shared by every input
+    batch = [{0: axis} for _ in inputs]
+    dynamic = (batch[0], tuple(batch[1:])) if varargs and len(inputs) > 1 else tuple(batch)
     with torch.no_grad():
-        return torch.export.export(module, batched_example(inputs), dynamic_shapes=tuple({0: Dim.AUTO} for _ in inputs))
+        return torch.export.export(module, batched_example(inputs), dynamic_shapes=dynamic)
 
 
 def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict | None = None) -> ExportedProgram:
     """The prefill program of a causal LM with a symbolic batch axis (token count static). ``extra``:
     further keyword inputs of the model (a VLM's pixel_values), in program input order after input_ids."""
     extra = extra or {}
-    wrapper = CausalLMPrefill(as_causal_lm(model), tuple(extra))
-    return export_with_batch_axis(wrapper, (input_ids, *extra.values()))
+    wrapper = model if isinstance(model, CausalLMPrefill) else CausalLMPrefill(model, tuple(extra))
+    if wrapper.extra_inputs != tuple(extra):
+        raise TokenCompileError(f"the prefill takes input_ids, {', '.join(wrapper.extra_inputs) or 'nothing else'}; "
+                                f"got input_ids, {', '.join(extra) or 'nothing else'}",
+                                "pass extra_inputs={name: tensor} for each of its inputs")
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(wrapper.forward).parameters.values())
+    return export_with_batch_axis(wrapper.eval(), (input_ids, *extra.values()), varargs=varargs)
 
 
 @dataclass(frozen=True)
@@ -297,7 +307,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     pruner = METHODS[method](positions=positions, probes=probes, span=span, sinks=sinks, pool=pool)
     lm = as_causal_lm(model).eval()
     extra_inputs = dict(extra_inputs or {})
-    ep = export_prefill(lm, input_ids, extra_inputs)
+    ep = export_prefill(model if isinstance(model, CausalLMPrefill) else lm, input_ids, extra_inputs)
     extra = tuple(extra_inputs.values())
     inputs = (input_ids, *extra)
     original = ep.module()
@@ -364,7 +374,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         "seconds": round(time.perf_counter() - started, 2),
     }
     return DecoderProgram(program, lm, analysis.tokens, first, positions, report, tokens,
-                          [(s.layer, s.kept) for s in stages], tuple(extra_inputs))
+                          [(s.layer, s.kept) for s in stages], tuple(extra_inputs), batched_example(inputs))
 
 
 __all__ = ["METHODS", "CausalLMPrefill", "DecoderProgram", "Stage", "choose_pyramid", "choose_schedule",

@@ -247,6 +247,12 @@ def gather_tokens(t, rep, dim: int):
     return op.GatherElements(t, op.Expand(index, op.Concat(*parts, axis=0)), axis=dim)
 
 
+def is_all_true(t):
+    """``aten._is_all_true`` (from ``torch._check`` on a tensor, e.g. a VLM's image-token count check): the
+    exporter drops the assertion it feeds but still needs the op."""
+    return op.Cast(op.ReduceMin(op.Cast(t, to=onnx.TensorProto.INT32), keepdims=0), to=onnx.TensorProto.BOOL)
+
+
 def translation_table() -> dict:
     import tokencompile.ops  # noqa: F401
 
@@ -260,4 +266,5 @@ def translation_table() -> dict:
         tc.merge_tokens.default: merge_tokens,
         tc.sum_tokens.default: sum_tokens,
         tc.gather_tokens.default: gather_tokens,
+        torch.ops.aten._is_all_true.default: is_all_true,
     }

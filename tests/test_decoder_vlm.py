@@ -1,0 +1,118 @@
+"""A LLaVA-style VLM (random weights): the decoder analysis finds the language model among two stacks of
+blocks, FastV prunes the image span (text kept) and matches an eager reference on the Llama layers,
+batch independence, greedy decoding equal to Hugging Face at budget 1.0, ONNX prefill + decode."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_decoder import reference_staged
+
+import models
+from models.decoders import LLAVA_IMAGE_TOKEN
+from tokencompile.decoder import (
+    Span,
+    analyse_decoder,
+    compile_decoder,
+    export_prefill,
+    generate,
+    prefill,
+)
+from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
+
+IMAGE = Span(token_id=LLAVA_IMAGE_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    """The recipe's prefill wrapper (its image features keep the batch symbolic); .model is the HF VLM."""
+    return models.build("llava_tiny")[0]
+
+
+@pytest.fixture(scope="module")
+def llava(vlm):
+    return vlm.model
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return models.decoders.llava_inputs(3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fastv_image(vlm, inputs):
+    ids, pixels = inputs
+    return compile_decoder(vlm, ids[:2], keep=0.25, layer=2, span=IMAGE, extra_inputs={"pixel_values": pixels[:2]})
+
+
+def language_model_view(llava, ids, pixels):
+    """The Llama part of the VLM as reference_staged expects it, its embeddings being the VLM's merged
+    text + image embeddings (captured at the language model's input)."""
+    captured = {}
+
+    def keep_embeddings(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    handle = llava.model.language_model.register_forward_pre_hook(keep_embeddings, with_kwargs=True)
+    try:
+        llava(input_ids=ids, pixel_values=pixels)
+    finally:
+        handle.remove()
+    language = llava.model.language_model
+    model = SimpleNamespace(embed_tokens=lambda _: captured["embeds"], layers=language.layers,
+                            rotary_emb=language.rotary_emb, norm=language.norm)
+    return SimpleNamespace(model=model, lm_head=llava.lm_head)
+
+
+def test_analysis_picks_the_language_model(vlm, inputs):
+    ids, pixels = inputs
+    program = export_prefill(vlm, ids[:2], {"pixel_values": pixels[:2]})
+    analysis = analyse_decoder(program.module(), ids[:2], (pixels[:2],))
+    assert analysis.summary() == {"tokens": 80, "layers": 4, "attention": "sdpa", "causal": True, "rope": True,
+                                  "kv_cache_outputs": 8}
+    assert all("language_model" in block.name for block in analysis.base.blocks)
+
+
+def test_fastv_on_the_image_span_matches_the_reference(llava, inputs, fastv_image):
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    assert fastv_image.report["tokens_per_layer"] == [80, 80, 32, 32]
+    assert fastv_image.report["span_tokens_removable"] == 64 and fastv_image.report["span_tokens_kept"] == 16
+    logits, caches = prefill(fastv_image, ids, {"pixel_values": pixels})
+    with torch.no_grad():
+        removable = (ids == LLAVA_IMAGE_TOKEN) & (torch.arange(80) < 79)
+        expected, expected_caches, kept = reference_staged(language_model_view(llava, ids, pixels), ids, [(2, 16)],
+                                                           removable)
+    assert (kept[0] >= 68).sum(1).eq(12).all() and (kept[0] < 4).sum(1).eq(4).all()  # every text token stays
+    assert torch.allclose(logits, expected[:, -1], atol=1e-5)
+    for (k, v), (k_ref, v_ref) in zip(caches, expected_caches):
+        assert k.shape == k_ref.shape and torch.allclose(k, k_ref, atol=1e-5) and torch.allclose(v, v_ref, atol=1e-5)
+
+
+def test_samples_do_not_affect_each_other(fastv_image, inputs):
+    ids, pixels = inputs
+    logits, _ = prefill(fastv_image, ids, {"pixel_values": pixels})
+    for i in range(3):
+        alone, _ = prefill(fastv_image, ids[i:i + 1], {"pixel_values": pixels[i:i + 1]})
+        assert torch.allclose(alone[0], logits[i], atol=1e-5)
+
+
+def test_budget_one_greedy_equals_hugging_face(vlm, llava, inputs):
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    program = compile_decoder(vlm, ids, budget=1.0, span=IMAGE, extra_inputs={"pixel_values": pixels})
+    expected = llava.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                              max_new_tokens=8, do_sample=False)
+    assert torch.equal(generate(program, ids, 8, extra={"pixel_values": pixels}), expected)
+
+
+def test_onnx_graphs_match_and_generate(fastv_image, inputs, tmp_path):
+    ids, pixels = inputs
+    export_decoder_onnx(fastv_image, str(tmp_path))
+    runner = OnnxRunner(str(tmp_path))
+    extra = {"pixel_values": pixels}
+    logits, caches = runner.prefill(ids, extra)
+    expected, expected_caches = prefill(fastv_image, ids, extra)
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert [k.shape[2] for k, _ in caches] == [80, 80, 32, 32]
+    assert torch.equal(generate(runner, ids, 6, extra=extra), generate(fastv_image, ids, 6, extra=extra))
