@@ -90,11 +90,12 @@ def reference_forward(lm, ids, first_reduced: int, kept: torch.Tensor | None, re
 
 
 def reference_staged(lm, ids, stages, removable: torch.Tensor, prompt: int | None = None, probes: int = 1,
-                     renumber: bool = False):
+                     renumber: bool = False, pool: int = 1):
     """Several stages: ``stages`` is [(layer, span tokens kept from that layer on)]. Before each stage
     layer L, the rows that reached layer L-1 are scored by the last prompt rows' causal attention at
     layer L-1 (over the prompt rows that reached it) and the top span rows stay. ``removable`` [B, N]:
-    the span (prompt rows only); rows from ``prompt`` on (a continuation) always stay. Returns the
+    the span (prompt rows only); rows from ``prompt`` on (a continuation) always stay; ``pool``: scores
+    averaged over that many neighbouring rows (padding not counted). Returns the
     logits [B, n, V], each layer's (key, value) cache and the kept original positions after each stage."""
     batch, n = ids.shape
     prompt = n if prompt is None else prompt
@@ -116,6 +117,7 @@ def reference_staged(lm, ids, stages, removable: torch.Tensor, prompt: int | Non
             rows = int((positions[0] < prompt).sum())
             logits = q[:, :, :rows] @ k[:, :, :rows].transpose(-2, -1) * attention.scaling + _causal(rows)
             scores = logits[:, :, rows - probes:].softmax(-1).mean((1, 2))
+            scores = torch.nn.functional.avg_pool1d(scores[:, None], pool, 1, pool // 2, count_include_pad=False)[:, 0]
         hidden = layer(hidden, attention_mask=_causal(hidden.shape[1]), position_embeddings=cos_sin, cache=cache,
                        use_cache=True)
         if index + 1 in kept_after:

@@ -66,13 +66,13 @@ def test_decode_on_staged_caches_matches_reference(llama, prompts, two_stages):
     assert generate(two_stages, prompts, 3).shape == (2, TOKENS + 3)
 
 
-def test_staged_renumbered_positions_and_probe_window_match_reference(llama, prompts):
+def test_staged_renumbered_positions_probe_window_and_pooling_match_reference(llama, prompts):
     program = compile_decoder(llama, prompts, layer=(2, 3), keep=(0.75, 0.25), span=(0, 20), probes=3,
-                              positions="renumber")
+                              positions="renumber", pool=5)
     assert program.tokens_per_layer == [24, 24, 19, 9]
     with torch.no_grad():
         expected, _, _ = reference_staged(llama, prompts, [(2, 15), (3, 5)], Span(0, 20).removable(prompts),
-                                          probes=3, renumber=True)
+                                          probes=3, renumber=True, pool=5)
     torch.testing.assert_close(prefill(program, prompts)[0], expected[:, -1], atol=1e-5, rtol=1e-4)
 
 
@@ -108,9 +108,22 @@ def test_pyramid_budget_is_met_with_the_largest_ratio(llama, prompts):
     ({"layer": (1, 2), "keep": (0.5, 1.5)}, "out of range"),
     ({"method": "pyramid", "keep": 0.5}, "not a decoder method"),
     ({"keep": 0.5, "sinks": -1}, "sinks=-1"),
+    ({"keep": 0.5, "pool": 4}, "not an odd window"),
     ({"method": "pyramiddrop", "budget": 0.05}, "cannot be met"),
 ])
 def test_bad_stage_options_are_one_line_errors(llama, prompts, kwargs, message):
     with pytest.raises(TokenCompileError, match=message) as error:
         compile_decoder(llama, prompts, **kwargs)
     assert "\n" not in str(error.value)
+
+
+def test_auto_layer_rule_spends_a_quarter_of_the_budget_on_full_layers(llama, prompts):
+    from tokencompile.decoder.prefill import auto_layer
+    from tokencompile.flops import BlockCost, CostModel
+
+    thirty = CostModel(512, 0, [BlockCost(before_linear=10, after_linear=90) for _ in range(30)], 64)
+    assert [auto_layer(thirty, b) for b in (1.0, 0.6, 0.4, 0.1)] == [7, 4, 3, 1]
+    program = compile_decoder(llama, prompts, budget=0.6, layer="auto", span=(4, 16))
+    assert program.first_reduced_layer == 1 and program.report["flops_ratio"] <= 0.6
+    with pytest.raises(TokenCompileError, match="chooses the layer from a budget"):
+        compile_decoder(llama, prompts, keep=0.5, layer="auto")

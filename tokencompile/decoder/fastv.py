@@ -5,6 +5,7 @@ span's tokens are scored by the attention the last prompt token gives them (soft
 q_last . k / sqrt(d), averaged over heads). The row is computed from q and k next to the attention, so
 the layer's SDPA stays fused and no N x N matrix is built. The top tokens of the span stay for every
 later layer; tokens outside the span, the first ``sinks`` prompt tokens and the last token always stay.
+``pool`` > 1 averages the score over that many neighbouring tokens first (SnapKV's pooling).
 
 PyramidDrop (Xing et al., 2024) is the same score at several stages (the paper: layers 8/16/24 of 32,
 each stage keeping half of the remaining span). Every stage scores at its own layer, over the tokens
@@ -36,7 +37,8 @@ class FastV(PruneMethod):
     ``positions``: kept tokens keep their original RoPE positions (``keep``) or are renumbered
     0..n-1 from that layer on (``renumber``); ``probes``: the score is the attention row of the last
     prompt token (1, FastV) or the mean row of the last ``probes`` prompt tokens (an observation
-    window, as SnapKV scores a KV cache), each row causal."""
+    window, as SnapKV scores a KV cache), each row causal; ``pool``: average the score over that many
+    neighbours (odd; SnapKV's pooling); ``sinks``: the first prompt tokens never removed."""
 
     name: ClassVar[str] = "fastv"
     family: ClassVar[str] = "prune"
@@ -48,6 +50,7 @@ class FastV(PruneMethod):
     probes: int = 1
     span: Span = field(default_factory=Span)
     sinks: int = 0                 # the first prompt tokens never removed (attention sinks)
+    pool: int = 1                  # average the score over a window of this many neighbours (odd)
     input_ids: Node | None = None  # the program's input_ids (set by the compiler, for token-id spans)
     scale: float = 1.0             # the probe attention's softmax scale (set by the compiler) ...
     scales: tuple = ()             # ... or one per block
@@ -59,6 +62,9 @@ class FastV(PruneMethod):
                                     f"give one of: {', '.join(POSITION_POLICIES)}")
         if self.probes < 1:
             raise TokenCompileError(f"probes={self.probes} is not a number of query rows", "give probes >= 1")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise TokenCompileError(f"pool={self.pool} is not an odd window", "give pool=1 (none) or an odd window, "
+                                    "e.g. 7")
         if self.sinks < 0:
             raise TokenCompileError(f"sinks={self.sinks} is not a number of tokens", "give sinks >= 0")
         if self.layer < 1:
@@ -103,8 +109,17 @@ class FastV(PruneMethod):
             inside = builder.call(aten.logical_and.default, inside, builder.call(aten.ge.Scalar, positions, self.sinks))
         return builder.call(aten.logical_and.default, inside, builder.call(aten.lt.Scalar, positions, site.n - 1))
 
+    def pooled(self, builder: GraphBuilder, score: Node) -> Node:
+        """[B, N]: the score averaged over ``pool`` neighbours (SnapKV's pooling): a token next to
+        attended ones rates higher, so the kept tokens come in runs rather than isolated words."""
+        if self.pool == 1:
+            return score
+        pooled = builder.call(aten.avg_pool1d.default, builder.call(aten.unsqueeze.default, score, 1), [self.pool],
+                              [1], [self.pool // 2], False, False)
+        return builder.call(aten.squeeze.dim, pooled, 1)
+
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
-        attention = self.last_token_attention(builder, site)
+        attention = self.pooled(builder, self.last_token_attention(builder, site))
         keep_always = builder.call(aten.full_like.default, attention, float("inf"))
         self._removable = self.removable(builder, site)
         return builder.call(aten.where.self, self._removable, attention, keep_always,

@@ -167,6 +167,23 @@ def choose_schedule(cost: CostModel, budget: float, layer: int, removable: int) 
     raise _unreachable(budget, best, "every span token removed after layer 1")
 
 
+AUTO_PREFIX_SHARE = 0.25
+
+
+def auto_layer(cost: CostModel, budget: float, share: float = AUTO_PREFIX_SHARE) -> int:
+    """``layer="auto"``: the deepest K whose layers before it (which see every token) cost at most
+    ``share`` of the budget, so that most of the budget goes to the deeper layers' kept tokens (looser
+    budgets reduce later). A rule, not a search over data: share = 1/4 was set on calibration texts
+    apart from any evaluated ones (see benchmarks/decoder_fidelity.py); for SmolLM2 (30 layers) it
+    gives K=4 at budget 0.6 and K=3 at 0.4."""
+    full = [b.before_linear + b.before_quadratic + b.after_linear + b.after_quadratic for b in cost.blocks]
+    layer = 1
+    for k in range(2, len(full)):
+        if sum(full[:k]) <= share * budget * cost.original:
+            layer = k
+    return layer
+
+
 def choose_pyramid(cost: CostModel, budget: float, layers: tuple[int, ...], removable: int) -> list[Stage]:
     """Stages at ``layers`` keeping ratio**i of the span at stage i (PyramidDrop's geometric pyramid),
     with the largest ratio whose modelled prefill FLOPs meet the budget (bisection on the ratio)."""
@@ -280,7 +297,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     """Reduce a causal LM's prompt in prefill with FastV or PyramidDrop (FastV's score at several stages).
 
     ``layer``: the first layer that sees only the kept tokens (fastv, default 2), or the stage layers
-    (a tuple; pyramiddrop's default: 8/16/24 of 32 scaled to the model's depth). ``keep``: the fraction
+    (a tuple; pyramiddrop's default: 8/16/24 of 32 scaled to the model's depth), or ``"auto"`` (with a
+    budget: one stage at the layer of ``auto_layer``'s rule). ``keep``: the fraction
     of the span kept (one stage); with several stages a tuple of fractions of the span, one per stage
     (non-increasing), or one ratio r that each stage keeps of the span that reached it (r, r**2, ...).
     ``budget``: prefill FLOPs ratio to meet (counted on the final program), instead of ``keep``: one
@@ -315,8 +333,11 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     span.check(analysis.tokens)
     if layer is None:
         layer = pyramid_layers(analysis.layers) if method == "pyramiddrop" else 2
+    if layer == "auto" and budget is None:
+        raise TokenCompileError("layer='auto' chooses the layer from a budget", "give budget=<prefill FLOPs ratio>")
     layers = _as_tuple(layer)
-    _check_stages(method, layers, keep, analysis.layers)
+    if layer != "auto":
+        _check_stages(method, layers, keep, analysis.layers)
     removable_per_sample = (span.removable(input_ids) & (torch.arange(analysis.tokens) >= sinks)).sum(1)
     if len(set(removable_per_sample.tolist())) != 1:
         raise TokenCompileError("the samples hold different numbers of span tokens",
@@ -324,6 +345,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     removable = int(removable_per_sample[0])
     cost = build_cost_model(original, analysis.base, inputs)
     original_flops = count_flops(original, inputs)
+    if layer == "auto":
+        layers = (auto_layer(cost, budget),)
 
     if keep is not None:
         ratios = _as_tuple(keep)
@@ -377,5 +400,5 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                           [(s.layer, s.kept) for s in stages], tuple(extra_inputs), batched_example(inputs))
 
 
-__all__ = ["METHODS", "CausalLMPrefill", "DecoderProgram", "Stage", "choose_pyramid", "choose_schedule",
-           "compile_decoder", "export_prefill", "stage_schedule"]
+__all__ = ["METHODS", "CausalLMPrefill", "DecoderProgram", "Stage", "auto_layer", "choose_pyramid",
+           "choose_schedule", "compile_decoder", "export_prefill", "stage_schedule"]
