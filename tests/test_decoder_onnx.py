@@ -100,7 +100,7 @@ def test_runner_errors(exported, tmp_path, llama, prompts):
     with pytest.raises(TokenCompileError, match="is not an exported decoder: prefill.onnx, decode.onnx"):
         OnnxRunner(str(tmp_path))
     renumbered = compile_decoder(llama, prompts[:1], keep=0.5, span=(4, 16), positions="renumber")
-    with pytest.raises(TokenCompileError, match="positions=renumber is not supported"):
+    with pytest.raises(TokenCompileError, match="decoding after positions=renumber needs every layer to see the same tokens"):
         export_decoder_onnx(renumbered, str(tmp_path))
 
 

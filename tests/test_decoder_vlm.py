@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_decoder import reference_staged
+from test_decoder import reference_forward, reference_staged
 
 import models
 from models.decoders import LLAVA_IMAGE_TOKEN
@@ -19,8 +19,10 @@ from tokencompile.decoder import (
     export_prefill,
     generate,
     prefill,
+    teacher_forced_logits,
 )
 from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
+from tokencompile.errors import TokenCompileError
 
 IMAGE = Span(token_id=LLAVA_IMAGE_TOKEN)
 
@@ -116,3 +118,86 @@ def test_onnx_graphs_match_and_generate(fastv_image, inputs, tmp_path):
     assert torch.allclose(logits, expected, atol=1e-4)
     assert [k.shape[2] for k, _ in caches] == [80, 80, 32, 32]
     assert torch.equal(generate(runner, ids, 6, extra=extra), generate(fastv_image, ids, 6, extra=extra))
+
+
+# ---------------------------------------------------------------- vtc-cls: pruned before the language model
+
+def reference_vision_scores(llava, pixels, layers: list[int]) -> torch.Tensor:
+    """[B, 64]: the vision tower's [CLS] attention row (head mean) summed over ``layers``, CLS dropped."""
+    tower = llava.model.vision_tower
+    hidden = tower(pixels, output_hidden_states=True).hidden_states
+    total = 0
+    for index in layers:
+        layer = tower.encoder.layers[index]
+        x = layer.layer_norm1(hidden[index])
+        heads = layer.self_attn.num_heads
+        q = layer.self_attn.q_proj(x).view(*x.shape[:2], heads, -1).transpose(1, 2)
+        k = layer.self_attn.k_proj(x).view(*x.shape[:2], heads, -1).transpose(1, 2)
+        total = total + (q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1).mean(1)[:, 0]
+    return total[:, 1:]
+
+
+def reference_kept_positions(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Text positions 0-3 and 68-79 and the top ``keep`` image tokens (placeholders 4-67), sorted."""
+    top = scores.topk(keep, dim=1).indices + 4
+    text = torch.cat([torch.arange(4), torch.arange(68, 80)]).expand(scores.shape[0], -1)
+    return torch.cat([text, top], dim=1).sort(dim=1).values
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_vtc_cls_matches_the_reference(vlm, llava, inputs, positions):
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    program = compile_decoder(vlm, ids, keep=0.25, span=IMAGE, method="vtc-cls", positions=positions,
+                              extra_inputs={"pixel_values": pixels})
+    # the tiny tower has 3 layers; features come from the second to last, so 2 layers are scored
+    assert program.report["vision_layers_scored"] == 2 and program.report["tokens_per_layer"] == [32] * 4
+    logits, caches = prefill(program, ids, {"pixel_values": pixels})
+    with torch.no_grad():
+        kept = reference_kept_positions(reference_vision_scores(llava, pixels, [0, 1]), 16)
+        expected, expected_caches = reference_forward(language_model_view(llava, ids, pixels), ids, 0, kept,
+                                                      renumber=positions == "renumber")
+    assert torch.allclose(logits, expected[:, -1], atol=1e-5)
+    for (k, v), (k_ref, v_ref) in zip(caches, expected_caches):
+        assert k.shape == k_ref.shape and torch.allclose(k, k_ref, atol=1e-5) and torch.allclose(v, v_ref, atol=1e-5)
+
+
+def test_vtc_cls_renumbered_decodes_like_a_shorter_prompt(vlm, llava, inputs):
+    """With positions=renumber, pruning before the language model is the same as giving it the kept
+    embeddings as a shorter prompt: teacher-forced decoding must match the HF language model on them."""
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    program = compile_decoder(vlm, ids, keep=0.25, span=IMAGE, method="vtc-cls", positions="renumber",
+                              extra_inputs={"pixel_values": pixels})
+    continuation = ids[:, :5].flip(1)
+    got = teacher_forced_logits(program, ids, continuation, {"pixel_values": pixels})
+    with torch.no_grad():
+        kept = reference_kept_positions(reference_vision_scores(llava, pixels, [0, 1]), 16)
+        view = language_model_view(llava, ids, pixels)
+        embeds = view.model.embed_tokens(ids).gather(1, kept[..., None].expand(-1, -1, 64))
+        embeds = torch.cat([embeds, llava.get_input_embeddings()(continuation[:, :-1])], dim=1)
+        hidden = llava.model.language_model(inputs_embeds=embeds).last_hidden_state
+        expected = llava.lm_head(hidden[:, 31:])
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_vtc_cls_budget_and_onnx(vlm, inputs, tmp_path):
+    ids, pixels = inputs
+    program = compile_decoder(vlm, ids[:2], budget=0.7, span=IMAGE, method="vtc-cls", positions="renumber",
+                              extra_inputs={"pixel_values": pixels[:2]})
+    assert program.report["flops_ratio"] <= 0.7
+    removed_one_less = program.report["span_tokens_kept"] + 1
+    looser = compile_decoder(vlm, ids[:2], keep=removed_one_less / 64, span=IMAGE, method="vtc-cls",
+                             extra_inputs={"pixel_values": pixels[:2]})
+    assert looser.report["flops_ratio"] > 0.7  # the fewest tokens removed that meet the budget
+    export_decoder_onnx(program, str(tmp_path))
+    extra = {"pixel_values": pixels}
+    assert torch.equal(generate(OnnxRunner(str(tmp_path)), ids, 6, extra=extra), generate(program, ids, 6, extra=extra))
+
+
+def test_vtc_cls_errors(vlm, inputs):
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    with pytest.raises(TokenCompileError, match="needs the image placeholder id"):
+        compile_decoder(vlm, ids, keep=0.5, method="vtc-cls", extra_inputs={"pixel_values": pixels})
+    with pytest.raises(TokenCompileError, match=r"layers=3 is not a number of vision layers \(give 1 <= layers <= 2"):
+        compile_decoder(vlm, ids, keep=0.5, span=IMAGE, layer=3, method="vtc-cls", extra_inputs={"pixel_values": pixels})
+    with pytest.raises(TokenCompileError, match="cannot be met by removing image tokens"):
+        compile_decoder(vlm, ids, budget=0.1, span=IMAGE, method="vtc-cls", extra_inputs={"pixel_values": pixels})

@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import TokenCompileError
-from .prefill import DecoderProgram, as_causal_lm, cache_argument, returned_cache
+from .prefill import (
+    DecoderProgram,
+    as_causal_lm,
+    cache_argument,
+    decode_position,
+    returned_cache,
+)
 
 Caches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -71,14 +77,15 @@ class TorchRunner:
 
     def __init__(self, program_or_model):
         if isinstance(program_or_model, DecoderProgram):
-            if program_or_model.positions != "keep" and program_or_model.first_reduced_layer is not None:
-                raise TokenCompileError("decoding after positions=renumber is not supported: layers before and "
-                                        "after the reduction would need different positions",
-                                        "compile with positions=keep")
+            self.position = decode_position(program_or_model)
             self.decoder = program_or_model.model
         else:
-            self.decoder = program_or_model
+            self.position, self.decoder = None, program_or_model
         self.source = program_or_model
+
+    def start_position(self, prompt_ids: torch.Tensor) -> int:
+        """The rotary position of the first generated token."""
+        return prompt_ids.shape[1] if self.position is None else self.position
 
     def prefill(self, prompt_ids: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, Caches]:
         return prefill(self.source, prompt_ids, extra)
@@ -99,7 +106,7 @@ def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id
     prefill inputs by name (a VLM's pixel_values)."""
     runner = as_runner(source)
     logits, caches = runner.prefill(_check_prompt(prompt_ids), extra)
-    ids, position = prompt_ids, prompt_ids.shape[1]
+    ids, position = prompt_ids, runner.start_position(prompt_ids)
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
     for step in range(max_new_tokens):
         token = logits.argmax(-1, keepdim=True)
@@ -119,7 +126,7 @@ def teacher_forced_logits(source, prompt_ids: torch.Tensor, continuation: torch.
     """[B, T, V]: logits predicting continuation[:, t] after the prompt and continuation[:, :t]."""
     runner = as_runner(source)
     logits, caches = runner.prefill(_check_prompt(prompt_ids), extra)
-    steps, position = [logits], prompt_ids.shape[1]
+    steps, position = [logits], runner.start_position(prompt_ids)
     for t in range(continuation.shape[1] - 1):
         token = continuation[:, t:t + 1]
         logits, caches = runner.decode(token, torch.full_like(token, position), caches)

@@ -29,7 +29,7 @@ from ..lowering.onnx_export import DEFAULT_OPSET, ort_session, run_torch_onnx_ex
 from ..lowering.onnx_ops import translation_table
 from ..outputs import write_bytes, write_json
 from .generate import Caches, TorchRunner, check_extra_inputs, decode_step
-from .prefill import DecoderProgram
+from .prefill import DecoderProgram, decode_position
 
 PREFILL, DECODE, MANIFEST = "prefill.onnx", "decode.onnx", "decoder.json"
 MAX_CACHE = 1 << 17
@@ -105,9 +105,7 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
     inputs it was compiled with)."""
     import tokencompile.ops  # noqa: F401  (the token ops' ONNX lowering)
 
-    if program.positions != "keep" and program.first_reduced_layer is not None:
-        raise TokenCompileError("a decode graph after positions=renumber is not supported: layers before and after "
-                                "the reduction would need different positions", "compile with positions=keep")
+    position = decode_position(program)
     started = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     example, *extra = program.example_inputs
@@ -132,7 +130,7 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
 
     write_json(os.path.join(folder, MANIFEST), {
         "prompt_tokens": program.prompt_tokens, "extra_inputs": list(program.extra_inputs), "layers": layers, "positions": program.positions,
-        "first_reduced_layer": program.first_reduced_layer,
+        "first_reduced_layer": program.first_reduced_layer, "decode_position": position,
         "cache_tokens": [int(k.shape[2]) for k, _ in caches], "opset": opset,
         "eos_token_id": getattr(getattr(program.model, "config", None), "eos_token_id", None),
         "report": program.report})
@@ -156,6 +154,10 @@ class OnnxRunner:
         self.decode_session = ort_session(os.path.join(folder, DECODE), threads)
         self.past_names = cache_names("past_key_values", self.layers)
         self.extra_inputs = tuple(self.manifest.get("extra_inputs", ()))
+        self.position = int(self.manifest.get("decode_position", self.prompt_tokens))
+
+    def start_position(self, prompt_ids: torch.Tensor) -> int:
+        return self.position
 
     def prefill(self, prompt_ids: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, Caches]:
         if prompt_ids.shape[1] != self.prompt_tokens:

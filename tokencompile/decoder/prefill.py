@@ -73,6 +73,19 @@ class DecoderProgram:
     example_inputs: tuple = ()          # (input_ids, *extra) it was compiled with, batch >= 2 (for exports)
 
 
+def decode_position(program: DecoderProgram) -> int:
+    """The rotary position of the first generated token: the prompt length when kept tokens keep their
+    positions; with positions=renumber, the token count every layer saw (all layers must agree)."""
+    if program.positions == "keep" or program.first_reduced_layer is None:
+        return program.prompt_tokens
+    counts = set(program.tokens_per_layer)
+    if len(counts) != 1:
+        raise TokenCompileError("decoding after positions=renumber needs every layer to see the same tokens: layers "
+                                "before and after the reduction would need different positions",
+                                "compile with positions=keep, or reduce before the language model (vtc-cls)")
+    return counts.pop()
+
+
 def as_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.model if isinstance(model, CausalLMPrefill) else model
 
@@ -320,8 +333,15 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         raise TokenCompileError(f"keep {_plain(keep)} is out of range", "give 0 <= keep <= 1")
     started = time.perf_counter()
     span = span if isinstance(span, Span) else Span(*span) if span is not None else Span()
+    from .vision import VISION_METHODS, compile_before_language_model
+
+    if method in VISION_METHODS:
+        return compile_before_language_model(model, input_ids, budget=budget, keep=keep, span=span,
+                                             positions=positions, method=method, layers=layer,
+                                             extra_inputs=extra_inputs, started=started)
     if method not in METHODS:
-        raise TokenCompileError(f"method {method!r} is not a decoder method", f"give one of: {', '.join(METHODS)}")
+        raise TokenCompileError(f"method {method!r} is not a decoder method",
+                                f"give one of: {', '.join([*METHODS, *VISION_METHODS])}")
     pruner = METHODS[method](positions=positions, probes=probes, span=span, sinks=sinks, pool=pool)
     lm = as_causal_lm(model).eval()
     extra_inputs = dict(extra_inputs or {})
