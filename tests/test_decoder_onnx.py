@@ -145,3 +145,22 @@ def test_cli_export_errors(saved_llama, tmp_path, args, message):
 def test_cli_generate_from_graphs_refuses_a_budget(exported):
     result = CliRunner().invoke(main, ["generate", str(exported), "--prompt-ids", "1,2", "--budget", "0.5"])
     assert result.exit_code == 2 and "its reduction was chosen at export" in result.output
+
+
+@pytest.mark.slow
+def test_smollm2_reduced_graphs_generate_like_torch(tmp_path):
+    """Real weights: FastV at prefill FLOPs 0.6 exported; ONNX Runtime's greedy tokens equal torch's."""
+    model = models.build("smollm2")[0]
+    tokenizer = models.decoders.smollm2_tokenizer()
+    text = ("Licensed under the Apache License, Version 2.0 (the License); you may not use this file except in "
+            "compliance with the License. You may obtain a copy of the License at the Apache web site. Unless "
+            "required by applicable law or agreed to in writing, software distributed under the License is "
+            "distributed on an AS IS BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or")
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    program = compile_decoder(model, ids, budget=0.6, span=(0, ids.shape[1] - 16))
+    export_decoder_onnx(program, str(tmp_path))
+    runner = OnnxRunner(str(tmp_path))
+    logits, _ = runner.prefill(ids)
+    expected, _ = prefill(program, ids)
+    assert torch.allclose(logits, expected, atol=1e-3)
+    assert torch.equal(generate(runner, ids, 16), generate(program, ids, 16))
