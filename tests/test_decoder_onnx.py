@@ -164,3 +164,18 @@ def test_smollm2_reduced_graphs_generate_like_torch(tmp_path):
     expected, _ = prefill(program, ids)
     assert torch.allclose(logits, expected, atol=1e-3)
     assert torch.equal(generate(runner, ids, 16), generate(program, ids, 16))
+
+
+def test_cli_export_pyramiddrop_stages(saved_llama, llama, prompts, tmp_path):
+    ids = ",".join(map(str, prompts[0].tolist()))
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(main, ["export-decoder", str(saved_llama), "-o", str(out), "--prompt-ids", ids,
+                                       "--method", "pyramiddrop", "--layer", "1,2", "--keep", "0.5,0.25", "--span",
+                                       "4,16", "--verify"])
+    assert result.exit_code == 0, result.output
+    assert "tokens per layer [24, 16, 12, 12]" in result.output and "8 greedy tokens identical" in result.output
+    expected = compile_decoder(llama, prompts[:1], method="pyramiddrop", layer=(1, 2), keep=(0.5, 0.25), span=(4, 16))
+    assert torch.equal(generate(OnnxRunner(str(out)), prompts[:1], 6), generate(expected, prompts[:1], 6))
+    bad = CliRunner().invoke(main, ["export-decoder", str(saved_llama), "-o", str(tmp_path / "x"), "--prompt-ids",
+                                    ids, "--layer", "1,x"])
+    assert bad.exit_code == 2 and "cannot read --layer '1,x'" in bad.output

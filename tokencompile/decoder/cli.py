@@ -37,10 +37,17 @@ def _compile_options(command):
     """Options that choose the prompt reduction (shared by `generate` and `export-decoder`)."""
     options = [
         click.option("--gguf-file", help="GGUF checkpoint inside MODEL_DIR (dequantised to fp32)."),
+        click.option("--method", type=click.Choice(["fastv", "pyramiddrop"]), default="fastv", show_default=True,
+                     help="fastv: one stage; pyramiddrop: several (VLM methods such as vtc-cls need pixel inputs: "
+                     "Python API)."),
         click.option("--budget", type=float, help="Prefill FLOPs ratio to meet (0 < B <= 1)."),
-        click.option("--keep", type=float, help="Fraction of the span kept (instead of --budget)."),
-        click.option("--layer", type=int, default=2, show_default=True,
-                     help="First layer that sees the kept tokens."),
+        click.option("--keep", help="Fraction of the span kept (instead of --budget); pyramiddrop: one per stage, "
+                     "comma-separated, or one ratio each stage keeps of what reached it."),
+        click.option("--layer", help="First layer that sees the kept tokens (fastv, default 2; 'auto' with "
+                     "--budget), or the stage layers (pyramiddrop, e.g. 8,16,24)."),
+        click.option("--sinks", type=int, default=0, show_default=True, help="First prompt tokens never removed."),
+        click.option("--pool", type=int, default=1, show_default=True,
+                     help="Average each score over this many neighbours (odd)."),
         click.option("--span", help="START,LENGTH of the prompt tokens that may go (default: all but the last)."),
         click.option("--image-token-id", type=int, help="The span is every token with this id (VLM image tokens)."),
         click.option("--positions", type=click.Choice(["keep", "renumber"]), default="keep", show_default=True),
@@ -75,13 +82,27 @@ def _prompt(tokenizer, prompt: str | None, prompt_ids: str | None, where: str):
     return torch.tensor([_int_list(prompt_ids, "--prompt-ids")])
 
 
-def _compile(model, ids, budget, keep, layer, span, image_token_id, positions, probes):
+def _numbers(text: str | None, option: str, convert):
+    """None, one number, or a tuple of comma-separated numbers."""
+    if text is None:
+        return None
+    try:
+        values = tuple(convert(v) for v in text.split(","))
+    except ValueError:
+        raise TokenCompileError(f"cannot read {option} {text!r}", f"give {option} as comma-separated numbers") \
+            from None
+    return values[0] if len(values) == 1 else values
+
+
+def _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks, pool):
     from . import compile_decoder
 
-    if budget is None and keep is None:
+    keep = _numbers(keep, "--keep", float)
+    layer = layer if layer == "auto" else _numbers(layer, "--layer", int)
+    if budget is None and keep is None and method != "pyramiddrop":
         budget = 1.0
-    return compile_decoder(model, ids, budget=budget if keep is None else None, keep=keep, layer=layer,
-                           span=_region(span, image_token_id), positions=positions, probes=probes)
+    return compile_decoder(model, ids, budget=budget, keep=keep, layer=layer, span=_region(span, image_token_id),
+                           positions=positions, probes=probes, method=method, sinks=sinks, pool=pool)
 
 
 def _describe(report: dict) -> str:
@@ -113,8 +134,8 @@ def generate_command(command_class, debug_option):
     @click.option("--max-new-tokens", type=int, default=32, show_default=True)
     @click.option("--report", "report_path", help="Write the report (JSON).")
     @debug_option
-    def generate(model_dir, prompt, prompt_ids, tokenizer_dir, gguf_file, budget, keep, layer, span, image_token_id,
-                 positions, probes, max_new_tokens, report_path, debug):
+    def generate(model_dir, prompt, prompt_ids, tokenizer_dir, gguf_file, method, budget, keep, layer, sinks, pool,
+                 span, image_token_id, positions, probes, max_new_tokens, report_path, debug):
         """Greedy generation with the prompt reduced in prefill; prints the continuation and tokens per layer.
 
         MODEL_DIR is a Hugging Face causal LM folder, or a folder written by `export-decoder` (then the
@@ -146,7 +167,8 @@ def generate_command(command_class, debug_option):
             if tokenizer_dir:
                 tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
             ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
-            source = _compile(model, ids, budget, keep, layer, span, image_token_id, positions, probes)
+            source = _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks,
+                              pool)
             report, eos = source.report, getattr(model.config, "eos_token_id", None)
         out = greedy(source, ids, max_new_tokens, eos_token_id=eos)
         new = out[0, ids.shape[1]:].tolist()
@@ -176,8 +198,9 @@ def export_decoder_command(command_class, debug_option):
                   "in both graphs.")
     @click.option("--force", is_flag=True, help="Replace the files of an earlier export in the folder.")
     @debug_option
-    def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, budget, keep, layer, span,
-                       image_token_id, positions, probes, opset, verify, check_target, force, debug):
+    def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, method, budget, keep, layer,
+                       sinks, pool, span, image_token_id, positions, probes, opset, verify, check_target, force,
+                       debug):
         """Compile a causal LM's prompt reduction and write prefill and decode as two ONNX graphs."""
         import os
         import sys
@@ -212,7 +235,8 @@ def export_decoder_command(command_class, debug_option):
             ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
         else:
             ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
-        program = _compile(model, ids, budget, keep, layer, span, image_token_id, positions, probes)
+        program = _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks,
+                           pool)
         click.echo(_describe(program.report))
         info = export_decoder_onnx(program, folder, opset=opset)
         click.echo(f"wrote {info.prefill} and {info.decode} ({info.layers} layers, opset {opset}, checker passed, "
@@ -278,7 +302,7 @@ def eval_lm(model_dir: str, exported: str, data_path: str, tokenizer_dir: str | 
     return {**result, "flops_ratio": report["flops_ratio"], "layer": report["layer"]}
 
 
-DECODER_METHODS = ("fastv",)
+DECODER_METHODS = ("fastv", "pyramiddrop")
 
 
 def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_file: str | None, method_list: str,
@@ -304,7 +328,7 @@ def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_fil
     for name in names:
         for budget in budgets:
             try:
-                program = compile_decoder(model, windows[:1, :prompt_tokens], budget=budget,
+                program = compile_decoder(model, windows[:1, :prompt_tokens], budget=budget, method=name,
                                           span=Span(0, prompt_tokens - protected))
                 result = evaluate_lm(model, program, windows, prompt_tokens, batch)
                 runs.append({"method": name, "budget": budget, "flops_ratio": program.report["flops_ratio"],

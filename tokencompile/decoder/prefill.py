@@ -322,7 +322,10 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     prompt tokens never removed. ``pool``: average the score over that many neighbours (odd).
     ``input_ids`` fixes the prompt length (shapes are static).
     ``extra_inputs``: further keyword inputs of the model by name (a VLM's ``pixel_values``).
-    pyramiddrop without budget or keep keeps 0.5 of the remaining span per stage (the paper)."""
+    pyramiddrop without budget or keep keeps 0.5 of the remaining span per stage (the paper).
+    ``method="vtc-cls"``: a VLM's image tokens (``span=Span(token_id=...)``) go before the language
+    model, scored by the vision tower's [CLS] attention; ``layer`` is then the number of vision layers
+    summed (see ``tokencompile.decoder.vision``)."""
     if method == "pyramiddrop" and budget is None and keep is None:
         keep = 0.5
     if (budget is None) == (keep is None):
