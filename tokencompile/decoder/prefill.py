@@ -117,6 +117,32 @@ def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict 
     return export_with_batch_axis(wrapper.eval(), (input_ids, *extra.values()), varargs=varargs)
 
 
+@dataclass
+class TracedPrefill:
+    """What both compile paths start from: the causal LM, its exported prefill and the analysis."""
+
+    lm: torch.nn.Module
+    program: ExportedProgram
+    extra_inputs: dict
+    inputs: tuple       # (input_ids, *extra)
+    module: GraphModule
+    analysis: DecoderAnalysis
+
+    @property
+    def extra(self) -> tuple:
+        return self.inputs[1:]
+
+
+def trace_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra_inputs: dict | None) -> TracedPrefill:
+    """Export the prefill (keeping a recipe's own CausalLMPrefill wrapper) and analyse it."""
+    lm = as_causal_lm(model).eval()
+    extra_inputs = dict(extra_inputs or {})
+    program = export_prefill(model if isinstance(model, CausalLMPrefill) else lm, input_ids, extra_inputs)
+    inputs = (input_ids, *extra_inputs.values())
+    module = program.module()
+    return TracedPrefill(lm, program, extra_inputs, inputs, module, analyse_decoder(module, input_ids, inputs[1:]))
+
+
 @dataclass(frozen=True)
 class Stage:
     """From ``layer`` on, ``kept`` of the span's tokens remain (scored at layer - 1)."""
@@ -346,13 +372,9 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         raise TokenCompileError(f"method {method!r} is not a decoder method",
                                 f"give one of: {', '.join([*METHODS, *VISION_METHODS])}")
     pruner = METHODS[method](positions=positions, probes=probes, span=span, sinks=sinks, pool=pool)
-    lm = as_causal_lm(model).eval()
-    extra_inputs = dict(extra_inputs or {})
-    ep = export_prefill(model if isinstance(model, CausalLMPrefill) else lm, input_ids, extra_inputs)
-    extra = tuple(extra_inputs.values())
-    inputs = (input_ids, *extra)
-    original = ep.module()
-    analysis = analyse_decoder(original, input_ids, extra)
+    traced = trace_prefill(model, input_ids, extra_inputs)
+    lm, ep, extra_inputs, extra, inputs, original, analysis = (
+        traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
     span.check(analysis.tokens)
     if layer is None:
         layer = pyramid_layers(analysis.layers) if method == "pyramiddrop" else 2

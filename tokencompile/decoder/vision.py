@@ -141,12 +141,10 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
     layers whose [CLS] attention is summed). ``budget``: prefill FLOPs ratio, vision tower included;
     the fewest image tokens removed that meet it (counted on the rewritten programs)."""
     from .prefill import (
-        CausalLMPrefill,
         DecoderProgram,
-        as_causal_lm,
         batched_example,
-        export_prefill,
         export_with_batch_axis,
+        trace_prefill,
     )
 
     if (budget is None) == (keep is None):
@@ -154,13 +152,8 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
     if keep is not None and not (isinstance(keep, (int, float)) and 0 <= keep <= 1):
         raise TokenCompileError(f"keep {keep} is out of range", "give one ratio 0 <= keep <= 1 of the image tokens")
     pruner = VISION_METHODS[method](span=span, **({} if layers is None else {"layers": layers}))
-    lm = as_causal_lm(model).eval()
-    extra_inputs = dict(extra_inputs or {})
-    ep = export_prefill(model if isinstance(model, CausalLMPrefill) else lm, input_ids, extra_inputs)
-    extra = tuple(extra_inputs.values())
-    inputs = (input_ids, *extra)
-    original = ep.module()
-    analysis = analyse_decoder(original, input_ids, extra)
+    traced = trace_prefill(model, input_ids, extra_inputs)
+    ep, extra, inputs, analysis = traced.program, traced.extra, traced.inputs, traced.analysis
     if span.token_id is None:
         raise TokenCompileError(f"{method} prunes image tokens: it needs the image placeholder id",
                                 "give span=Span(token_id=IMAGE_TOKEN_ID) (--image-token-id)")
@@ -169,7 +162,7 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
         raise TokenCompileError(f"the samples hold {sorted(set(per_sample.tolist()))} image tokens",
                                 "every prompt of a batch needs the same, non-zero number of image tokens")
     images = int(per_sample[0])
-    original_flops = count_flops(original, inputs)
+    original_flops = count_flops(traced.module, inputs)
 
     def rewrite(removed: int) -> GraphModule:
         gm = ep.module()
@@ -209,7 +202,7 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
         "flops_original": original_flops, "flops_prefill": flops, "flops_ratio": flops / original_flops,
         "analysis": analysis.summary(), "seconds": round(time.perf_counter() - started, 2),
     }
-    return DecoderProgram(program, lm, analysis.tokens, 0 if removed else None, positions, report,
+    return DecoderProgram(program, traced.lm, analysis.tokens, 0 if removed else None, positions, report,
                           [tokens] * analysis.layers, [(0, images - removed)] if removed else [],
                           tuple(extra_inputs), batched_example(inputs))
 
