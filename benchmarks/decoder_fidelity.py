@@ -1,35 +1,94 @@
-"""FastV prompt reduction on SmolLM2-135M-Instruct (real weights): fidelity of a teacher-forced continuation.
+"""FastV / PyramidDrop prompt reduction on SmolLM2-135M-Instruct: fidelity of a teacher-forced continuation.
 
 Texts: the license files of installed packages (real English prose, no data set download). For each of
-the distributions in TEXTS, its first license file (sorted by path) with at least PROMPT + CONTINUATION
-tokens; the first PROMPT tokens are the prompt, the next CONTINUATION tokens the continuation.
-The span FastV may remove is the prompt minus its last PROTECTED tokens (kept like an instruction).
+the distributions in TEXTS (or CALIBRATION with ``--texts-from calibration``), its first license file
+(sorted by path) with at least PROMPT + CONTINUATION tokens; the first PROMPT tokens are the prompt, the
+next CONTINUATION tokens the continuation. The span a method may remove is the prompt minus its last
+PROTECTED tokens (kept like an instruction).
 
-For each prefill-FLOPs budget: compile once (FastV, layer K chosen from the budget), prefill the
-prompts, then teacher-force the continuation through decode steps on the reduced per-layer KV caches.
-Reported: top-1 agreement of the next-token prediction with the full model (one eager forward over
-prompt + continuation), perplexity of the true continuation, FLOPs ratio counted on the program,
-tokens per layer. The "no reduction" row runs the same prefill + decode loop on the unreduced model.
+For each prefill-FLOPs budget: compile once (stages chosen from the budget), prefill the prompts, then
+teacher-force the continuation through decode steps on the reduced per-layer KV caches. Reported: top-1
+agreement of the next-token prediction with the full model (one eager forward over prompt +
+continuation), perplexity of the true continuation, FLOPs ratio counted on the program, the stages
+(layer:span tokens kept from it on) and tokens per layer. ``--eager`` instead takes the stages from the
+cost model and the logits from one eager staged pass (same numbers as the compiled program: checked to
+1e-4 on the logits, identical agreement and perplexity; minutes faster - for exploration/calibration).
 
-    .venv/bin/python benchmarks/decoder_fidelity.py [--budgets 0.6,0.4] [--probes 1] [--json FILE]
+    .venv/bin/python benchmarks/decoder_fidelity.py [--budgets 0.6,0.4] [--method fastv|pyramiddrop]
+        [--layer K | L1,L2,.. | auto] [--sinks N] [--pool W] [--probes P] [--compare] [--eager]
+        [--texts-from evaluation|calibration] [--texts N] [--json FILE]
 
-Measured here (2 shared CPU cores, about 10 minutes; 8 texts, 512-token prompts, span = the first 448):
+Measured here (2 shared CPU cores; 8 evaluation texts, 512-token prompts, span = the first 448):
 
-| run | budget | FLOPs ratio | K | span kept | top-1 agreement | perplexity | vs full |
-|---|---|---|---|---|---|---|---|
-| full model, one forward | - | 1.000 | - | - | 1.0000 | 5.289 | +0.0% |
-| no reduction, prefill + decode loop | 1.0 | 1.000 | - | - | 1.0000 | 5.289 | +0.0% |
-| fastv, probes=1 | 0.6 | 0.599 | 2 | 250/448 | 0.7969 | 7.606 | +43.8% |
-| fastv, probes=1 | 0.4 | 0.399 | 2 | 143/448 | 0.7344 | 8.922 | +68.7% |
-| fastv, probes=64 (`--probes 64`) | 0.6 | 0.600 | 2 | 250/448 | 0.8184 | 7.731 | +46.2% |
-| fastv, probes=64 (`--probes 64`) | 0.4 | 0.400 | 2 | 143/448 | 0.7754 | 8.329 | +57.5% |
+| run | budget | FLOPs ratio | stages (layer:span kept) | top-1 agreement | perplexity | vs full |
+|---|---|---|---|---|---|---|
+| full model, one forward | - | 1.000 | - | 1.0000 | 5.289 | +0.0% |
+| no reduction, prefill + decode loop | 1.0 | 1.000 | - | 1.0000 | 5.289 | +0.0% |
+| plain FastV (K=2, last token, no sinks) | 0.6 | 0.599 | 2:250 | 0.7969 | 7.606 | +43.8% |
+| fastv layer=auto sinks=4 pool=15 (the rule: K=4) | 0.6 | 0.599 | 4:230 | 0.8984 | 6.355 | +20.1% |
+| pyramiddrop 8/15/23 sinks=4 pool=15 | 0.6 | 0.600 | 8:282 15:179 23:114 | 0.8789 | 6.365 | +20.3% |
+| pyramiddrop paper (8/15/23, ratio r, r^2, r^3 from the budget), eager | 0.6 | 0.600 | 8:287 15:183 23:117 | 0.8594 | 7.101 | +34.2% |
+| rule without pool (sinks=4), eager | 0.6 | 0.599 | 4:230 | 0.8457 | 7.487 | +41.5% |
+| rule without sinks (pool=15), eager | 0.6 | 0.599 | 4:234 | 0.8984 | 6.355 | +20.1% |
+| rule K alone (K=4, no sinks, no pool), eager | 0.6 | 0.599 | 4:234 | 0.8457 | 7.498 | +41.7% |
+| plain FastV (K=2, last token, no sinks) | 0.4 | 0.399 | 2:143 | 0.7344 | 8.922 | +68.7% |
+| fastv layer=auto sinks=4 pool=15 (the rule: K=3) | 0.4 | 0.399 | 3:127 | 0.8535 | 6.878 | +30.0% |
+| pyramiddrop 8/15/23 sinks=4 pool=15 | 0.4 | 0.400 | 8:115 15:30 23:7 | 0.8281 | 7.743 | +46.4% |
+| pyramiddrop paper (8/15/23), eager | 0.4 | 0.400 | 8:123 15:33 23:9 | 0.8086 | 8.185 | +54.7% |
+| rule without pool (sinks=4), eager | 0.4 | 0.399 | 3:127 | 0.7812 | 7.975 | +50.8% |
+| rule without sinks (pool=15), eager | 0.4 | 0.399 | 3:131 | 0.8535 | 6.878 | +30.0% |
+| rule K alone (K=3, no sinks, no pool), eager | 0.4 | 0.399 | 3:131 | 0.7812 | 7.935 | +50.0% |
 
-The probe layer matters (budget 0.6, probes=1, `--layer K`): K=2 0.797 / +43.8%, K=8 0.867 / +27.3%
-(span kept 194/448), K=12 0.789 / +62.3% (135/448).
+Tokens per layer (prompt tokens each layer sees and caches; 30 layers): budget 0.6 rule 512 x 4, 298 x 26
+(plain K=2: 512 x 2, 314 x 28); budget 0.4 rule 512 x 3, 195 x 27 (plain K=2: 512 x 2, 207 x 28).
+PyramidDrop 8/15/23 sinks=4 pool=15 at 0.6: 512 x 8, 350 x 7, 247 x 8, 182 x 7; at 0.4: 512 x 8, 183 x 7,
+98 x 8, 75 x 7 (the paper form: 512 x 8, 351 x 7, 247 x 8, 181 x 7 and 512 x 8, 187 x 7, 97 x 8, 73 x 7).
 
-FastV as published (last token's row, K=2) misses the targets of issue 13 on text (agreement >= 0.90,
-perplexity within +8% at 0.6): one query row at layer 2 is a poor judge of which context a text
-continuation needs. Averaging the rows of the 64 protected tokens helps a little (0.82 / 0.78).
+Commands (all with ``--budgets 0.6,0.4``): ``--layer auto --sinks 4 --pool 15 --compare`` (the rule and
+plain FastV rows, compiled; about 12 minutes here), ``--method pyramiddrop --sinks 4 --pool 15``
+(compiled), and with ``--eager``: ``--method pyramiddrop``; ``--layer auto --sinks 4``; ``--layer auto
+--pool 15``; ``--layer auto``. Sinks change nothing at K >= 3 (the score keeps token 0 by itself); the
+pooling is what lifts the rule above plain FastV. PyramidDrop's paper stages (8/15/23 of 30) at the same
+FLOPs beat plain FastV at 0.6 but not the single pooled stage: at 0.4 its late stages keep 30 and 7 tokens.
+
+The schedule rule (``compile_decoder(layer="auto")``) and the scoring options were set on the 8
+CALIBRATION texts (other license files: NVIDIA, fonttools, dateutil, regex, ruff, LGPL...), never on the
+evaluation texts. Calibration, budget 0.6, with ``--eager --texts-from calibration --layer K --sinks 4
+--pool W`` (sinks=4 unless said; max over heads and most-recent were one-off score variants of a scratch
+copy of the eager pass, not options):
+
+| calibration run | stages | agreement | perplexity vs full |
+|---|---|---|---|
+| plain FastV K=2 (token 0, the attention sink, is pruned in all 8 texts) | 2:250 | 0.775 | +39.0% |
+| K=2 sinks=4 | 2:246 | 0.815 | +32.7% |
+| K=1 / K=3 (no sinks; K=3 keeps token 0 by itself) | 1:257 / 3:242 | 0.850 / 0.844 | +19.8% / +10.4% |
+| K=4 / 6 / 8 / 10 | 4:230 / 6:212 / 8:190 / 10:163 | 0.867 / 0.859 / 0.832 / 0.859 | +10.2 / +17.3 / +22.8 / +19.7% |
+| K=4 probes=64 (observation window) / max over heads / keep the most recent span tokens | 4:230 | 0.861 / 0.873 / 0.863 | +11.9 / +9.8 / +6.9% |
+| K=4 pool=7 / 11 / 15 / 31 | 4:230 | 0.898 / 0.902 / 0.902 / 0.887 | +9.2 / +9.0 / +8.6 / +14.4% |
+| K=4 pool=15 probes=64 | 4:230 | 0.891 | +9.1% |
+| K=2 / 3 / 5 pool=15 (K=2 pool=7) | | 0.840 / 0.893 / 0.900 | +24.2 / +9.1 / +10.7% |
+| pyramid pool=15 (4,8) / (4,12) / (3,6,12) | 4:310 8:216 / 4:298 12:200 / 3:346 6:270 12:210 | 0.900 / 0.889 / 0.897 | +11.8 / +12.0 / +9.3% |
+| pyramid pool=7 (2,8) | 2:317 8:227 | 0.865 | +16.4% |
+
+Budget 0.4 (sinks=4, pool=15): K=1 0.822 / +20.6%, K=2 0.820 / +27.5%, K=3 0.846 / +20.9%, K=4 0.811 /
++21.5% (pool 11), K=5 0.789 / +37.3%; pyramids (2,4) 0.859 / +22.8%, (3,6) 0.832 / +23.4%, (4,8) 0.809 / +33.5%.
+
+Findings. (1) FastV's last-token score at K=1-2 prunes token 0, the attention sink, in every text;
+protecting 4 sinks helps (+39% -> +33% at K=2), and from K=3 on the score keeps the sink by itself.
+(2) Pooling the score over 15 neighbours (SnapKV) is the largest gain: kept tokens come in runs
+(phrases) instead of isolated words. (3) The reduction layer trades off: too early, the layer-K score is
+a poor judge; too late, fewer tokens can stay. The rule "the layers before K (full width) cost at most a
+quarter of the budget" picks the best single K on calibration at both budgets (K=4 at 0.6, K=3 at 0.4).
+(4) Staged pyramids at the same FLOPs did not beat the single stage on calibration perplexity (the
+deeper stages keep fewer tokens than one stage keeps, and the late scores do not make up for it).
+
+Against issue 13's targets (0.6: agreement >= 0.90, perplexity within +8%): on calibration the rule
+reaches 0.902 / +8.6%; on the evaluation texts 0.898 / +20.1%, short on perplexity. Per text (eval,
+rule at 0.6) the loss is concentrated in numpy (perplexity 3.18 -> 6.00), scipy (2.94 -> 4.79) and
+transformers (11.9 -> 16.6): license texts that repeat earlier passages (bundled BSD/Apache clauses), so
+the continuation copies tokens that the prompt's last token did not attend to. A prefill-time score
+cannot foresee what a 64-token continuation will copy; this is the limit of query-based pruning here.
+Plain FastV at K=2 (0.797 / +43.8%) is beaten at the same FLOPs by the rule (0.898 / +20.1%).
 """
 
 from __future__ import annotations
@@ -49,6 +108,9 @@ from models.decoders import smollm2, smollm2_tokenizer
 from tokencompile.decoder import Span, compile_decoder, teacher_forced_logits
 
 TEXTS = ["torch", "numpy", "scipy", "matplotlib", "pillow", "typing_extensions", "transformers", "kiwisolver"]
+# calibration texts (--texts-from calibration): other license files, none of them one of the TEXTS
+CALIBRATION = ["cuda-bindings", "fonttools", "nvidia-cublas", "nvidia-cudnn-cu13", "python-dateutil", "regex", "ruff",
+               "setuptools"]
 PROMPT, CONTINUATION, PROTECTED = 512, 64, 64
 
 
@@ -74,54 +136,179 @@ def fidelity(logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tenso
     return {"top1_agreement": agreement, "perplexity": float(torch.tensor(nll).exp())}
 
 
+def _causal(n: int) -> torch.Tensor:
+    return torch.full((n, n), float("-inf")).triu(1)[None, None]
+
+
+@torch.no_grad()
+def eager_staged_logits(lm, ids: torch.Tensor, stages, span_end: int, probes: int = 1, sinks: int = 0,
+                        pool: int = 1) -> torch.Tensor:
+    """[B, CONTINUATION, V]: the staged reduction as one eager pass over prompt + continuation (``--eager``).
+    Before each stage layer L the prompt rows that reached layer L-1 are scored there (last prompt
+    rows' attention, pooled) and the top span rows stay; continuation rows always stay. By causality
+    this equals the compiled prefill + teacher-forced decode on its caches (checked: logits within 1e-4)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    batch, n = ids.shape
+    hidden = lm.model.embed_tokens(ids)
+    positions = torch.arange(n)[None].expand(batch, n)
+    kept_after = dict(stages)
+    for index, layer in enumerate(lm.model.layers):
+        cos_sin = lm.model.rotary_emb(hidden, positions)
+        if index + 1 in kept_after:
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            shape = (*x.shape[:2], -1, attention.head_dim)
+            q = attention.q_proj(x).view(shape).transpose(1, 2)
+            k = attention.k_proj(x).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+            k = repeat_kv(k, attention.num_key_value_groups)
+            rows = int((positions[0] < PROMPT).sum())
+            logits = q[:, :, rows - probes:rows] @ k[:, :, :rows].transpose(-2, -1) * attention.scaling
+            score = (logits + _causal(rows)[..., rows - probes:, :]).softmax(-1).mean((1, 2))
+            score = torch.nn.functional.avg_pool1d(score[:, None], pool, 1, pool // 2, count_include_pad=False)[:, 0]
+        hidden = layer(hidden, attention_mask=_causal(hidden.shape[1]), position_embeddings=cos_sin)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        if index + 1 in kept_after:
+            prompt_positions = positions[:, :rows]
+            removable = (prompt_positions < span_end) & (prompt_positions >= sinks) & (prompt_positions < PROMPT - 1)
+            score = score.masked_fill(~removable, float("inf"))
+            n_keep = rows - int(removable[0].sum()) + kept_after[index + 1]
+            kept = score.sort(dim=1, descending=True, stable=True).indices[:, :n_keep].sort(dim=1).values
+            kept = torch.cat([kept, torch.arange(rows, positions.shape[1]).expand(batch, -1)], 1)
+            hidden = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
+            positions = positions.gather(1, kept)
+    rows = int((positions[0] < PROMPT).sum())
+    return lm.lm_head(lm.model.norm(hidden))[:, rows - 1:-1]
+
+
+def eager_plan(lm, prompt: torch.Tensor, budget: float, span: Span, options: dict) -> dict:
+    """The stages compile_decoder would choose (from the cost model; no rewrite), as a report."""
+    from tokencompile.decoder import pyramid_layers
+    from tokencompile.decoder.analysis import analyse_decoder
+    from tokencompile.decoder.prefill import (
+        Stage,
+        auto_layer,
+        choose_pyramid,
+        choose_schedule,
+        export_prefill,
+        stage_schedule,
+    )
+    from tokencompile.flops import build_cost_model
+
+    example = prompt[:1]
+    gm = export_prefill(lm, example).module()
+    analysis = analyse_decoder(gm, example)
+    cost = build_cost_model(gm, analysis.base, (example,))
+    removable = int((span.removable(example) & (torch.arange(PROMPT) >= options["sinks"])).sum())
+    layer = options["layer"]
+    if layer is None:
+        layer = pyramid_layers(analysis.layers) if options["method"] == "pyramiddrop" else 2
+    if layer == "auto":
+        layer = auto_layer(cost, budget)
+    if isinstance(layer, int):
+        k, removed = choose_schedule(cost, budget, layer, removable)
+        stages = [Stage(k, removable - removed)]
+    else:
+        stages = choose_pyramid(cost, budget, layer, removable)
+    schedule = stage_schedule(analysis.layers, removable, stages)
+    return {"stages": [{"layer": s.layer, "span_kept": s.kept} for s in stages], "span_tokens_kept": stages[-1].kept,
+            "span_tokens_removable": removable, "tokens_per_layer": cost.tokens_per_block(schedule),
+            "flops_ratio": cost.flops(schedule) / cost.original}
+
+
+def _layers(text: str):
+    if text == "auto":
+        return "auto"
+    layers = tuple(int(x) for x in text.split(","))
+    return layers[0] if len(layers) == 1 else layers
+
+
+def _row(name: str, budget, logits, full, continuation, report: dict, seconds: tuple) -> dict:
+    stages = " ".join(f"{s['layer']}:{s['span_kept']}" for s in report["stages"]) or "-"
+    return {"budget": budget, "name": name, **fidelity(logits, full, continuation), "flops_ratio": report["flops_ratio"],
+            "stages": stages, "span_kept": f"{report['span_tokens_kept']}/{report['span_tokens_removable']}",
+            "tokens_per_layer": report["tokens_per_layer"], "compile_seconds": round(seconds[0], 1),
+            "eval_seconds": round(seconds[1], 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="0.6,0.4")
-    parser.add_argument("--layer", type=int, default=2, help="FastV's K (moved earlier if the budget needs it)")
+    parser.add_argument("--method", default="fastv", choices=["fastv", "pyramiddrop"])
+    parser.add_argument("--layer", default=None, help="fastv's K (moved earlier if the budget needs it), or stage "
+                        "layers 4,8,16 (the pyramid's ratio from the budget), or auto (the compiler's schedule "
+                        "rule); default: the method's (fastv 2, pyramiddrop depth/4 * (1,2,3))")
     parser.add_argument("--probes", type=int, default=1, help="score by the mean attention row of the last P "
                         "prompt tokens (1: FastV's last token)")
+    parser.add_argument("--sinks", type=int, default=0, help="the first prompt tokens never removed")
+    parser.add_argument("--pool", type=int, default=1, help="average the score over this many neighbours (odd)")
+    parser.add_argument("--compare", action="store_true", help="also run plain FastV (K=2, last token, no sinks) "
+                        "at each budget")
+    parser.add_argument("--texts", type=int, default=len(TEXTS), help="the first N texts only (exploration)")
+    parser.add_argument("--texts-from", default="evaluation", choices=["evaluation", "calibration"],
+                        help="TEXTS, or the CALIBRATION texts the schedule rule was set on")
+    parser.add_argument("--eager", action="store_true", help="stages from the cost model, logits from one eager "
+                        "staged pass (fast exploration; equal to the compiled program) instead of compiling")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     tokenizer = smollm2_tokenizer()
-    ids, sources = license_token_ids(tokenizer, TEXTS, PROMPT + CONTINUATION)
+    names = TEXTS if args.texts_from == "evaluation" else CALIBRATION
+    ids, sources = license_token_ids(tokenizer, names[:args.texts], PROMPT + CONTINUATION)
     prompt, continuation = ids[:, :PROMPT], ids[:, PROMPT:]
     print(f"{len(sources)} texts: {', '.join(sources)}")
     model = smollm2().model
     with torch.no_grad():
         full = model(input_ids=ids).logits[:, PROMPT - 1:-1]
     results = [{"budget": None, "name": "full model, one forward", **fidelity(full, full, continuation)}]
-    loop = teacher_forced_logits(model, prompt, continuation)
-    results.append({"budget": 1.0, "name": "no reduction, prefill + decode loop", **fidelity(loop, full, continuation)})
+    if not args.eager:
+        loop = teacher_forced_logits(model, prompt, continuation)
+        results.append({"budget": 1.0, "name": "no reduction, prefill + decode loop",
+                        **fidelity(loop, full, continuation)})
 
     span = Span(0, PROMPT - PROTECTED)
+    layer = _layers(args.layer) if args.layer else None
+    name = f"{args.method} layer={args.layer or 'default'} probes={args.probes} sinks={args.sinks} pool={args.pool}"
+    runs = [(name, {"method": args.method, "layer": layer, "probes": args.probes, "sinks": args.sinks,
+                    "pool": args.pool})]
+    if args.compare:
+        runs.append(("plain fastv K=2", {"method": "fastv", "layer": 2}))
     for budget in [float(b) for b in args.budgets.split(",")]:
-        started = time.perf_counter()
-        program = compile_decoder(model, prompt, budget=budget, layer=args.layer, span=span, probes=args.probes)
-        compiled = time.perf_counter() - started
-        logits = teacher_forced_logits(program, prompt, continuation)
-        report = program.report
-        results.append({"budget": budget, "name": f"fastv, probes={args.probes}", **fidelity(logits, full, continuation),
-                        "flops_ratio": report["flops_ratio"], "layer": report["layer"],
-                        "span_kept": f"{report['span_tokens_kept']}/{report['span_tokens_removable']}",
-                        "tokens_per_layer": report["tokens_per_layer"], "compile_seconds": round(compiled, 1),
-                        "eval_seconds": round(time.perf_counter() - started - compiled, 1)})
+        for run_name, options in runs:
+            started = time.perf_counter()
+            if args.eager:
+                options = {"layer": None, "probes": 1, "sinks": 0, "pool": 1, **options}
+                report = eager_plan(model, prompt, budget, span, options)
+                compiled = time.perf_counter() - started
+                logits = eager_staged_logits(model, ids, [(s["layer"], s["span_kept"]) for s in report["stages"]],
+                                             span.length, options["probes"], options["sinks"], options["pool"])
+            else:
+                program = compile_decoder(model, prompt, budget=budget, span=span, **options)
+                compiled = time.perf_counter() - started
+                logits, report = teacher_forced_logits(program, prompt, continuation), program.report
+            seconds = (compiled, time.perf_counter() - started - compiled)
+            results.append(_row(run_name + " (eager)" * args.eager, budget, logits, full, continuation, report,
+                                seconds))
+            print(f"budget {budget} {run_name}: agreement {results[-1]['top1_agreement']:.4f}, perplexity "
+                  f"{results[-1]['perplexity']:.3f}, stages {results[-1]['stages']}", flush=True)
 
     print(f"SmolLM2-135M-Instruct, {len(sources)} prompts of {PROMPT} tokens (last {PROTECTED} protected), "
           f"{CONTINUATION}-token teacher-forced continuation")
-    print("| run | budget | FLOPs ratio | K | span kept | top-1 agreement | perplexity | vs full |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | budget | FLOPs ratio | stages (layer:span kept) | top-1 agreement | perplexity | vs full |")
+    print("|---|---|---|---|---|---|---|")
     base = results[0]["perplexity"]
     for r in results:
         print(f"| {r['name']} | {r['budget'] if r['budget'] is not None else '-'} | "
-              f"{r.get('flops_ratio', 1.0):.3f} | {r.get('layer') or '-'} | {r.get('span_kept', '-')} | "
+              f"{r.get('flops_ratio', 1.0):.3f} | {r.get('stages', '-')} | "
               f"{r['top1_agreement']:.4f} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.1f}% |")
-    for r in results[2:]:
-        print(f"budget {r['budget']}: tokens per layer {r['tokens_per_layer']}")
+    for r in results:
+        if "tokens_per_layer" in r:
+            print(f"budget {r['budget']} {r['name']}: tokens per layer {r['tokens_per_layer']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"texts": sources, "prompt": PROMPT, "continuation": CONTINUATION, "protected": PROTECTED,
+            json.dump({"args": vars(args), "texts": sources, "prompt": PROMPT, "continuation": CONTINUATION, "protected": PROTECTED,
                        "results": results}, f, indent=1)
 
 
