@@ -43,8 +43,9 @@ def _compile_options(command):
         click.option("--budget", type=float, help="Prefill FLOPs ratio to meet (0 < B <= 1)."),
         click.option("--keep", help="Fraction of the span kept (instead of --budget); pyramiddrop: one per stage, "
                      "comma-separated, or one ratio each stage keeps of what reached it."),
-        click.option("--layer", help="First layer that sees the kept tokens (fastv, default 2; 'auto' with "
-                     "--budget), or the stage layers (pyramiddrop, e.g. 8,16,24)."),
+        click.option("--layer", help="First layer that sees the kept tokens (fastv; default: 'auto' with --budget, "
+                     "the deepest whose full-width layers cost a quarter of the budget; 2 with --keep), or the "
+                     "stage layers (pyramiddrop, e.g. 8,16,24)."),
         click.option("--sinks", type=int, default=0, show_default=True, help="First prompt tokens never removed."),
         click.option("--pool", type=int, default=1, show_default=True,
                      help="Average each score over this many neighbours (odd)."),

@@ -335,7 +335,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                     extra_inputs: dict | None = None) -> DecoderProgram:
     """Reduce a causal LM's prompt in prefill with FastV or PyramidDrop (FastV's score at several stages).
 
-    ``layer``: the first layer that sees only the kept tokens (fastv, default 2), or the stage layers
+    ``layer``: the first layer that sees only the kept tokens (fastv; default: ``"auto"`` with a budget,
+    2 with ``keep``), or the stage layers
     (a tuple; pyramiddrop's default: 8/16/24 of 32 scaled to the model's depth), or ``"auto"`` (with a
     budget: one stage at the layer of ``auto_layer``'s rule). ``keep``: the fraction
     of the span kept (one stage); with several stages a tuple of fractions of the span, one per stage
@@ -376,8 +377,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     lm, ep, extra_inputs, extra, inputs, original, analysis = (
         traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
     span.check(analysis.tokens)
-    if layer is None:
-        layer = pyramid_layers(analysis.layers) if method == "pyramiddrop" else 2
+    if layer is None:  # fastv: the layer rule with a budget (the solver picks K), FastV's K=2 with keep
+        layer = pyramid_layers(analysis.layers) if method == "pyramiddrop" else "auto" if budget is not None else 2
     if layer == "auto" and budget is None:
         raise TokenCompileError("layer='auto' chooses the layer from a budget", "give budget=<prefill FLOPs ratio>")
     layers = _as_tuple(layer)
