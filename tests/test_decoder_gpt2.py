@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import models
-from tokencompile.decoder import compile_decoder, generate, prefill
+from tokencompile.decoder import (
+    compile_decoder,
+    generate,
+    prefill,
+    teacher_forced_logits,
+)
 from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 
 TOKENS = 24
@@ -28,32 +33,36 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(*t.shape[:2], heads, -1).transpose(1, 2)
 
 
-def reference(lm, ids: torch.Tensor, layer: int, keep_span: int, span: tuple[int, int]):
-    """Last-token logits and every layer's (key, value): FastV written out on the GPT-2 block's modules.
-    Scores: the last token's softmax attention row at layer ``layer`` - 1, mean over heads."""
+def reference(lm, ids: torch.Tensor, layer: int, keep_span: int, span: tuple[int, int], prompt: int | None = None):
+    """Logits of every row that reaches the head and every layer's (key, value): FastV written out on the
+    GPT-2 block's modules. Scores: the last prompt token's softmax attention row over the prompt at
+    layer ``layer`` - 1, mean over heads. Rows from ``prompt`` on (a continuation) always stay; each row
+    keeps its learned position."""
     heads, blocks = lm.config.n_head, lm.transformer.h
-    hidden = lm.transformer.wte(ids) + lm.transformer.wpe(torch.arange(ids.shape[1]))[None]
+    n = ids.shape[1]
+    prompt = n if prompt is None else prompt
+    hidden = lm.transformer.wte(ids) + lm.transformer.wpe(torch.arange(n))[None]
     caches, scores = [], None
     for index, block in enumerate(blocks):
         if index == layer:
-            can_go = torch.zeros(ids.shape[1], dtype=torch.bool)
+            can_go = torch.zeros(n, dtype=torch.bool)
             can_go[span[0]:span[0] + span[1]] = True
             kept = []
             for sample_scores in scores:
                 top = can_go.nonzero()[:, 0][sample_scores[can_go].topk(keep_span).indices]
-                kept.append(torch.cat([(~can_go).nonzero()[:, 0], top]).sort().values)
+                kept.append(torch.cat([(~can_go[:prompt]).nonzero()[:, 0], top, torch.arange(prompt, n)]).sort().values)
             kept = torch.stack(kept)
             hidden = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
         q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(hidden.shape[-1], -1)
         q, k, v = (_heads(t, heads) for t in (q, k, v))
         if index == layer - 1:
-            row = (q[:, :, -1:] @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1)
-            scores = row.mean((1, 2))
+            row = (q[:, :, prompt - 1:prompt] @ k[:, :, :prompt].transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1)
+            scores = torch.nn.functional.pad(row.mean((1, 2)), (0, n - prompt))
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
         hidden = hidden + block.attn.c_proj(attended)
         hidden = hidden + block.mlp(block.ln_2(hidden))
         caches.append((k, v))
-    return lm.lm_head(lm.transformer.ln_f(hidden[:, -1])), caches
+    return lm.lm_head(lm.transformer.ln_f(hidden)), caches
 
 
 def test_fastv_prefill_matches_the_eager_reference(gpt2, prompts):
@@ -63,10 +72,22 @@ def test_fastv_prefill_matches_the_eager_reference(gpt2, prompts):
     logits, caches = prefill(program, prompts)
     with torch.no_grad():
         expected_logits, expected_caches = reference(gpt2, prompts, 2, 8, (4, 16))
-    assert torch.allclose(logits, expected_logits, atol=1e-5)
+    assert torch.allclose(logits, expected_logits[:, -1], atol=1e-5)
     for (k, v), (k_ref, v_ref) in zip(caches, expected_caches):
         assert k.shape == k_ref.shape
         assert torch.allclose(k, k_ref, atol=1e-5) and torch.allclose(v, v_ref, atol=1e-5)
+
+
+def test_decode_on_the_reduced_cache_matches_the_reference(gpt2, prompts):
+    """Teacher-forced decoding after the reduced prefill equals one eager pass over prompt + continuation
+    in which only the prompt's span is reduced (continuation tokens at positions 24, 25, ...)."""
+    program = compile_decoder(gpt2, prompts, keep=0.5, layer=2, span=(4, 16))
+    continuation = prompts[:, :6].flip(1)
+    got = teacher_forced_logits(program, prompts, continuation)
+    with torch.no_grad():
+        everything, _ = reference(gpt2, torch.cat([prompts, continuation], 1), 2, 8, (4, 16), prompt=TOKENS)
+    # rows after layer 2: 8 kept prompt rows of 24 - 8 removed = 16, then the continuation
+    assert torch.allclose(got, everything[:, 15:15 + 6], atol=1e-5)
 
 
 def test_budget_one_greedy_equals_hugging_face(gpt2, prompts):

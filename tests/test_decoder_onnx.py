@@ -144,7 +144,7 @@ def test_cli_export_errors(saved_llama, tmp_path, args, message):
 
 def test_cli_generate_from_graphs_refuses_a_budget(exported):
     result = CliRunner().invoke(main, ["generate", str(exported), "--prompt-ids", "1,2", "--budget", "0.5"])
-    assert result.exit_code == 2 and "its reduction was chosen at export" in result.output
+    assert result.exit_code == 2 and "its reduction was chosen at export, --budget cannot change it" in result.output
 
 
 @pytest.mark.slow
@@ -179,3 +179,30 @@ def test_cli_export_pyramiddrop_stages(saved_llama, llama, prompts, tmp_path):
     bad = CliRunner().invoke(main, ["export-decoder", str(saved_llama), "-o", str(tmp_path / "x"), "--prompt-ids",
                                     ids, "--layer", "1,x"])
     assert bad.exit_code == 2 and "cannot read --layer '1,x'" in bad.output
+
+
+def test_layers_caching_one_token_export_and_decode(llama, prompts, tmp_path):
+    """keep=0 over the whole prompt: layers from K on cache only the last token (a past length of 1, which
+    torch.export would fix if the decode step were traced on it)."""
+    program = compile_decoder(llama, prompts[:2], keep=0.0, layer=2)
+    assert program.report["tokens_per_layer"] == [24, 24, 1, 1]
+    export_decoder_onnx(program, str(tmp_path))
+    assert torch.equal(generate(OnnxRunner(str(tmp_path)), prompts, 8), generate(program, prompts, 8))
+
+
+def test_greedy_stops_at_any_of_several_eos_ids(fastv_program, prompts):
+    free = generate(fastv_program, prompts[:1], 6)[0, TOKENS:].tolist()
+    stopped = generate(fastv_program, prompts[:1], 6, eos_token_id=[999, free[2]])
+    assert stopped[0, TOKENS:].tolist() == free[:3]
+
+
+def test_cli_refuses_outputs_over_input_files_and_ignored_options(saved_llama, exported, prompts):
+    ids = ",".join(map(str, prompts[0].tolist()))
+    config = (saved_llama / "config.json").read_bytes()
+    result = CliRunner().invoke(main, ["generate", str(saved_llama), "--prompt-ids", ids, "--keep", "0.5",
+                                       "--report", str(saved_llama / "config.json")])
+    assert result.exit_code == 2 and "is a file of the input folder" in result.output
+    assert (saved_llama / "config.json").read_bytes() == config
+    result = CliRunner().invoke(main, ["generate", str(exported), "--prompt-ids", ids, "--method", "pyramiddrop",
+                                       "--pool", "3"])
+    assert result.exit_code == 2 and "--method, --pool cannot change it" in result.output

@@ -201,3 +201,22 @@ def test_vtc_cls_errors(vlm, inputs):
         compile_decoder(vlm, ids, keep=0.5, span=IMAGE, layer=3, method="vtc-cls", extra_inputs={"pixel_values": pixels})
     with pytest.raises(TokenCompileError, match="cannot be met by removing image tokens"):
         compile_decoder(vlm, ids, budget=0.1, span=IMAGE, method="vtc-cls", extra_inputs={"pixel_values": pixels})
+
+
+def test_prompts_must_hold_the_compiled_number_of_image_tokens(fastv_image, inputs):
+    ids, pixels = inputs[0][:2].clone(), inputs[1][:2]
+    ids[:, 4:8] = 7  # 60 image tokens instead of 64: the program would remove text
+    with pytest.raises(TokenCompileError, match="the prompts hold 60 tokens of id 255; the program was compiled "
+                                                "for 64"):
+        prefill(fastv_image, ids, {"pixel_values": pixels})
+
+
+def test_vtc_cls_budget_one_removes_nothing_and_bad_options(vlm, inputs):
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    extra = {"pixel_values": pixels}
+    program = compile_decoder(vlm, ids, budget=1.0, span=IMAGE, method="vtc-cls", extra_inputs=extra)
+    assert program.report["span_tokens_kept"] == 64 and program.report["layer"] is None
+    with pytest.raises(TokenCompileError, match="positions='renumbr' is not a position policy"):
+        compile_decoder(vlm, ids, keep=0.5, span=IMAGE, method="vtc-cls", positions="renumbr", extra_inputs=extra)
+    with pytest.raises(TokenCompileError, match=r"layer=\(1, 2\) is not a number of vision layers"):
+        compile_decoder(vlm, ids, keep=0.5, span=IMAGE, method="vtc-cls", layer=(1, 2), extra_inputs=extra)

@@ -479,6 +479,11 @@ def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_confi
     if task == "lm":
         from .decoder.cli import sweep_lm
 
+        ignored = [option for option, value in (("--plot", plot_path), ("--latency", latency),
+                                                ("--input-shape", input_shape)) if value]
+        if ignored:
+            raise TokenCompileError(f"{', '.join(ignored)} cannot be used with --task lm",
+                                    "drop them (the lm sweep reports agreement and perplexity per budget)")
         _at_least("--continuation", continuation)
         _at_least("--prompt-tokens", prompt_tokens, 2)
         _at_least("--protected", protected, 0)

@@ -26,6 +26,11 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _inside(path: str, folder: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, root]) == root
+
+
 def _check_folder(folder: str, option: str, path: str) -> None:
     """The folder must exist, be a folder, and accept new files."""
     if not os.path.isdir(folder):
@@ -68,6 +73,9 @@ def check_output(path: str, option: str, extensions: tuple[str, ...], inputs: It
         if source and os.path.exists(source) and _same_file(absolute, source):
             raise TokenCompileError(f"{option} {path} is the input {source}: writing it would destroy the input",
                                     "choose another output path")
+        if source and os.path.isdir(source) and os.path.lexists(absolute) and _inside(absolute, source):
+            raise TokenCompileError(f"{option} {path} is a file of the input folder {source}: writing it would "
+                                    "change the input", "choose another output path")
     _check_folder(os.path.dirname(absolute), option, path)
     return absolute
 

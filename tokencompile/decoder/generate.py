@@ -39,6 +39,19 @@ def check_extra_inputs(expected: tuple[str, ...], extra: dict | None) -> tuple:
     return tuple(extra[name] for name in expected)
 
 
+def check_span_tokens(report: dict, prompt_ids: torch.Tensor) -> None:
+    """Every prompt must hold the number of span tokens (image tokens) the program was compiled for: it
+    removes a fixed number of them, and with fewer it would remove text."""
+    token_id = report.get("span_token_id")
+    if token_id is None:
+        return
+    counts = sorted(set((prompt_ids == token_id).sum(1).tolist()))
+    if counts != [report["span_token_count"]]:
+        raise TokenCompileError(f"the prompts hold {', '.join(map(str, counts))} tokens of id {token_id}; the "
+                                f"program was compiled for {report['span_token_count']}",
+                                "compile it for this number of image tokens")
+
+
 def prefill(program_or_model, prompt_ids: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, Caches]:
     """Logits of the last prompt token [B, V] and every layer's (key, value) cache. ``extra``: further
     inputs by name (a VLM's pixel_values)."""
@@ -48,6 +61,7 @@ def prefill(program_or_model, prompt_ids: torch.Tensor, extra: dict | None = Non
             if prompt_ids.shape[1] != program_or_model.prompt_tokens:
                 raise TokenCompileError(f"the program was compiled for {program_or_model.prompt_tokens}-token "
                                         f"prompts, got {prompt_ids.shape[1]}", "compile it for this prompt length")
+            check_span_tokens(program_or_model.report, prompt_ids)
             values = check_extra_inputs(program_or_model.extra_inputs, extra)
             logits, *flat = program_or_model.prefill.module()(prompt_ids, *values)
         else:
@@ -112,7 +126,7 @@ def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id
         token = logits.argmax(-1, keepdim=True)
         ids = torch.cat([ids, token], dim=1)
         if eos_token_id is not None:
-            finished |= token[:, 0] == eos_token_id
+            finished |= torch.isin(token[:, 0], torch.as_tensor(eos_token_id).reshape(-1))
             if bool(finished.all()):
                 break
         if step + 1 < max_new_tokens:

@@ -28,7 +28,13 @@ from ..errors import TokenCompileError
 from ..lowering.onnx_export import DEFAULT_OPSET, ort_session, run_torch_onnx_export
 from ..lowering.onnx_ops import translation_table
 from ..outputs import write_bytes, write_json
-from .generate import Caches, TorchRunner, check_extra_inputs, decode_step
+from .generate import (
+    Caches,
+    TorchRunner,
+    check_extra_inputs,
+    check_span_tokens,
+    decode_step,
+)
 from .prefill import DecoderProgram, decode_position
 
 PREFILL, DECODE, MANIFEST = "prefill.onnx", "decode.onnx", "decoder.json"
@@ -51,8 +57,15 @@ class DecodeStep(torch.nn.Module):
         return (logits, *[t for kv in caches for t in kv])
 
 
+def traced_caches(caches: Caches) -> Caches:
+    """Example caches for tracing the decode step: a layer that kept one token would have its past
+    length fixed to 1 by torch.export (0/1 specialisation), so each is at least 2 long (only shapes count)."""
+    return [tuple(t.new_zeros(*t.shape[:2], max(2, t.shape[2]), t.shape[3]) for t in kv) for kv in caches]
+
+
 def export_decode_step(model: torch.nn.Module, example_caches: Caches) -> ExportedProgram:
     """The decode step with a symbolic batch and a symbolic past length per layer."""
+    example_caches = traced_caches(example_caches)
     batch = example_caches[0][0].shape[0]
     token = torch.zeros(batch, 1, dtype=torch.long)
     position = torch.full_like(token, example_caches[0][0].shape[2])
@@ -60,9 +73,13 @@ def export_decode_step(model: torch.nn.Module, example_caches: Caches) -> Export
     batch_dim = Dim("batch", min=1, max=4096)
     past_dims = [Dim(f"past_{i}", min=1, max=MAX_CACHE) for i in range(len(example_caches))]
     dynamic = ({0: batch_dim}, {0: batch_dim}, tuple({0: batch_dim, 2: past_dims[i // 2]} for i in range(len(past))))
-    with torch.no_grad():
-        return torch.export.export(DecodeStep(model).eval(), (token, position, past), dynamic_shapes=dynamic,
-                                   strict=False)
+    try:
+        with torch.no_grad():
+            return torch.export.export(DecodeStep(model).eval(), (token, position, past), dynamic_shapes=dynamic,
+                                       strict=False)
+    except Exception as error:  # noqa: BLE001 - torch.export raises many kinds
+        raise TokenCompileError(f"export of the decode step failed: {str(error).strip().splitlines()[0]}",
+                                "rerun with --debug and report the model") from error
 
 
 def _rename(exported, inputs: list[str], outputs: list[str]) -> None:
@@ -87,6 +104,10 @@ def _save(exported, path: str) -> None:
     import onnx_ir
 
     proto = onnx_ir.serde.serialize_model(exported.model)
+    if proto.ByteSize() >= 2**31 - 1:
+        raise TokenCompileError(f"{os.path.basename(path)} would hold over 2 GB of weights, more than one ONNX "
+                                "file can", "models above about 500M fp32 parameters need external data: "
+                                "not supported yet")
     onnx.checker.check_model(proto, full_check=True)
     write_bytes(path, proto.SerializeToString())
 
@@ -108,6 +129,9 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
     position = decode_position(program)
     started = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
+    manifest = os.path.join(folder, MANIFEST)
+    if os.path.exists(manifest):  # written last: a folder without it is never mistaken for a whole export
+        os.remove(manifest)
     example, *extra = program.example_inputs
     logits, caches = TorchRunner(program).prefill(example, dict(zip(program.extra_inputs, extra)))
     layers = len(caches)
@@ -120,7 +144,7 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
 
     step = export_decode_step(program.model, caches)
     token = logits.argmax(-1, keepdim=True)
-    past = tuple(t for kv in caches for t in kv)
+    past = tuple(t for kv in traced_caches(caches) for t in kv)
     exported, _ = run_torch_onnx_export(step, (token, torch.full_like(token, program.prompt_tokens), past), opset,
                                         table, "ONNX export of the decode step")
     _rename(exported, ["input_ids", "position_ids", *cache_names("past_key_values", layers)],
@@ -128,8 +152,9 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
     decode_path = os.path.join(folder, DECODE)
     _save(exported, decode_path)
 
-    write_json(os.path.join(folder, MANIFEST), {
-        "prompt_tokens": program.prompt_tokens, "extra_inputs": list(program.extra_inputs), "layers": layers, "positions": program.positions,
+    write_json(manifest, {
+        "prompt_tokens": program.prompt_tokens, "extra_inputs": list(program.extra_inputs), "layers": layers,
+        "positions": program.positions,
         "first_reduced_layer": program.first_reduced_layer, "decode_position": position,
         "cache_tokens": [int(k.shape[2]) for k, _ in caches], "opset": opset,
         "eos_token_id": getattr(getattr(program.model, "config", None), "eos_token_id", None),
@@ -163,6 +188,7 @@ class OnnxRunner:
         if prompt_ids.shape[1] != self.prompt_tokens:
             raise TokenCompileError(f"the decoder was exported for {self.prompt_tokens}-token prompts, got "
                                     f"{prompt_ids.shape[1]}", "export it again for this prompt length")
+        check_span_tokens(self.manifest["report"], prompt_ids)
         feeds = {"input_ids": prompt_ids.numpy()}
         for name, value in zip(self.extra_inputs, check_extra_inputs(self.extra_inputs, extra)):
             feeds[name] = np.ascontiguousarray(value.numpy())

@@ -23,7 +23,7 @@ from ..flops import CostModel, build_cost_model, count_flops
 from ..graph_utils import aten
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
-from .fastv import FastV, PyramidDrop, pyramid_layers
+from .fastv import POSITION_POLICIES, FastV, PyramidDrop, pyramid_layers
 
 tc = torch.ops.tokencompile
 
@@ -88,6 +88,14 @@ def decode_position(program: DecoderProgram) -> int:
 
 def as_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.model if isinstance(model, CausalLMPrefill) else model
+
+
+def span_token_count(span: Span, input_ids: torch.Tensor) -> dict:
+    """For a span of token ids (a VLM's image tokens): the id and how many each prompt holds, which every
+    prompt given to the program must hold too (the program removes a fixed number of them)."""
+    if span.token_id is None:
+        return {}
+    return {"span_token_id": span.token_id, "span_token_count": int((input_ids[0] == span.token_id).sum())}
 
 
 def batched_example(inputs: tuple) -> tuple:
@@ -365,6 +373,10 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     span = span if isinstance(span, Span) else Span(*span) if span is not None else Span()
     from .vision import VISION_METHODS, compile_before_language_model
 
+    if positions not in POSITION_POLICIES:
+        raise TokenCompileError(f"positions={positions!r} is not a position policy",
+                                f"give one of: {', '.join(POSITION_POLICIES)}")
+
     if method in VISION_METHODS:
         return compile_before_language_model(model, input_ids, budget=budget, keep=keep, span=span,
                                              positions=positions, method=method, layers=layer,
@@ -431,6 +443,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         "sinks": sinks,
         "pool": pool,
         "span_tokens_removable": removable,
+        **span_token_count(span, input_ids),
         "span_tokens_kept": kept,
         "keep_ratio": kept / removable if removable else 1.0,
         "prompt_tokens": analysis.tokens,

@@ -110,9 +110,6 @@ def rewrite_before_language_model(gm: GraphModule, decoder: DecoderAnalysis, met
     ``positions="renumber"`` the kept tokens take positions 0..n-1 (the prompt is simply shorter)."""
     from .prefill import _renumber_positions
 
-    if method.span.token_id is None:
-        raise TokenCompileError("vtc-cls prunes image tokens: it needs the image placeholder id",
-                                "give span=Span(token_id=IMAGE_TOKEN_ID) (--image-token-id)")
     first = decoder.base.blocks[0]
     entry = Block(0, f"{first.name}.entry", first.attention, block_input(first, decoder.tokens), [])
     vision = vision_analysis(gm, decoder)
@@ -144,19 +141,22 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
         DecoderProgram,
         batched_example,
         export_with_batch_axis,
+        span_token_count,
         trace_prefill,
     )
 
-    if (budget is None) == (keep is None):
-        raise TokenCompileError("give exactly one of budget and keep", "budget=<prefill FLOPs ratio> or keep=<ratio>")
-    if keep is not None and not (isinstance(keep, (int, float)) and 0 <= keep <= 1):
-        raise TokenCompileError(f"keep {keep} is out of range", "give one ratio 0 <= keep <= 1 of the image tokens")
-    pruner = VISION_METHODS[method](span=span, **({} if layers is None else {"layers": layers}))
-    traced = trace_prefill(model, input_ids, extra_inputs)
-    ep, extra, inputs, analysis = traced.program, traced.extra, traced.inputs, traced.analysis
+    # budget / keep ranges and the position policy are checked by compile_decoder
+    if isinstance(keep, (tuple, list)):
+        raise TokenCompileError(f"{method} has one stage: keep={keep} gives several", "give one keep ratio")
+    if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool)):
+        raise TokenCompileError(f"{method}: layer={layers!r} is not a number of vision layers",
+                                "give layer=N, the last N vision layers whose [CLS] attention is summed")
     if span.token_id is None:
         raise TokenCompileError(f"{method} prunes image tokens: it needs the image placeholder id",
                                 "give span=Span(token_id=IMAGE_TOKEN_ID) (--image-token-id)")
+    pruner = VISION_METHODS[method](span=span, **({} if layers is None else {"layers": layers}))
+    traced = trace_prefill(model, input_ids, extra_inputs)
+    ep, extra, inputs, analysis = traced.program, traced.extra, traced.inputs, traced.analysis
     per_sample = (input_ids == span.token_id).sum(1)
     if len(set(per_sample.tolist())) != 1 or int(per_sample[0]) == 0:
         raise TokenCompileError(f"the samples hold {sorted(set(per_sample.tolist()))} image tokens",
@@ -174,9 +174,7 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
         gm = rewrite(removed)
         flops = count_flops(gm, inputs)
     else:
-        if not 0 < budget <= 1:
-            raise TokenCompileError(f"budget {budget:g} is out of range", "give 0 < budget <= 1")
-        lo, hi = 0, images  # the fewest removed that meet the budget, by bisection on counted FLOPs
+        lo, hi = -1, images  # the fewest removed that meet the budget, by bisection on counted FLOPs
         best = rewrite(images)
         best_flops = count_flops(best, inputs)
         if best_flops > budget * original_flops + 1e-9:
@@ -197,6 +195,7 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
     report = {
         "method": method, "budget": budget, "layer": 0 if removed else None, "stages": [], "positions": positions,
         "vision_layers_scored": pruner.layers, "image_tokens": images, "span_tokens_removable": images,
+        **span_token_count(span, input_ids),
         "span_tokens_kept": images - removed, "keep_ratio": (images - removed) / images,
         "prompt_tokens": analysis.tokens, "tokens_per_layer": [tokens] * analysis.layers,
         "flops_original": original_flops, "flops_prefill": flops, "flops_ratio": flops / original_flops,
@@ -204,7 +203,7 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
     }
     return DecoderProgram(program, traced.lm, analysis.tokens, 0 if removed else None, positions, report,
                           [tokens] * analysis.layers, [(0, images - removed)] if removed else [],
-                          tuple(extra_inputs), batched_example(inputs))
+                          tuple(traced.extra_inputs), batched_example(inputs))
 
 
 VISION_METHODS = {"vtc-cls": VtcCls}

@@ -53,10 +53,4 @@ def evaluate_lm(model: torch.nn.Module, source, windows: torch.Tensor, prompt_to
     return result
 
 
-def format_lm(result: dict) -> str:
-    return (f"{result['windows']} windows of {result['prompt_tokens']} + {result['continuation_tokens']} tokens: "
-            f"next-token agreement {result['next_token_agreement']:.4f}, perplexity {result['perplexity_original']:.3f}"
-            f" -> {result['perplexity']:.3f} ({100 * result['perplexity_change']:+.1f}%)")
-
-
-__all__ = ["evaluate_lm", "format_lm", "lm_windows"]
+__all__ = ["evaluate_lm", "lm_windows"]
