@@ -14,7 +14,7 @@ import os
 import torch
 
 from tokencompile.decoder import CausalLMPrefill
-from tokencompile.decoder.prefill import returned_cache
+from tokencompile.decoder.prefill import cache_tensors, returned_cache
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -109,7 +109,7 @@ class LlavaPrefill(CausalLMPrefill):
         features = vlm.multi_modal_projector(hidden).flatten(0, 1)
         image = BaseModelOutputWithPooling(pooler_output=[features])
         out = self.model(input_ids=input_ids, mm_encoder_outputs={"image": image}, use_cache=True, logits_to_keep=1)
-        return (out.logits[:, -1], *[t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)])
+        return (out.logits[:, -1], *cache_tensors(returned_cache(out)))
 
 
 def llava_inputs(batch: int, text_after: int = 12, seed: int = 0) -> tuple:

@@ -82,3 +82,9 @@ def tiny_bert(tiny_bert_module):
     from tokencompile.compiler import export_module
 
     return export_module(*tiny_bert_module)
+
+
+@pytest.fixture(scope="session")
+def llama():
+    """The tiny random-weight Llama of the decoder tests (Hugging Face LlamaForCausalLM), built once."""
+    return models.build("tiny_llama")[0].model

@@ -25,11 +25,6 @@ TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return models.build("tiny_llama")[0].model
-
-
-@pytest.fixture(scope="module")
 def prompts():
     return models.decoders.prompt_ids(2, TOKENS, seed=1)[0]
 

@@ -22,11 +22,6 @@ TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a
 
 
 @pytest.fixture(scope="module")
-def llama():
-    return models.build("tiny_llama")[0].model
-
-
-@pytest.fixture(scope="module")
 def folder(llama, tmp_path_factory):
     """The tiny Llama saved with its byte tokenizer, and a text file."""
     path = tmp_path_factory.mktemp("tiny_llama")

@@ -151,14 +151,20 @@ def _mask_input(attentions: list[Attention], model_inputs: list[Node]) -> Node |
     return None
 
 
+def _stack_of(node: Node) -> str | None:
+    """The container of the block that holds ``node`` (its module path minus the index)."""
+    name = _block_name(node)
+    return None if name is None else name.rsplit(".", 1)[0]
+
+
 def block_stacks(gm: GraphModule) -> dict[str, int]:
     """Containers of attention blocks (module path of the ModuleList, e.g. ``model.language_model.layers``)
     and the token count their first block sees, in graph order."""
     stacks: dict[str, int] = {}
     for attention in find_attention(gm):
-        name = _block_name(attention.node)
-        if name is not None:
-            stacks.setdefault(name.rsplit(".", 1)[0], attention.tokens)
+        stack = _stack_of(attention.node)
+        if stack is not None:
+            stacks.setdefault(stack, attention.tokens)
     return stacks
 
 
@@ -170,7 +176,7 @@ def analyse(gm: GraphModule, stack: str | None = None) -> ModelAnalysis:
     nodes = list(graph.nodes)
     attentions = find_attention(gm)
     if stack is not None:
-        attentions = [a for a in attentions if (_block_name(a.node) or "").rsplit(".", 1)[0] == stack]
+        attentions = [a for a in attentions if _stack_of(a.node) == stack]
     if not attentions:
         raise UnsupportedModelError("no transformer blocks found: the graph has no attention",
                                     "tokencompile optimizes transformers (ViT, BERT, ...), not CNNs or MLPs")

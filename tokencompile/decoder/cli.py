@@ -8,11 +8,10 @@ import click
 from ..errors import TokenCompileError
 
 
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise TokenCompileError(f"cannot read {option} {text!r}", f"give {option} as comma-separated integers") from None
+def _number_list(text: str, option: str, convert=int) -> tuple:
+    from ..evaluation.sweep import parse_list
+
+    return tuple(parse_list(text, convert, option))
 
 
 def load_causal_lm(model_dir: str, gguf_file: str | None):
@@ -68,7 +67,7 @@ def _region(span: str | None, image_token_id: int | None):
         return Span(token_id=image_token_id)
     if span is None:
         return Span()
-    values = _int_list(span, "--span")
+    values = _number_list(span, "--span")
     if len(values) != 2:
         raise TokenCompileError(f"--span {span!r} is not START,LENGTH", "give --span START,LENGTH")
     return Span(*values)
@@ -81,18 +80,14 @@ def _prompt(tokenizer, prompt: str | None, prompt_ids: str | None, where: str):
         if tokenizer is None:
             raise TokenCompileError(f"{where} has no tokenizer", "give --tokenizer DIR or --prompt-ids")
         return tokenizer(prompt, return_tensors="pt").input_ids
-    return torch.tensor([_int_list(prompt_ids, "--prompt-ids")])
+    return torch.tensor([_number_list(prompt_ids, "--prompt-ids")])
 
 
 def _numbers(text: str | None, option: str, convert):
     """None, one number, or a tuple of comma-separated numbers."""
     if text is None:
         return None
-    try:
-        values = tuple(convert(v) for v in text.split(","))
-    except ValueError:
-        raise TokenCompileError(f"cannot read {option} {text!r}", f"give {option} as comma-separated numbers") \
-            from None
+    values = _number_list(text, option, convert)
     return values[0] if len(values) == 1 else values
 
 
@@ -251,6 +246,7 @@ def export_decoder_command(command_class, debug_option):
         if verify:
             from . import generate as greedy
             from . import prefill
+            from .generate import flat_caches
 
             runner = OnnxRunner(folder)
             batch = torch.cat([ids, ids.flip(1)])
@@ -258,8 +254,7 @@ def export_decoder_command(command_class, debug_option):
             logits, caches = runner.prefill(batch)
             # relative to each tensor's largest value: logits of real LMs reach tens, float noise grows with them
             error = max(float((a - b).abs().max() / b.abs().max().clamp(min=1)) for a, b in
-                        zip([logits, *[t for kv in caches for t in kv]],
-                            [expected_logits, *[t for kv in expected_caches for t in kv]]))
+                        zip([logits, *flat_caches(caches)], [expected_logits, *flat_caches(expected_caches)]))
             same = torch.equal(greedy(program, batch, 8), greedy(runner, batch, 8))
             click.echo(f"verify batch 2: prefill max error {error:.2e} of the largest value (limit 1e-4), 8 greedy "
                        f"tokens {'identical' if same else 'DIFFERENT'}")
@@ -317,9 +312,10 @@ def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_fil
              limit: int | None, progress=None) -> dict:
     """`sweep --task lm`: every decoder method at every prefill budget, in torch, on windows of a text file."""
     from ..evaluation.lm import evaluate_lm
+    from ..evaluation.sweep import parse_list
     from . import Span, compile_decoder
 
-    names = list(DECODER_METHODS) if method_list == "all" else [m.strip() for m in method_list.split(",")]
+    names = list(DECODER_METHODS) if method_list == "all" else parse_list(method_list, str, "methods")
     unknown = [name for name in names if name not in DECODER_METHODS]
     if unknown:
         raise TokenCompileError(f"{', '.join(unknown)}: not a decoder method", f"give one of: "

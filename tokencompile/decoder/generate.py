@@ -17,8 +17,9 @@ from .prefill import (
     DecoderProgram,
     as_causal_lm,
     cache_argument,
+    cache_tensors,
     decode_position,
-    returned_cache,
+    prefill_module,
 )
 
 Caches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -65,11 +66,17 @@ def prefill(program_or_model, prompt_ids: torch.Tensor, extra: dict | None = Non
             values = check_extra_inputs(program_or_model.extra_inputs, extra)
             logits, *flat = program_or_model.prefill.module()(prompt_ids, *values)
         else:
-            out = as_causal_lm(program_or_model)(input_ids=prompt_ids, use_cache=True, logits_to_keep=1,
-                                                 **(extra or {}))
-            logits = out.logits[:, -1]
-            flat = [t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)]
-    return logits, list(zip(flat[0::2], flat[1::2]))
+            extra = extra or {}
+            logits, *flat = prefill_module(program_or_model, tuple(extra))(prompt_ids, *extra.values())
+    return logits, pair_caches(flat)
+
+
+def flat_caches(caches: Caches) -> list[torch.Tensor]:
+    return [t for kv in caches for t in kv]
+
+
+def pair_caches(flat) -> Caches:
+    return list(zip(flat[0::2], flat[1::2]))
 
 
 def decode_step(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
@@ -83,7 +90,7 @@ def decode_step(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.T
     with torch.no_grad():
         out = lm(input_ids=tokens, position_ids=positions, attention_mask=visible, use_cache=True,
                  **{cache_argument(lm): cache})
-    return out.logits[:, -1], [(layer.keys, layer.values) for layer in cache.layers]
+    return out.logits[:, -1], pair_caches(cache_tensors(cache))
 
 
 class TorchRunner:
@@ -149,4 +156,4 @@ def teacher_forced_logits(source, prompt_ids: torch.Tensor, continuation: torch.
     return torch.stack(steps, dim=1)
 
 
-__all__ = ["Caches", "TorchRunner", "as_runner", "decode_step", "generate", "prefill", "teacher_forced_logits"]
+__all__ = ["Caches", "TorchRunner", "flat_caches", "pair_caches", "as_runner", "decode_step", "generate", "prefill", "teacher_forced_logits"]

@@ -34,6 +34,8 @@ from .generate import (
     check_extra_inputs,
     check_span_tokens,
     decode_step,
+    flat_caches,
+    pair_caches,
 )
 from .prefill import DecoderProgram, decode_position
 
@@ -53,25 +55,25 @@ class DecodeStep(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids, past):
-        logits, caches = decode_step(self.model, input_ids, position_ids, list(zip(past[0::2], past[1::2])))
-        return (logits, *[t for kv in caches for t in kv])
+        logits, caches = decode_step(self.model, input_ids, position_ids, pair_caches(past))
+        return (logits, *flat_caches(caches))
 
 
-def traced_caches(caches: Caches) -> Caches:
-    """Example caches for tracing the decode step: a layer that kept one token would have its past
-    length fixed to 1 by torch.export (0/1 specialisation), so each is at least 2 long (only shapes count)."""
-    return [tuple(t.new_zeros(*t.shape[:2], max(2, t.shape[2]), t.shape[3]) for t in kv) for kv in caches]
+def decode_example(caches: Caches) -> tuple:
+    """(input_ids, position_ids, past) to trace the decode step with. Only shapes count; a layer that kept
+    one token would have its past length fixed to 1 by torch.export (0/1 specialisation), so each
+    example cache is at least 2 long."""
+    past = tuple(t.new_zeros(*t.shape[:2], max(2, t.shape[2]), t.shape[3]) for t in flat_caches(caches))
+    token = torch.zeros(past[0].shape[0], 1, dtype=torch.long)
+    return token, torch.full_like(token, past[0].shape[2]), past
 
 
-def export_decode_step(model: torch.nn.Module, example_caches: Caches) -> ExportedProgram:
-    """The decode step with a symbolic batch and a symbolic past length per layer."""
-    example_caches = traced_caches(example_caches)
-    batch = example_caches[0][0].shape[0]
-    token = torch.zeros(batch, 1, dtype=torch.long)
-    position = torch.full_like(token, example_caches[0][0].shape[2])
-    past = tuple(t for kv in example_caches for t in kv)
+def export_decode_step(model: torch.nn.Module, example: tuple) -> ExportedProgram:
+    """The decode step with a symbolic batch and a symbolic past length per layer (``example``: from
+    ``decode_example``)."""
+    token, position, past = example
     batch_dim = Dim("batch", min=1, max=4096)
-    past_dims = [Dim(f"past_{i}", min=1, max=MAX_CACHE) for i in range(len(example_caches))]
+    past_dims = [Dim(f"past_{i}", min=1, max=MAX_CACHE) for i in range(len(past) // 2)]
     dynamic = ({0: batch_dim}, {0: batch_dim}, tuple({0: batch_dim, 2: past_dims[i // 2]} for i in range(len(past))))
     try:
         with torch.no_grad():
@@ -133,7 +135,7 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
     if os.path.exists(manifest):  # written last: a folder without it is never mistaken for a whole export
         os.remove(manifest)
     example, *extra = program.example_inputs
-    logits, caches = TorchRunner(program).prefill(example, dict(zip(program.extra_inputs, extra)))
+    _, caches = TorchRunner(program).prefill(example, dict(zip(program.extra_inputs, extra)))
     layers = len(caches)
     table = translation_table()
 
@@ -142,10 +144,8 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
     prefill_path = os.path.join(folder, PREFILL)
     _save(exported, prefill_path)
 
-    step = export_decode_step(program.model, caches)
-    token = logits.argmax(-1, keepdim=True)
-    past = tuple(t for kv in traced_caches(caches) for t in kv)
-    exported, _ = run_torch_onnx_export(step, (token, torch.full_like(token, program.prompt_tokens), past), opset,
+    step_example = decode_example(caches)
+    exported, _ = run_torch_onnx_export(export_decode_step(program.model, step_example), step_example, opset,
                                         table, "ONNX export of the decode step")
     _rename(exported, ["input_ids", "position_ids", *cache_names("past_key_values", layers)],
             ["logits", *cache_names("present", layers)])
@@ -193,19 +193,14 @@ class OnnxRunner:
         for name, value in zip(self.extra_inputs, check_extra_inputs(self.extra_inputs, extra)):
             feeds[name] = np.ascontiguousarray(value.numpy())
         logits, *flat = self.prefill_session.run(None, feeds)
-        return torch.from_numpy(logits), _pairs(flat)
+        return torch.from_numpy(logits), pair_caches([torch.from_numpy(t) for t in flat])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Caches) -> tuple[torch.Tensor, Caches]:
         feeds = {"input_ids": tokens.numpy(), "position_ids": positions.numpy()}
-        for name, tensor in zip(self.past_names, (t for kv in caches for t in kv)):
+        for name, tensor in zip(self.past_names, flat_caches(caches)):
             feeds[name] = np.ascontiguousarray(tensor.numpy())
         logits, *flat = self.decode_session.run(None, feeds)
-        return torch.from_numpy(logits), _pairs(flat)
-
-
-def _pairs(flat: list) -> Caches:
-    tensors = [torch.from_numpy(t) for t in flat]
-    return list(zip(tensors[0::2], tensors[1::2]))
+        return torch.from_numpy(logits), pair_caches([torch.from_numpy(t) for t in flat])
 
 
 __all__ = ["DECODE", "MANIFEST", "PREFILL", "DecodeStep", "DecoderExport", "OnnxRunner", "cache_names",

@@ -41,10 +41,22 @@ class CausalLMPrefill(torch.nn.Module):
     def forward(self, input_ids, *extra):
         named = dict(zip(self.extra_inputs, extra))
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **named)
-        caches = []
-        for layer in returned_cache(out).layers:
-            caches += [layer.keys, layer.values]
-        return (out.logits[:, -1], *caches)
+        return (out.logits[:, -1], *cache_tensors(returned_cache(out)))
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """key_0, value_0, key_1, value_1, ... of a Hugging Face cache."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def prefill_module(model: torch.nn.Module, extra_inputs: tuple[str, ...] = ()) -> CausalLMPrefill:
+    """``model`` as a prefill module: a recipe's own CausalLMPrefill as is, else a causal LM wrapped."""
+    wrapper = model if isinstance(model, CausalLMPrefill) else CausalLMPrefill(model, extra_inputs)
+    if wrapper.extra_inputs != tuple(extra_inputs):
+        raise TokenCompileError(f"the prefill takes input_ids, {', '.join(wrapper.extra_inputs) or 'nothing else'}; "
+                                f"got input_ids, {', '.join(extra_inputs) or 'nothing else'}",
+                                "pass extra_inputs={name: tensor} for each of its inputs")
+    return wrapper.eval()
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -116,13 +128,9 @@ def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict 
     """The prefill program of a causal LM with a symbolic batch axis (token count static). ``extra``:
     further keyword inputs of the model (a VLM's pixel_values), in program input order after input_ids."""
     extra = extra or {}
-    wrapper = model if isinstance(model, CausalLMPrefill) else CausalLMPrefill(model, tuple(extra))
-    if wrapper.extra_inputs != tuple(extra):
-        raise TokenCompileError(f"the prefill takes input_ids, {', '.join(wrapper.extra_inputs) or 'nothing else'}; "
-                                f"got input_ids, {', '.join(extra) or 'nothing else'}",
-                                "pass extra_inputs={name: tensor} for each of its inputs")
+    wrapper = prefill_module(model, tuple(extra))
     varargs = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(wrapper.forward).parameters.values())
-    return export_with_batch_axis(wrapper.eval(), (input_ids, *extra.values()), varargs=varargs)
+    return export_with_batch_axis(wrapper, (input_ids, *extra.values()), varargs=varargs)
 
 
 @dataclass
@@ -145,7 +153,7 @@ def trace_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra_inputs:
     """Export the prefill (keeping a recipe's own CausalLMPrefill wrapper) and analyse it."""
     lm = as_causal_lm(model).eval()
     extra_inputs = dict(extra_inputs or {})
-    program = export_prefill(model if isinstance(model, CausalLMPrefill) else lm, input_ids, extra_inputs)
+    program = export_prefill(model, input_ids, extra_inputs)
     inputs = (input_ids, *extra_inputs.values())
     module = program.module()
     return TracedPrefill(lm, program, extra_inputs, inputs, module, analyse_decoder(module, input_ids, inputs[1:]))
@@ -316,7 +324,7 @@ def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _check_stages(method: str, layers: tuple, keep, depth: int) -> None:
+def _check_stages(layers: tuple, keep, depth: int) -> None:
     if any(not isinstance(layer, int) or not 1 <= layer < depth for layer in layers):
         raise TokenCompileError(f"layer={_plain(layers)} leaves no layer to reduce in a {depth}-layer model",
                                 f"give stage layers 1 <= layer <= {depth - 1}")
@@ -329,8 +337,6 @@ def _check_stages(method: str, layers: tuple, keep, depth: int) -> None:
         if list(keep) != sorted(keep, reverse=True):
             raise TokenCompileError(f"keep ratios {_plain(keep)} grow from stage to stage",
                                     "give non-increasing ratios of the span, e.g. keep=(0.5, 0.25, 0.125)")
-    if method not in METHODS:
-        raise TokenCompileError(f"method {method!r} is not a decoder method", f"give one of: {', '.join(METHODS)}")
 
 
 def _plain(values) -> str:
@@ -395,7 +401,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         raise TokenCompileError("layer='auto' chooses the layer from a budget", "give budget=<prefill FLOPs ratio>")
     layers = _as_tuple(layer)
     if layer != "auto":
-        _check_stages(method, layers, keep, analysis.layers)
+        _check_stages(layers, keep, analysis.layers)
     removable_per_sample = (span.removable(input_ids) & (torch.arange(analysis.tokens) >= sinks)).sum(1)
     if len(set(removable_per_sample.tolist())) != 1:
         raise TokenCompileError("the samples hold different numbers of span tokens",

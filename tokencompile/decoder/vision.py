@@ -29,7 +29,7 @@ from ..errors import TokenCompileError, UnsupportedModelError
 from ..flops import count_flops
 from ..graph_utils import GraphBuilder, ancestors, aten, shape_of
 from ..methods.base import Method, Plan, SiteInputs
-from ..methods.evit import cls_attention
+from ..methods.evit import cls_attention_row
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .analysis import DecoderAnalysis, Span, analyse_decoder
 
@@ -55,28 +55,24 @@ class VtcCls(Method):
     input_ids: Node | None = None
     vision_images: int = 0               # image tokens per sample (set by the rewrite)
 
-    def image_scores(self, builder: GraphBuilder, n_images: int) -> Node:
-        """[B, n_images]: summed [CLS] attention of the last ``layers`` vision blocks to each patch."""
-        blocks = self.vision.blocks[-self.layers:]
+    def image_scores(self, builder: GraphBuilder) -> Node:
+        """[B, images]: summed [CLS] attention of the last ``layers`` vision blocks to each patch."""
         total = None
-        for block in blocks:
-            row = cls_attention(builder, SiteInputs(block=block.index, x=block.site, query=block.attention.query,
-                                                    keys=block.keys, valid=None, sizes=None, num_prefix=1,
-                                                    protect_last_valid=False, n=self.vision.tokens,
-                                                    depth=len(self.vision.blocks)))
+        for block in self.vision.blocks[-self.layers:]:
+            row = cls_attention_row(builder, block.attention.query, block.keys, None,
+                                    f"vision_block{block.index}_cls_attention")
             total = row if total is None else builder.call(aten.add.Tensor, total, row)
-        prefix = self.vision.tokens - n_images
+        prefix = self.vision.tokens - self.vision_images
         if prefix < 0:
-            raise UnsupportedModelError(f"the prompt holds {n_images} image tokens, the vision tower only "
+            raise UnsupportedModelError(f"the prompt holds {self.vision_images} image tokens, the vision tower only "
                                         f"{self.vision.tokens}", "give one image's placeholders per sample")
         return builder.call(aten.slice.Tensor, total, 1, prefix, self.vision.tokens, name="vtc_cls_image_scores")
 
     def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> Plan:
         image = builder.call(aten.eq.Scalar, self.input_ids, self.span.token_id, name="image_tokens")  # [B, N]
-        n_images = self.vision_images
-        scores = builder.cast(self.image_scores(builder, n_images), torch.float32)
-        placed = builder.call(aten.masked_scatter.default, builder.call(aten.zeros_like.default, builder.cast(
-            image, torch.float32)), image, scores)                                                  # [B, N]
+        scores = builder.cast(self.image_scores(builder), torch.float32)
+        zeros = builder.call(aten.zeros_like.default, image, dtype=torch.float32)
+        placed = builder.call(aten.masked_scatter.default, zeros, image, scores)                   # [B, N]
         keep_text = builder.call(aten.full_like.default, placed, float("inf"))
         score = builder.call(aten.where.self, image, placed, keep_text, name="vtc_cls_score")
         plan = builder.call(tc.topk_plan.default, score, None, site.n - r, 0, False, False, name="vtc_cls_plan")
