@@ -41,9 +41,9 @@ def _causal(n: int) -> torch.Tensor:
     return torch.full((n, n), float("-inf")).triu(1)[None, None]
 
 
-def reference_scores(lm, ids, layer: int, probes: int = 1) -> torch.Tensor:
-    """[B, N]: mean over heads and the last ``probes`` query rows of layer ``layer``'s causal softmax
-    attention (probes=1: the last token's row, FastV)."""
+def reference_qk(lm, ids, layer: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Layer ``layer``'s queries and keys [B, H, N, D] (RoPE applied, key heads repeated) and its
+    softmax scale, from the Hugging Face modules."""
     hidden = lm(input_ids=ids, output_hidden_states=True).hidden_states[layer]
     attention = lm.model.layers[layer].self_attn
     x = lm.model.layers[layer].input_layernorm(hidden)
@@ -52,8 +52,14 @@ def reference_scores(lm, ids, layer: int, probes: int = 1) -> torch.Tensor:
     k = attention.k_proj(x).view(shape).transpose(1, 2)
     cos, sin = lm.model.rotary_emb(x, torch.arange(ids.shape[1])[None])
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = repeat_kv(k, attention.num_key_value_groups)
-    logits = q @ k.transpose(-2, -1) * attention.scaling + _causal(ids.shape[1])
+    return q, repeat_kv(k, attention.num_key_value_groups), attention.scaling
+
+
+def reference_scores(lm, ids, layer: int, probes: int = 1) -> torch.Tensor:
+    """[B, N]: mean over heads and the last ``probes`` query rows of layer ``layer``'s causal softmax
+    attention (probes=1: the last token's row, FastV)."""
+    q, k, scale = reference_qk(lm, ids, layer)
+    logits = q @ k.transpose(-2, -1) * scale + _causal(ids.shape[1])
     return logits[:, :, -probes:].softmax(-1).mean((1, 2))
 
 

@@ -524,6 +524,7 @@ def sweep(model, data_path, task, tokenizer, batch, limit, json_path, timm_confi
 from .decoder.cli import export_decoder_command, generate_command  # noqa: E402  (decoder LLMs)
 
 main.add_command(generate_command(_Command, _debug))
+main.add_command(generate_command(_Command, _debug), name="run")  # an alias of generate
 main.add_command(export_decoder_command(_Command, _debug))
 
 

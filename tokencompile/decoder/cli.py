@@ -7,6 +7,9 @@ import click
 
 from ..errors import TokenCompileError
 
+# the decoder methods that need no pixel inputs (tokencompile.decoder.prefill.METHODS and span_scored.SPAN_SCORES)
+CLI_METHODS = ("fastv", "pyramiddrop", "dart", "divprune", "zipcache", "random")
+
 
 def _number_list(text: str, option: str, convert=int) -> tuple:
     from ..evaluation.sweep import parse_list
@@ -37,9 +40,11 @@ def _compile_options(command):
     """Options that choose the prompt reduction (shared by `generate` and `export-decoder`)."""
     options = [
         click.option("--gguf-file", help="GGUF checkpoint inside MODEL_DIR (dequantised to fp32)."),
-        click.option("--method", type=click.Choice(["fastv", "pyramiddrop"]), default="fastv", show_default=True,
-                     help="fastv: one stage; pyramiddrop: several (VLM methods such as vtc-cls need pixel inputs: "
-                     "Python API)."),
+        click.option("--method", type=click.Choice(CLI_METHODS), default="fastv", show_default=True,
+                     help="fastv: one stage; pyramiddrop: several; dart, divprune, zipcache, random: their score "
+                     "on the span, FastV's stages (VLM methods such as vtc-cls need pixel inputs: Python API)."),
+        click.option("--option", "method_options", multiple=True, metavar="KEY=VALUE",
+                     help="An option of dart, divprune, zipcache or random (repeatable), e.g. pivots=4."),
         click.option("--budget", type=float, help="Prefill FLOPs ratio to meet (0 < B <= 1)."),
         click.option("--keep", help="Fraction of the span kept (instead of --budget); pyramiddrop: one per stage, "
                      "comma-separated, or one ratio each stage keeps of what reached it."),
@@ -91,7 +96,9 @@ def _numbers(text: str | None, option: str, convert):
     return values[0] if len(values) == 1 else values
 
 
-def _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks, pool):
+def _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks, pool,
+             method_options):
+    from ..cli import _parse_options
     from . import compile_decoder
 
     keep = _numbers(keep, "--keep", float)
@@ -99,7 +106,8 @@ def _compile(model, ids, method, budget, keep, layer, span, image_token_id, posi
     if budget is None and keep is None and method != "pyramiddrop":
         budget = 1.0
     return compile_decoder(model, ids, budget=budget, keep=keep, layer=layer, span=_region(span, image_token_id),
-                           positions=positions, probes=probes, method=method, sinks=sinks, pool=pool)
+                           positions=positions, probes=probes, method=method, sinks=sinks, pool=pool,
+                           options=_parse_options(method_options))
 
 
 def _describe(report: dict) -> str:
@@ -131,7 +139,7 @@ def generate_command(command_class, debug_option):
     @click.option("--max-new-tokens", type=int, default=32, show_default=True)
     @click.option("--report", "report_path", help="Write the report (JSON).")
     @debug_option
-    def generate(model_dir, prompt, prompt_ids, tokenizer_dir, gguf_file, method, budget, keep, layer, sinks, pool,
+    def generate(model_dir, prompt, prompt_ids, tokenizer_dir, gguf_file, method, method_options, budget, keep, layer, sinks, pool,
                  span, image_token_id, positions, probes, max_new_tokens, report_path, debug):
         """Greedy generation with the prompt reduced in prefill; prints the continuation and tokens per layer.
 
@@ -155,7 +163,7 @@ def generate_command(command_class, debug_option):
             given = [option for option, value, default in (
                 ("--budget", budget, None), ("--keep", keep, None), ("--layer", layer, None), ("--span", span, None),
                 ("--image-token-id", image_token_id, None), ("--method", method, "fastv"), ("--sinks", sinks, 0),
-                ("--pool", pool, 1), ("--probes", probes, 1), ("--positions", positions, "keep")) if value != default]
+                ("--pool", pool, 1), ("--probes", probes, 1), ("--positions", positions, "keep"), ("--option", method_options, ())) if value != default]
             if given:
                 raise TokenCompileError(f"{model_dir} is an exported decoder: its reduction was chosen at export, "
                                         f"{', '.join(given)} cannot change it", "drop them, or export again")
@@ -169,7 +177,7 @@ def generate_command(command_class, debug_option):
                 tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
             ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
             source = _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks,
-                              pool)
+                              pool, method_options)
             report, eos = source.report, getattr(model.config, "eos_token_id", None)
         out = greedy(source, ids, max_new_tokens, eos_token_id=eos)
         new = out[0, ids.shape[1]:].tolist()
@@ -199,8 +207,8 @@ def export_decoder_command(command_class, debug_option):
                   "in both graphs.")
     @click.option("--force", is_flag=True, help="Replace the files of an earlier export in the folder.")
     @debug_option
-    def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, method, budget, keep, layer,
-                       sinks, pool, span, image_token_id, positions, probes, opset, verify, check_target, force,
+    def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, method, method_options, budget,
+                       keep, layer, sinks, pool, span, image_token_id, positions, probes, opset, verify, check_target, force,
                        debug):
         """Compile a causal LM's prompt reduction and write prefill and decode as two ONNX graphs."""
         import os
@@ -237,7 +245,7 @@ def export_decoder_command(command_class, debug_option):
         else:
             ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
         program = _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks,
-                           pool)
+                           pool, method_options)
         click.echo(_describe(program.report))
         info = export_decoder_onnx(program, folder, opset=opset)
         click.echo(f"wrote {info.prefill} and {info.decode} ({info.layers} layers, opset {opset}, checker passed, "
@@ -304,9 +312,6 @@ def eval_lm(model_dir: str, exported: str, data_path: str, tokenizer_dir: str | 
     return {**result, "flops_ratio": report["flops_ratio"], "layer": report["layer"]}
 
 
-DECODER_METHODS = ("fastv", "pyramiddrop")
-
-
 def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_file: str | None, method_list: str,
              budgets: list[float], prompt_tokens: int, protected: int, continuation: int, batch: int,
              limit: int | None, progress=None) -> dict:
@@ -315,11 +320,11 @@ def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_fil
     from ..evaluation.sweep import parse_list
     from . import Span, compile_decoder
 
-    names = list(DECODER_METHODS) if method_list == "all" else parse_list(method_list, str, "methods")
-    unknown = [name for name in names if name not in DECODER_METHODS]
+    names = list(CLI_METHODS) if method_list == "all" else parse_list(method_list, str, "methods")
+    unknown = [name for name in names if name not in CLI_METHODS]
     if unknown:
         raise TokenCompileError(f"{', '.join(unknown)}: not a decoder method", f"give one of: "
-                                f"{', '.join(DECODER_METHODS)}")
+                                f"{', '.join(CLI_METHODS)}")
     if protected >= prompt_tokens:
         raise TokenCompileError(f"--protected {protected} leaves no span in a {prompt_tokens}-token prompt",
                                 "give --protected below --prompt-tokens")

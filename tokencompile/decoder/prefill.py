@@ -24,6 +24,7 @@ from ..graph_utils import aten
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
 from .fastv import POSITION_POLICIES, FastV, PyramidDrop, pyramid_layers
+from .span_scored import SPAN_SCORES, span_scored
 
 tc = torch.ops.tokencompile
 
@@ -346,8 +347,10 @@ def _plain(values) -> str:
 def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: float | None = None,
                     keep=None, layer=None, span: Span | tuple | None = None, positions: str = "keep",
                     probes: int = 1, method: str = "fastv", sinks: int = 0, pool: int = 1,
-                    extra_inputs: dict | None = None) -> DecoderProgram:
-    """Reduce a causal LM's prompt in prefill with FastV or PyramidDrop (FastV's score at several stages).
+                    extra_inputs: dict | None = None, options: dict | None = None) -> DecoderProgram:
+    """Reduce a causal LM's prompt in prefill with FastV or PyramidDrop (FastV's score at several stages),
+    or with the score of ``dart``, ``divprune``, ``zipcache`` or ``random`` restricted to the span
+    (``options``: that method's options, e.g. ``{"pivots": 4}``; see ``tokencompile.decoder.span_scored``).
 
     ``layer``: the first layer that sees only the kept tokens (fastv; default: ``"auto"`` with a budget,
     2 with ``keep``), or the stage layers
@@ -387,10 +390,17 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         return compile_before_language_model(model, input_ids, budget=budget, keep=keep, span=span,
                                              positions=positions, method=method, layers=layer,
                                              extra_inputs=extra_inputs, started=started)
-    if method not in METHODS:
+    stage_options = dict(positions=positions, probes=probes, span=span, sinks=sinks, pool=pool)
+    if method in SPAN_SCORES:
+        pruner = span_scored(method, options, **stage_options)
+    elif method in METHODS:
+        if options:
+            raise TokenCompileError(f"{method} takes no options ({', '.join(options)} given)",
+                                    "shape its score with probes=, pool= and sinks=")
+        pruner = METHODS[method](**stage_options)
+    else:
         raise TokenCompileError(f"method {method!r} is not a decoder method",
-                                f"give one of: {', '.join([*METHODS, *VISION_METHODS])}")
-    pruner = METHODS[method](positions=positions, probes=probes, span=span, sinks=sinks, pool=pool)
+                                f"give one of: {', '.join([*METHODS, *SPAN_SCORES, *VISION_METHODS])}")
     traced = trace_prefill(model, input_ids, extra_inputs)
     lm, ep, extra_inputs, extra, inputs, original, analysis = (
         traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
@@ -448,6 +458,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         "probes": probes,
         "sinks": sinks,
         "pool": pool,
+        "options": dict(options or {}),
         "span_tokens_removable": removable,
         **span_token_count(span, input_ids),
         "span_tokens_kept": kept,

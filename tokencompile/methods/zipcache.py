@@ -29,6 +29,7 @@ class ZipCache(PruneMethod):
     summary = "keep tokens by normalised attention saliency from probe queries (recent + strided)"
     reference = "He et al., ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token Identification, 2024"
     probes: float = 0.05  # fraction of positions in each probe group (recent, strided)
+    causal: bool = False  # a probe sees the keys at or before it only (decoder prompts)
     ranges = {"probes": Range(0, 1, open_low=True)}
 
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
@@ -41,6 +42,8 @@ class ZipCache(PruneMethod):
             key_ok = builder.call(aten.unsqueeze.default, builder.call(aten.unsqueeze.default, site.valid, 1), 1)
             logits = builder.call(aten.masked_fill.Scalar, logits, builder.call(aten.logical_not.default, key_ok),
                                   float("-inf"))
+        if self.causal:
+            return self._causal_saliency(builder, site, slices, logits)
         attention = builder.call(aten.mean.dim, builder.call(aten.softmax.int, logits, -1), [1])   # [B, P, N]
         # each key's saliency is normalised by the number of probe queries that see it: padding
         # queries see nothing (under a causal mask, queries before the key would not either)
@@ -51,6 +54,23 @@ class ZipCache(PruneMethod):
         total = builder.call(aten.sum.dim_IntList, builder.call(
             aten.mul.Tensor, attention, builder.call(aten.unsqueeze.default, seen_by, -1)), [1])
         count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, seen_by, [1], True), 1)
+        return builder.call(aten.div.Tensor, total, count, name=f"block{site.block}_zipcache_saliency")
+
+    def _causal_saliency(self, builder: GraphBuilder, site: SiteInputs, slices, logits: Node) -> Node:
+        """Each key's attention summed over the probes at or after it, divided by their number."""
+        positions = builder.positions(site.x)                                              # [B, N]
+        probe_at = self._take(builder, positions, 1, slices)                               # [B, P]
+        future = builder.call(aten.gt.Tensor, builder.call(aten.unsqueeze.default, positions, 1),
+                              builder.call(aten.unsqueeze.default, probe_at, 2))           # [B, P, N]
+        logits = builder.call(aten.masked_fill.Scalar, logits, builder.call(aten.unsqueeze.default, future, 1),
+                              float("-inf"))
+        attention = builder.call(aten.mean.dim, builder.call(aten.softmax.int, logits, -1), [1])   # [B, P, N]
+        seen = builder.call(aten.logical_not.default, future)
+        if site.valid is not None:
+            seen = builder.call(aten.logical_and.default, seen, builder.call(
+                aten.unsqueeze.default, self._take(builder, site.valid, 1, slices), -1))
+        total = builder.call(aten.sum.dim_IntList, builder.call(aten.mul.Tensor, attention, seen), [1])
+        count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, seen, [1]), 1)
         return builder.call(aten.div.Tensor, total, count, name=f"block{site.block}_zipcache_saliency")
 
     @staticmethod
