@@ -1,6 +1,7 @@
 """A LLaVA-style VLM (random weights): the decoder analysis finds the language model among two stacks of
 blocks, FastV prunes the image span (text kept) and matches an eager reference on the Llama layers,
-batch independence, greedy decoding equal to Hugging Face at budget 1.0, ONNX prefill + decode."""
+batch independence, greedy decoding equal to Hugging Face at budget 1.0, ONNX prefill + decode; vtc-cls
+and visionzip (before the language model) against eager references written from the HF modules."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from tokencompile.decoder import (
     prefill,
     teacher_forced_logits,
 )
+from tokencompile.decoder.generate import pair_caches
 from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
+from tokencompile.decoder.prefill import cache_tensors, returned_cache
 from tokencompile.errors import TokenCompileError
 
 IMAGE = Span(token_id=LLAVA_IMAGE_TOKEN)
@@ -220,3 +223,153 @@ def test_vtc_cls_budget_one_removes_nothing_and_bad_options(vlm, inputs):
         compile_decoder(vlm, ids, keep=0.5, span=IMAGE, method="vtc-cls", positions="renumbr", extra_inputs=extra)
     with pytest.raises(TokenCompileError, match=r"layer=\(1, 2\) is not a number of vision layers"):
         compile_decoder(vlm, ids, keep=0.5, span=IMAGE, method="vtc-cls", layer=(1, 2), extra_inputs=extra)
+
+
+# ---------------------------------------------------------------- visionzip: features zipped before the projector
+
+def reference_visionzip_features(llava, pixels, kept: int, contextual: float = 0.15) -> torch.Tensor:
+    """[B, kept, C]: the projected image features of VisionZip written from the HF modules: at the feature
+    layer (the second to last; CLS dropped after), dominant = top [CLS] attention (original order), then
+    contextual = strided targets among the rest, each the mean of its group by head-mean key cosine."""
+    tower = llava.model.vision_tower
+    hidden = tower(pixels, output_hidden_states=True).hidden_states
+    layer = tower.encoder.layers[1]  # its output, hidden[2] = hidden_states[-2], holds the features
+    x = layer.layer_norm1(hidden[1])
+    heads = layer.self_attn.num_heads
+    q = layer.self_attn.q_proj(x).view(*x.shape[:2], heads, -1).transpose(1, 2)
+    k = layer.self_attn.k_proj(x).view(*x.shape[:2], heads, -1).transpose(1, 2)
+    attention = (q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1).mean(1)[:, 0, 1:]
+    keys = torch.nn.functional.normalize(k.mean(1)[:, 1:], dim=-1)
+    features = hidden[2][:, 1:]
+    n_contextual = max(1, min(round(contextual * kept), kept))
+    n_dominant = kept - n_contextual
+    out = []
+    for b in range(features.shape[0]):
+        dominant = attention[b].topk(n_dominant).indices.sort().values
+        rest = torch.tensor([i for i in range(64) if i not in set(dominant.tolist())])
+        targets = rest[::len(rest) // n_contextual][:n_contextual]
+        others = torch.tensor([i for i in rest.tolist() if i not in set(targets.tolist())])
+        group = (keys[b, others] @ keys[b, targets].T).argmax(1)
+        merged = torch.stack([torch.cat([features[b, t:t + 1], features[b, others[group == j]]]).mean(0)
+                              for j, t in enumerate(targets.tolist())])
+        out.append(torch.cat([features[b, dominant], merged]))
+    return llava.model.multi_modal_projector(torch.stack(out))
+
+
+def reference_shorter_prompt(llava, ids, image_features, positions: str, continuation=None):
+    """Logits of the last prompt token (or of every continuation step) and caches of the HF language model
+    given text + ``image_features`` in place of the 64 placeholders (4-67): the prompt of kept image tokens,
+    at positions 0.. (renumber) or at the first placeholders' positions (keep)."""
+    kept = image_features.shape[1]
+    embed = llava.get_input_embeddings()
+    embeds = torch.cat([embed(ids[:, :4]), image_features, embed(ids[:, 68:])], dim=1)
+    position_ids = torch.arange(embeds.shape[1])
+    if positions == "keep":
+        position_ids = torch.cat([torch.arange(4 + kept), torch.arange(68, 80)])
+    prompt_tokens = embeds.shape[1]
+    if continuation is not None:
+        embeds = torch.cat([embeds, embed(continuation[:, :-1])], dim=1)
+        position_ids = torch.cat([position_ids, position_ids[-1] + 1 + torch.arange(continuation.shape[1] - 1)])
+    out = llava.model.language_model(inputs_embeds=embeds, position_ids=position_ids[None].expand(ids.shape[0], -1),
+                                     use_cache=True)
+    logits = llava.lm_head(out.last_hidden_state[:, prompt_tokens - 1:])
+    return logits, pair_caches(cache_tensors(returned_cache(out)))
+
+
+@pytest.fixture(scope="module")
+def visionzip_renumbered(vlm, inputs):
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    return compile_decoder(vlm, ids, keep=0.25, span=IMAGE, method="visionzip", positions="renumber",
+                           extra_inputs={"pixel_values": pixels})
+
+
+def check_visionzip(llava, program, ids, pixels, positions):
+    assert program.report["tokens_per_layer"] == [32] * 4 and program.report["span_tokens_kept"] == 16
+    assert program.report["image_tokens_dominant"] == 14 and program.report["image_tokens_contextual"] == 2
+    assert program.report["vision_layer"] == 1
+    logits, caches = prefill(program, ids, {"pixel_values": pixels})
+    with torch.no_grad():
+        expected, expected_caches = reference_shorter_prompt(
+            llava, ids, reference_visionzip_features(llava, pixels, 16), positions)
+    assert torch.allclose(logits, expected[:, -1], atol=1e-5)
+    assert len(caches) == 4
+    for (k, v), (k_ref, v_ref) in zip(caches, expected_caches):
+        assert k.shape[2] == 32 and k.shape == k_ref.shape
+        assert torch.allclose(k, k_ref, atol=1e-5) and torch.allclose(v, v_ref, atol=1e-5)
+
+
+def test_visionzip_renumbered_matches_the_reference_and_decodes(llava, inputs, visionzip_renumbered):
+    """Renumbered, the language model sees exactly a prompt of 14 dominant + 2 contextual image tokens:
+    prefill and teacher-forced decoding match the HF language model on it."""
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    check_visionzip(llava, visionzip_renumbered, ids, pixels, "renumber")
+    continuation = ids[:, :5].flip(1)
+    got = teacher_forced_logits(visionzip_renumbered, ids, continuation, {"pixel_values": pixels})
+    with torch.no_grad():
+        expected, _ = reference_shorter_prompt(llava, ids, reference_visionzip_features(llava, pixels, 16),
+                                               "renumber", continuation)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_visionzip_kept_positions_match_the_reference(vlm, llava, inputs):
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    program = compile_decoder(vlm, ids, keep=0.25, span=IMAGE, method="visionzip", positions="keep",
+                              extra_inputs={"pixel_values": pixels})
+    check_visionzip(llava, program, ids, pixels, "keep")
+
+
+def test_visionzip_samples_do_not_affect_each_other(visionzip_renumbered, inputs):
+    ids, pixels = inputs
+    logits, caches = prefill(visionzip_renumbered, ids, {"pixel_values": pixels})
+    for i in range(3):
+        alone, alone_caches = prefill(visionzip_renumbered, ids[i:i + 1], {"pixel_values": pixels[i:i + 1]})
+        assert torch.allclose(alone[0], logits[i], atol=1e-5)
+        assert torch.allclose(alone_caches[-1][0][0], caches[-1][0][i], atol=1e-5)
+
+
+def test_visionzip_budget_and_onnx(vlm, inputs, tmp_path):
+    ids, pixels = inputs
+    program = compile_decoder(vlm, ids[:2], budget=0.6, span=IMAGE, method="visionzip", positions="renumber",
+                              extra_inputs={"pixel_values": pixels[:2]})
+    kept = program.report["span_tokens_kept"]
+    assert program.report["flops_ratio"] <= 0.6 and 0 < kept < 64
+    assert program.report["tokens_per_layer"] == [16 + kept] * 4
+    looser = compile_decoder(vlm, ids[:2], keep=(kept + 1) / 64, span=IMAGE, method="visionzip",
+                             extra_inputs={"pixel_values": pixels[:2]})
+    assert looser.report["flops_ratio"] > 0.6  # the fewest tokens removed that meet the budget
+    export_decoder_onnx(program, str(tmp_path))
+    runner = OnnxRunner(str(tmp_path))
+    extra = {"pixel_values": pixels}
+    logits, caches = runner.prefill(ids, extra)
+    expected, expected_caches = prefill(program, ids, extra)
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert [k.shape[2] for k, _ in caches] == [16 + kept] * 4
+    assert torch.equal(generate(runner, ids, 6, extra=extra), generate(program, ids, 6, extra=extra))
+
+
+def test_visionzip_options_and_errors(vlm, llava, inputs):
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    extra = {"pixel_values": pixels}
+
+    def compile_zip(**options):
+        return compile_decoder(vlm, ids, keep=0.25, span=IMAGE, positions="renumber", method="visionzip",
+                               extra_inputs=extra, options=options)
+
+    program = compile_zip(contextual="0.5")  # a CLI string: 8 dominant + 8 contextual
+    assert program.report["image_tokens_dominant"] == 8 and program.report["image_tokens_contextual"] == 8
+    logits, _ = prefill(program, ids, extra)
+    with torch.no_grad():
+        expected, _ = reference_shorter_prompt(llava, ids, reference_visionzip_features(llava, pixels, 16, 0.5),
+                                               "renumber")
+    assert torch.allclose(logits, expected[:, -1], atol=1e-4)
+    with pytest.raises(TokenCompileError, match=r"option contextual=1.5 of method 'visionzip' is out of range \(give "
+                                                r"0 <= contextual <= 1"):
+        compile_zip(contextual=1.5)
+    with pytest.raises(TokenCompileError, match="method 'visionzip' has no option 'ratio' .its options are: contextual"):
+        compile_zip(ratio=0.5)
+    with pytest.raises(TokenCompileError, match="needs the image placeholder id"):
+        compile_decoder(vlm, ids, keep=0.5, method="visionzip", extra_inputs=extra)
+    with pytest.raises(TokenCompileError, match="layer=2 has no meaning"):
+        compile_decoder(vlm, ids, keep=0.5, span=IMAGE, layer=2, method="visionzip", extra_inputs=extra)
+    with pytest.raises(TokenCompileError, match="cannot be met by removing image tokens"):
+        compile_decoder(vlm, ids, budget=0.1, span=IMAGE, method="visionzip", extra_inputs=extra)

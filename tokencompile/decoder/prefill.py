@@ -367,9 +367,11 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     ``input_ids`` fixes the prompt length (shapes are static).
     ``extra_inputs``: further keyword inputs of the model by name (a VLM's ``pixel_values``).
     pyramiddrop without budget or keep keeps 0.5 of the remaining span per stage (the paper).
-    ``method="vtc-cls"``: a VLM's image tokens (``span=Span(token_id=...)``) go before the language
-    model, scored by the vision tower's [CLS] attention; ``layer`` is then the number of vision layers
-    summed (see ``tokencompile.decoder.vision``)."""
+    ``method="vtc-cls"`` or ``"visionzip"``: a VLM's image tokens (``span=Span(token_id=...)``) are
+    reduced before the language model, read from the vision tower: vtc-cls keeps those its [CLS] attends
+    to most (``layer``: the number of vision layers summed), visionzip keeps dominant tokens and merges
+    the rest into contextual ones before the projector (``options={"contextual": 0.15}``); see
+    ``tokencompile.decoder.vision``."""
     if method == "pyramiddrop" and budget is None and keep is None:
         keep = 0.5
     if (budget is None) == (keep is None):
@@ -389,7 +391,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     if method in VISION_METHODS:
         return compile_before_language_model(model, input_ids, budget=budget, keep=keep, span=span,
                                              positions=positions, method=method, layers=layer,
-                                             extra_inputs=extra_inputs, started=started)
+                                             extra_inputs=extra_inputs, started=started, options=options)
     stage_options = dict(positions=positions, probes=probes, span=span, sinks=sinks, pool=pool)
     if method in SPAN_SCORES:
         pruner = span_scored(method, options, **stage_options)

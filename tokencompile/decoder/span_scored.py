@@ -8,7 +8,6 @@ Stages, KV caches and positions are FastV's (``SpanScored`` is FastV with anothe
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -58,14 +57,7 @@ class SpanScored(FastV):
 def span_scored(method: str, options: dict | None = None, **stage_options) -> SpanScored:
     """``SpanScored`` for the encoder method ``method`` with its ``options`` (values or strings)."""
     cls = SPAN_SCORES[method]
-    options = dict(options or {})
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TokenCompileError(f"method {method!r} has no option {unknown[0]!r}",
-                                f"its options are: {', '.join(sorted(known)) or 'none'}")
-    strings = {key: value for key, value in options.items() if isinstance(value, str)}
-    scorer = cls(**{**options, **Method.parse_options(cls, strings)})
+    scorer = cls(**Method.parse_options(cls, options or {}))
     if isinstance(scorer, ZipCache):
         scorer.causal = True
     return SpanScored(scorer=scorer, **stage_options)

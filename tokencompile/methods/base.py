@@ -68,13 +68,18 @@ class Method:
                                         f"give {allowed.describe(key)}")
 
     @staticmethod
-    def parse_options(cls, options: dict[str, str]) -> dict:
-        fields = {field.name: field for field in dataclasses.fields(cls)}
+    def parse_options(cls, options: dict, exclude: tuple[str, ...] = ()) -> dict:
+        """Options by field name: strings (from the CLI) converted to the field's type, other values as
+        given; fields in ``exclude`` are not options."""
+        fields = {field.name: field for field in dataclasses.fields(cls) if field.name not in exclude}
         parsed = {}
         for key, text in options.items():
             if key not in fields:
                 known = ", ".join(fields) or "none"
                 raise TokenCompileError(f"method {cls.name!r} has no option {key!r}", f"its options are: {known}")
+            if not isinstance(text, str):
+                parsed[key] = text
+                continue
             kind = type(fields[key].default)
             try:
                 parsed[key] = (text.lower() in ("1", "true", "yes", "on")) if kind is bool else kind(text)
