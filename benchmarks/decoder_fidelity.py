@@ -235,7 +235,9 @@ def _row(name: str, budget, logits, full, continuation, report: dict, seconds: t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="0.6,0.4")
-    parser.add_argument("--method", default="fastv", choices=["fastv", "pyramiddrop"])
+    parser.add_argument("--method", default="fastv", help="fastv, pyramiddrop, or a comma-separated list that may "
+                        "also hold the span scores dart, divprune, zipcache, random (one run each)")
+    parser.add_argument("--option", action="append", default=[], help="KEY=VALUE, an option of the span scores")
     parser.add_argument("--layer", default=None, help="fastv's K (moved earlier if the budget needs it), or stage "
                         "layers 4,8,16 (the pyramid's ratio from the budget), or auto (the compiler's schedule "
                         "rule); default: the method's (fastv 2, pyramiddrop depth/4 * (1,2,3))")
@@ -243,6 +245,9 @@ def main() -> None:
                         "prompt tokens (1: FastV's last token)")
     parser.add_argument("--sinks", type=int, default=0, help="the first prompt tokens never removed")
     parser.add_argument("--pool", type=int, default=1, help="average the score over this many neighbours (odd)")
+    parser.add_argument("--lookup", type=int, default=0, help="prompt-lookup prior over the n-grams of the last N "
+                        "prompt tokens (fastv / pyramiddrop)")
+    parser.add_argument("--ahead", type=int, default=64, help="how far past the prompt a lookup match reaches")
     parser.add_argument("--compare", action="store_true", help="also run plain FastV (K=2, last token, no sinks) "
                         "at each budget")
     parser.add_argument("--texts", type=int, default=len(TEXTS), help="the first N texts only (exploration)")
@@ -270,9 +275,22 @@ def main() -> None:
 
     span = Span(0, PROMPT - PROTECTED)
     layer = _layers(args.layer) if args.layer else None
-    name = f"{args.method} layer={args.layer or 'default'} probes={args.probes} sinks={args.sinks} pool={args.pool}"
-    runs = [(name, {"method": args.method, "layer": layer, "probes": args.probes, "sinks": args.sinks,
-                    "pool": args.pool})]
+    runs = []
+    for method in args.method.split(","):
+        if method in ("fastv", "pyramiddrop"):
+            if args.eager and args.lookup:
+                sys.exit("--eager has no --lookup: run it compiled")
+            lookup = f" lookup={args.lookup} ahead={args.ahead}" if args.lookup else ""
+            runs.append((f"{method} layer={args.layer or 'default'} probes={args.probes} sinks={args.sinks} "
+                         f"pool={args.pool}{lookup}", {"method": method, "layer": layer, "probes": args.probes,
+                                                       "sinks": args.sinks, "pool": args.pool, "lookup": args.lookup,
+                                                       "ahead": args.ahead}))
+        elif args.eager:
+            sys.exit(f"--eager runs fastv and pyramiddrop only, not {method}")
+        else:
+            options = dict(pair.split("=", 1) for pair in args.option)
+            runs.append((f"{method} layer={args.layer or 'default'} sinks={args.sinks} {' '.join(args.option)}".strip(),
+                         {"method": method, "layer": layer, "sinks": args.sinks, "options": options}))
     if args.compare:
         runs.append(("plain fastv K=2", {"method": "fastv", "layer": 2}))
     for budget in [float(b) for b in args.budgets.split(",")]:
@@ -280,6 +298,7 @@ def main() -> None:
             started = time.perf_counter()
             if args.eager:
                 options = {"layer": None, "probes": 1, "sinks": 0, "pool": 1, **options}
+                options.pop("lookup", None), options.pop("ahead", None)
                 report = eager_plan(model, prompt, budget, span, options)
                 compiled = time.perf_counter() - started
                 logits = eager_staged_logits(model, ids, [(s["layer"], s["span_kept"]) for s in report["stages"]],

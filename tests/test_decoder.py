@@ -90,8 +90,28 @@ def reference_forward(lm, ids, first_reduced: int, kept: torch.Tensor | None, re
     return logits, [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def reference_lookup(ids: torch.Tensor, lookup: int, ahead: int, longest: int = 4) -> torch.Tensor:
+    """[B, N]: per token, the number of (q, n) whose n-gram ending at prompt position q (one of the last
+    ``lookup``; n = 1..longest at the last token, 2..longest before it) occurs ending at some p < q - lookup
+    with p + 1 <= token <= p + (N - 1 - q) + ahead."""
+    batch, n = ids.shape
+    prior = torch.zeros(batch, n)
+    for b in range(batch):
+        for q in range(n - 1, n - 1 - min(lookup, n - 1), -1):
+            for length in range(1 if q == n - 1 else 2, longest + 1):
+                gram = ids[b, q - length + 1:q + 1].tolist()
+                if q - length + 1 < 0:
+                    continue
+                covered = torch.zeros(n, dtype=torch.bool)
+                for p in range(length - 1, q - lookup):
+                    if ids[b, p - length + 1:p + 1].tolist() == gram:
+                        covered[p + 1:p + 1 + (n - 1 - q) + ahead] = True
+                prior[b] += covered
+    return prior
+
+
 def reference_staged(lm, ids, stages, removable: torch.Tensor, prompt: int | None = None, probes: int = 1,
-                     renumber: bool = False, pool: int = 1):
+                     renumber: bool = False, pool: int = 1, lookup: int = 0, ahead: int = 64):
     """Several stages: ``stages`` is [(layer, span tokens kept from that layer on)]. Before each stage
     layer L, the rows that reached layer L-1 are scored by the last prompt rows' causal attention at
     layer L-1 (over the prompt rows that reached it) and the top span rows stay. ``removable`` [B, N]:
@@ -119,6 +139,8 @@ def reference_staged(lm, ids, stages, removable: torch.Tensor, prompt: int | Non
             logits = q[:, :, :rows] @ k[:, :, :rows].transpose(-2, -1) * attention.scaling + _causal(rows)
             scores = logits[:, :, rows - probes:].softmax(-1).mean((1, 2))
             scores = torch.nn.functional.avg_pool1d(scores[:, None], pool, 1, pool // 2, count_include_pad=False)[:, 0]
+            if lookup:
+                scores = scores + reference_lookup(ids[:, :prompt], lookup, ahead).gather(1, positions[:, :rows])
         hidden = layer(hidden, attention_mask=_causal(hidden.shape[1]), position_embeddings=cos_sin, cache=cache,
                        use_cache=True)
         if index + 1 in kept_after:

@@ -122,3 +122,85 @@ def test_auto_layer_rule_spends_a_quarter_of_the_budget_on_full_layers(llama, pr
     assert program.first_reduced_layer == 1 and program.report["flops_ratio"] <= 0.6
     with pytest.raises(TokenCompileError, match="chooses the layer from a budget"):
         compile_decoder(llama, prompts, keep=0.5, layer="auto")
+
+
+def copying_prompts() -> torch.Tensor:
+    """Two 24-token prompts whose end repeats an earlier passage (tokens 16-23 = 2-9; sample 1 shifted by
+    one), so the n-grams at the end occur earlier and the tokens after them are what a copy continues."""
+    prompts = models.decoders.prompt_ids(2, TOKENS, seed=7)[0].clone()  # no token twice before the copy
+    prompts[0, 16:] = prompts[0, 2:10]
+    prompts[1, 17:] = prompts[1, 5:12]
+    return prompts
+
+
+def test_lookup_prior_counts_the_matching_ngrams():
+    from test_decoder import reference_lookup
+
+    prompts = copying_prompts()
+    prior = reference_lookup(prompts, 4, 3)
+    # sample 0: the last token's 1..4-grams end at p = 9 and cover 10..12 (ahead 3); the 2..4-grams of
+    # tokens 22, 21, 20 end at 8, 7, 6 and cover from there to 12 (3 n-grams each)
+    assert prior[0, 7:14].tolist() == [3, 6, 9, 13, 13, 13, 0] and prior[0, :7].sum() == 0
+
+
+@pytest.mark.parametrize("stages, keep", [((2,), 0.25), ((1, 3), (0.5, 0.25))])
+def test_lookup_matches_reference_and_keeps_what_a_copy_continues(llama, stages, keep):
+    prompts = copying_prompts()
+    program = compile_decoder(llama, prompts, layer=stages if len(stages) > 1 else stages[0], keep=keep,
+                              span=(0, 16), lookup=4, ahead=3, pool=3)
+    removable = Span(0, 16).removable(prompts)
+    with torch.no_grad():
+        expected, expected_caches, kept = reference_staged(llama, prompts, program.stages, removable, lookup=4,
+                                                           ahead=3, pool=3)
+        logits, caches = prefill(program, prompts)
+    torch.testing.assert_close(logits, expected[:, -1], atol=1e-5, rtol=1e-4)
+    for (key, _), (key_ref, _) in zip(caches, expected_caches):
+        torch.testing.assert_close(key, key_ref, atol=1e-5, rtol=1e-4)
+    assert {10, 11, 12}.issubset(kept[0][0].tolist())  # what follows the earlier passage in sample 0
+    assert program.report["lookup"] == 4 and program.report["ahead"] == 3
+
+
+def test_lookup_errors(llama):
+    with pytest.raises(TokenCompileError, match="lookup=-1, ahead=64: not a prompt-lookup window"):
+        compile_decoder(llama, copying_prompts(), keep=0.5, lookup=-1)
+
+
+def test_lookup_prior_nodes_equal_the_reference():
+    """FastV.lookup_prior's nodes, inserted in a small graph that returns them, against reference_lookup."""
+    from test_decoder import reference_lookup
+
+    from tokencompile.decoder import FastV
+    from tokencompile.graph_utils import GraphBuilder
+    from tokencompile.methods.base import SiteInputs
+
+    class Identity(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids + 0
+
+    prompts = copying_prompts()
+    gm = torch.export.export(Identity(), (prompts,)).module()
+    ids = next(node for node in gm.graph.nodes if node.op == "placeholder")
+    for lookup, ahead in [(4, 3), (1, 2), (8, 30), (14, 3)]:  # 14: the copy ends right before the window
+        method = FastV(lookup=lookup, ahead=ahead)
+        method.input_ids = ids
+        site = SiteInputs(block=0, x=None, query=None, keys=None, valid=None, sizes=None, num_prefix=0,
+                          protect_last_valid=False, n=TOKENS, depth=4)
+        prior = method.lookup_prior(GraphBuilder(gm, ids), site)
+        output = next(node for node in gm.graph.nodes if node.op == "output")
+        output.args = ((prior,),)
+        gm.recompile()
+        assert torch.equal(gm(prompts), reference_lookup(prompts, lookup, ahead))
+
+
+def test_lookup_runs_in_onnx_runtime(llama, tmp_path):
+    from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
+
+    prompts = copying_prompts()
+    program = compile_decoder(llama, prompts[:1], layer=2, keep=0.25, span=(0, 16), lookup=6, ahead=4, pool=3)
+    export_decoder_onnx(program, str(tmp_path))
+    runner = OnnxRunner(str(tmp_path))
+    logits, caches = runner.prefill(prompts)
+    expected, expected_caches = prefill(program, prompts)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(caches[-1][0], expected_caches[-1][0], atol=1e-5, rtol=1e-4)
+    assert torch.equal(generate(runner, prompts, 6), generate(program, prompts, 6))

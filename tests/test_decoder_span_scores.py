@@ -125,7 +125,7 @@ def test_budget_is_met(llama, prompts):
     (dict(method="dart", options={"heads": 2}), "method 'dart' has no option 'heads'"),
     (dict(method="zipcache", options={"probes": 0}), "option probes=0 of method 'zipcache' is out of range"),
     (dict(method="random", options={"seed": "x"}), "option seed='x' of method 'random' is not a int"),
-    (dict(method="dart", pool=7), "probes and pool shape FastV's attention score; dart has its own"),
+    (dict(method="dart", pool=7), "probes, pool and lookup shape FastV's attention score; dart has its own"),
     (dict(method="fastv", options={"pivots": 2}), "fastv takes no options"),
     (dict(method="tome"), "method 'tome' is not a decoder method"),
 ])

@@ -36,6 +36,11 @@ def load_causal_lm(model_dir: str, gguf_file: str | None):
     return model, tokenizer
 
 
+REDUCTION_DEFAULTS = {"method": "fastv", "method_options": (), "budget": None, "keep": None, "layer": None, "sinks": 0,
+                      "pool": 1, "span": None, "image_token_id": None, "positions": "keep", "lookup": 0, "ahead": 64,
+                      "probes": 1}
+
+
 def _compile_options(command):
     """Options that choose the prompt reduction (shared by `generate` and `export-decoder`)."""
     options = [
@@ -57,6 +62,11 @@ def _compile_options(command):
         click.option("--span", help="START,LENGTH of the prompt tokens that may go (default: all but the last)."),
         click.option("--image-token-id", type=int, help="The span is every token with this id (VLM image tokens)."),
         click.option("--positions", type=click.Choice(["keep", "renumber"]), default="keep", show_default=True),
+        click.option("--lookup", type=int, default=0, show_default=True,
+                     help="Rank first the span tokens that follow earlier occurrences of the n-grams at the last "
+                     "N prompt tokens (for continuations that copy the prompt; 16 recommended)."),
+        click.option("--ahead", type=int, default=64, show_default=True,
+                     help="How many tokens past the prompt a --lookup match reaches."),
         click.option("--probes", type=int, default=1, show_default=True,
                      help="Score by the mean attention row of the last P prompt tokens (1: FastV's last token)."),
     ]
@@ -96,18 +106,28 @@ def _numbers(text: str | None, option: str, convert):
     return values[0] if len(values) == 1 else values
 
 
-def _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks, pool,
-             method_options):
+def _compile(model, ids, reduction: dict):
+    """``compile_decoder`` with the reduction options of ``_compile_options`` as the CLI gives them."""
     from ..cli import _parse_options
     from . import compile_decoder
 
-    keep = _numbers(keep, "--keep", float)
+    options = dict(reduction)
+    keep = _numbers(options.pop("keep"), "--keep", float)
+    layer = options.pop("layer")
     layer = layer if layer == "auto" else _numbers(layer, "--layer", int)
-    if budget is None and keep is None and method != "pyramiddrop":
+    budget = options.pop("budget")
+    if budget is None and keep is None and options["method"] != "pyramiddrop":
         budget = 1.0
-    return compile_decoder(model, ids, budget=budget, keep=keep, layer=layer, span=_region(span, image_token_id),
-                           positions=positions, probes=probes, method=method, sinks=sinks, pool=pool,
-                           options=_parse_options(method_options))
+    span = _region(options.pop("span"), options.pop("image_token_id"))
+    return compile_decoder(model, ids, budget=budget, keep=keep, layer=layer, span=span,
+                           options=_parse_options(options.pop("method_options")), **options)
+
+
+def _changed_reduction_options(reduction: dict) -> list[str]:
+    """The reduction options given on the command line (not at their defaults), as their flags."""
+    flags = {"method_options": "--option"}
+    return [flags.get(key, "--" + key.replace("_", "-")) for key, value in reduction.items()
+            if value != REDUCTION_DEFAULTS[key]]
 
 
 def _describe(report: dict) -> str:
@@ -139,8 +159,8 @@ def generate_command(command_class, debug_option):
     @click.option("--max-new-tokens", type=int, default=32, show_default=True)
     @click.option("--report", "report_path", help="Write the report (JSON).")
     @debug_option
-    def generate(model_dir, prompt, prompt_ids, tokenizer_dir, gguf_file, method, method_options, budget, keep, layer, sinks, pool,
-                 span, image_token_id, positions, probes, max_new_tokens, report_path, debug):
+    def generate(model_dir, prompt, prompt_ids, tokenizer_dir, gguf_file, max_new_tokens, report_path, debug,
+                 **reduction):
         """Greedy generation with the prompt reduced in prefill; prints the continuation and tokens per layer.
 
         MODEL_DIR is a Hugging Face causal LM folder, or a folder written by `export-decoder` (then the
@@ -160,10 +180,7 @@ def generate_command(command_class, debug_option):
         if os.path.isfile(os.path.join(model_dir, MANIFEST)):
             from .onnx_export import OnnxRunner
 
-            given = [option for option, value, default in (
-                ("--budget", budget, None), ("--keep", keep, None), ("--layer", layer, None), ("--span", span, None),
-                ("--image-token-id", image_token_id, None), ("--method", method, "fastv"), ("--sinks", sinks, 0),
-                ("--pool", pool, 1), ("--probes", probes, 1), ("--positions", positions, "keep"), ("--option", method_options, ())) if value != default]
+            given = _changed_reduction_options(reduction)
             if given:
                 raise TokenCompileError(f"{model_dir} is an exported decoder: its reduction was chosen at export, "
                                         f"{', '.join(given)} cannot change it", "drop them, or export again")
@@ -176,8 +193,7 @@ def generate_command(command_class, debug_option):
             if tokenizer_dir:
                 tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
             ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
-            source = _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks,
-                              pool, method_options)
+            source = _compile(model, ids, reduction)
             report, eos = source.report, getattr(model.config, "eos_token_id", None)
         out = greedy(source, ids, max_new_tokens, eos_token_id=eos)
         new = out[0, ids.shape[1]:].tolist()
@@ -207,9 +223,8 @@ def export_decoder_command(command_class, debug_option):
                   "in both graphs.")
     @click.option("--force", is_flag=True, help="Replace the files of an earlier export in the folder.")
     @debug_option
-    def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, method, method_options, budget,
-                       keep, layer, sinks, pool, span, image_token_id, positions, probes, opset, verify, check_target, force,
-                       debug):
+    def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, opset, verify, check_target,
+                       force, debug, **reduction):
         """Compile a causal LM's prompt reduction and write prefill and decode as two ONNX graphs."""
         import os
         import sys
@@ -244,8 +259,7 @@ def export_decoder_command(command_class, debug_option):
             ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
         else:
             ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
-        program = _compile(model, ids, method, budget, keep, layer, span, image_token_id, positions, probes, sinks,
-                           pool, method_options)
+        program = _compile(model, ids, reduction)
         click.echo(_describe(program.report))
         info = export_decoder_onnx(program, folder, opset=opset)
         click.echo(f"wrote {info.prefill} and {info.decode} ({info.layers} layers, opset {opset}, checker passed, "

@@ -6,6 +6,10 @@ q_last . k / sqrt(d), averaged over heads). The row is computed from q and k nex
 the layer's SDPA stays fused and no N x N matrix is built. The top tokens of the span stay for every
 later layer; tokens outside the span, the first ``sinks`` prompt tokens and the last token always stay.
 ``pool`` > 1 averages the score over that many neighbouring tokens first (SnapKV's pooling).
+``lookup`` > 0 adds a prompt-lookup prior for continuations that copy earlier text (as prompt-lookup
+decoding drafts tokens): the n-grams ending at the last ``lookup`` prompt tokens are looked up earlier
+in the prompt, and the span tokens that follow a match, up to where it lines up with ``ahead`` tokens
+past the prompt, rank before the others (by the number of matching n-grams, then by attention).
 
 PyramidDrop (Xing et al., 2024) is the same score at several stages (the paper: layers 8/16/24 of 32,
 each stage keeping half of the remaining span). Every stage scores at its own layer, over the tokens
@@ -29,6 +33,7 @@ from .analysis import Span
 tc = torch.ops.tokencompile
 
 POSITION_POLICIES = ("keep", "renumber")
+LOOKUP_NGRAM = 4  # the longest n-gram looked up
 
 
 @dataclass
@@ -38,7 +43,9 @@ class FastV(PruneMethod):
     0..n-1 from that layer on (``renumber``); ``probes``: the score is the attention row of the last
     prompt token (1, FastV) or the mean row of the last ``probes`` prompt tokens (an observation
     window, as SnapKV scores a KV cache), each row causal; ``pool``: average the score over that many
-    neighbours (odd; SnapKV's pooling); ``sinks``: the first prompt tokens never removed."""
+    neighbours (odd; SnapKV's pooling); ``sinks``: the first prompt tokens never removed; ``lookup``:
+    the last prompt tokens whose n-grams are looked up earlier in the prompt (0: none), ``ahead``: how
+    far past the prompt a match's following tokens count."""
 
     name: ClassVar[str] = "fastv"
     family: ClassVar[str] = "prune"
@@ -51,10 +58,13 @@ class FastV(PruneMethod):
     span: Span = field(default_factory=Span)
     sinks: int = 0                 # the first prompt tokens never removed (attention sinks)
     pool: int = 1                  # average the score over a window of this many neighbours (odd)
+    lookup: int = 0                # prompt-lookup prior: the n-grams of the last ``lookup`` prompt tokens ...
+    ahead: int = 64                # ... and how many tokens past the prompt a match's followers reach
     input_ids: Node | None = None  # the program's input_ids (set by the compiler, for token-id spans)
     scale: float = 1.0             # the probe attention's softmax scale (set by the compiler) ...
     scales: tuple = ()             # ... or one per block
     _removable: Node | None = field(default=None, init=False, repr=False)  # [B, n] at the current stage
+    _lookup: Node | None = field(default=None, init=False, repr=False)     # [B, n] prior, carried like it
 
     def __post_init__(self):
         if self.positions not in POSITION_POLICIES:
@@ -67,6 +77,9 @@ class FastV(PruneMethod):
                                     "e.g. 7")
         if self.sinks < 0:
             raise TokenCompileError(f"sinks={self.sinks} is not a number of tokens", "give sinks >= 0")
+        if self.lookup < 0 or self.ahead < 1:
+            raise TokenCompileError(f"lookup={self.lookup}, ahead={self.ahead}: not a prompt-lookup window",
+                                    "give lookup >= 0 (0: none) and ahead >= 1")
         if self.layer < 1:
             raise TokenCompileError(f"layer={self.layer} is not a layer after the first",
                                     "give layer >= 1 (the first layer that sees the kept tokens)")
@@ -91,7 +104,43 @@ class FastV(PruneMethod):
 
     def reset(self) -> None:
         """Forget the stages of an earlier rewrite (call before each rewrite of a program)."""
-        self._removable = None
+        self._removable = self._lookup = None
+
+    def lookup_prior(self, builder: GraphBuilder, site: SiteInputs) -> Node:
+        """[B, N] float: for each token, how many of the looked-up n-grams (lengths 1..LOOKUP_NGRAM
+        ending at the last prompt token, 2..LOOKUP_NGRAM ending at each of the ``lookup`` - 1 before it)
+        match earlier, ending at most ``back + ahead`` tokens before it (``back``: how far the looked-up
+        n-gram ends before the prompt's end). Matches must end before the looked-up window."""
+        ids, n = self.input_ids, site.n
+        window = min(self.lookup, n - 1)
+        positions = builder.positions(ids)                                                # [B, N]
+        backs = builder.call(aten.slice.Tensor, positions, 1, 0, window)                  # [B, W]: 0 .. W-1
+        at = builder.call(aten.unsqueeze.default, positions, 1)                           # [B, 1, N]
+        back = builder.call(aten.unsqueeze.default, backs, 2)                             # [B, W, 1]
+        # a match ends before the window: p < N - 1 - back - window
+        allowed = builder.call(aten.lt.Tensor, at, builder.call(aten.rsub.Scalar, back, n - 1 - window))
+        # a match ending at p covers the tokens p + 1 .. p + back + ahead: count[j] = C[j] - C[j - reach]
+        start = builder.call(aten.clamp.default, builder.call(
+            aten.sub.Tensor, at, builder.call(aten.add.Scalar, back, self.ahead)), 0)    # [B, W, N]
+        prior, match = None, None
+        for d in range(min(LOOKUP_NGRAM, n - window)):
+            earlier = builder.call(aten.slice.Tensor, builder.call(aten.constant_pad_nd.default, ids, [d, 0], -1),
+                                   1, 0, n)                                               # ids[p - d]
+            ending = builder.call(aten.flip.default, builder.call(aten.slice.Tensor, ids, 1, n - window - d, n - d),
+                                  [1])                                                     # ids[N - 1 - back - d]
+            equal = builder.call(aten.eq.Tensor, builder.call(aten.unsqueeze.default, earlier, 1),
+                                 builder.call(aten.unsqueeze.default, ending, 2))         # [B, W, N]
+            match = equal if match is None else builder.call(aten.logical_and.default, match, equal)
+            counted = builder.call(aten.logical_and.default, match, allowed)
+            if d == 0:  # single tokens are looked up for the last prompt token only
+                counted = builder.call(aten.logical_and.default, counted, builder.call(aten.eq.Scalar, back, 0))
+            hits = builder.cast(counted, torch.float32)
+            before = builder.call(aten.sub.Tensor, builder.call(aten.cumsum.default, hits, 2), hits)  # C[j]
+            covered = builder.call(aten.gt.Scalar, builder.call(
+                aten.sub.Tensor, before, builder.call(aten.gather.default, before, 2, start)), 0)
+            count = builder.call(aten.sum.dim_IntList, builder.cast(covered, torch.float32), [1])
+            prior = count if prior is None else builder.call(aten.add.Tensor, prior, count)
+        return prior
 
     def removable(self, builder: GraphBuilder, site: SiteInputs) -> Node:
         """[B, n] bool: tokens of the span, the sinks and the last token excluded. Judged on original
@@ -120,6 +169,10 @@ class FastV(PruneMethod):
 
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         attention = self.pooled(builder, self.last_token_attention(builder, site))
+        if self.lookup:
+            if self._lookup is None:  # first stage: original positions
+                self._lookup = self.lookup_prior(builder, site)
+            attention = builder.call(aten.add.Tensor, attention, self._lookup)  # attention <= 1: the prior ranks first
         keep_always = builder.call(aten.full_like.default, attention, float("inf"))
         self._removable = self.removable(builder, site)
         return builder.call(aten.where.self, self._removable, attention, keep_always,
@@ -130,6 +183,9 @@ class FastV(PruneMethod):
         # the next stage sees only this stage's survivors: carry their removable flags along
         self._removable = builder.call(tc.gather_tokens.default, self._removable, plan.rep, 1,
                                        name=f"block{site.block}_{self.name}_removable_kept")
+        if self._lookup is not None:
+            self._lookup = builder.call(tc.gather_tokens.default, self._lookup, plan.rep, 1,
+                                        name=f"block{site.block}_{self.name}_lookup_kept")
         return plan
 
 

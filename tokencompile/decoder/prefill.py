@@ -346,8 +346,8 @@ def _plain(values) -> str:
 
 def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: float | None = None,
                     keep=None, layer=None, span: Span | tuple | None = None, positions: str = "keep",
-                    probes: int = 1, method: str = "fastv", sinks: int = 0, pool: int = 1,
-                    extra_inputs: dict | None = None, options: dict | None = None) -> DecoderProgram:
+                    probes: int = 1, method: str = "fastv", sinks: int = 0, pool: int = 1, lookup: int = 0,
+                    ahead: int = 64, extra_inputs: dict | None = None, options: dict | None = None) -> DecoderProgram:
     """Reduce a causal LM's prompt in prefill with FastV or PyramidDrop (FastV's score at several stages),
     or with the score of ``dart``, ``divprune``, ``zipcache`` or ``random`` restricted to the span
     (``options``: that method's options, e.g. ``{"pivots": 4}``; see ``tokencompile.decoder.span_scored``).
@@ -364,6 +364,9 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     (start, length); default the whole prompt but its last token. ``probes``: score by the last
     token's attention row (1, FastV) or the mean of the last ``probes`` rows. ``sinks``: the first
     prompt tokens never removed. ``pool``: average the score over that many neighbours (odd).
+    ``lookup``: the span tokens that follow earlier occurrences of the n-grams ending at the last
+    ``lookup`` prompt tokens rank first (for continuations that copy the prompt; ``ahead``: how many
+    tokens past the prompt such a match reaches; see ``FastV``).
     ``input_ids`` fixes the prompt length (shapes are static).
     ``extra_inputs``: further keyword inputs of the model by name (a VLM's ``pixel_values``).
     pyramiddrop without budget or keep keeps 0.5 of the remaining span per stage (the paper).
@@ -389,10 +392,18 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                                 f"give one of: {', '.join(POSITION_POLICIES)}")
 
     if method in VISION_METHODS:
+        shaping = [f"{key}={value}" for key, value, default in (("probes", probes, 1), ("sinks", sinks, 0),
+                                                                 ("pool", pool, 1), ("lookup", lookup, 0))
+                   if value != default]
+        if shaping:
+            raise TokenCompileError(f"{method} reduces the image tokens before the language model: "
+                                    f"{', '.join(shaping)} shape the score of a language-model layer",
+                                    "leave probes, sinks, pool and lookup at their defaults")
         return compile_before_language_model(model, input_ids, budget=budget, keep=keep, span=span,
                                              positions=positions, method=method, layers=layer,
                                              extra_inputs=extra_inputs, started=started, options=options)
-    stage_options = dict(positions=positions, probes=probes, span=span, sinks=sinks, pool=pool)
+    stage_options = dict(positions=positions, probes=probes, span=span, sinks=sinks, pool=pool, lookup=lookup,
+                         ahead=ahead)
     if method in SPAN_SCORES:
         pruner = span_scored(method, options, **stage_options)
     elif method in METHODS:
@@ -460,6 +471,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         "probes": probes,
         "sinks": sinks,
         "pool": pool,
+        "lookup": lookup,
+        "ahead": ahead,
         "options": dict(options or {}),
         "span_tokens_removable": removable,
         **span_token_count(span, input_ids),

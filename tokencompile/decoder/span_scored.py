@@ -42,9 +42,10 @@ class SpanScored(FastV):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.probes != 1 or self.pool != 1:
-            raise TokenCompileError(f"probes and pool shape FastV's attention score; {self.scorer.name} has its own",
-                                    "leave probes=1 and pool=1 (method options go in options={...}, --option)")
+        if self.probes != 1 or self.pool != 1 or self.lookup:
+            raise TokenCompileError(f"probes, pool and lookup shape FastV's attention score; {self.scorer.name} has "
+                                    "its own", "leave probes=1, pool=1, lookup=0 (method options go in "
+                                    "options={...}, --option)")
 
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         inner = builder.cast(self.scorer.score(builder, site, n_keep), torch.float32)
