@@ -15,7 +15,8 @@ cost model and the logits from one eager staged pass (same numbers as the compil
 1e-4 on the logits, identical agreement and perplexity; minutes faster - for exploration/calibration).
 
     .venv/bin/python benchmarks/decoder_fidelity.py [--budgets 0.6,0.4] [--method fastv|pyramiddrop]
-        [--layer K | L1,L2,.. | auto] [--sinks N] [--pool W] [--probes P] [--compare] [--eager]
+        [--layer K | L1,L2,.. | auto] [--sinks N] [--pool W] [--lookup N] [--ahead M] [--probes P]
+        [--method dart,divprune,zipcache,random [--option KEY=VALUE]] [--compare] [--eager]
         [--texts-from evaluation|calibration] [--texts N] [--json FILE]
 
 Measured here (2 shared CPU cores; 8 evaluation texts, 512-token prompts, span = the first 448):
@@ -26,6 +27,11 @@ Measured here (2 shared CPU cores; 8 evaluation texts, 512-token prompts, span =
 | no reduction, prefill + decode loop | 1.0 | 1.000 | - | 1.0000 | 5.289 | +0.0% |
 | plain FastV (K=2, last token, no sinks) | 0.6 | 0.599 | 2:250 | 0.7969 | 7.606 | +43.8% |
 | fastv layer=auto sinks=4 pool=15 (the rule: K=4) | 0.6 | 0.599 | 4:230 | 0.8984 | 6.355 | +20.1% |
+| **fastv layer=auto sinks=4 pool=15 lookup=16** (K=4) | 0.6 | 0.599 | 4:230 | **0.9043** | 5.752 | **+8.7%** |
+| dart (pivots 8) layer=auto sinks=4 | 0.6 | 0.599 | 4:230 | 0.8496 | 7.001 | +32.4% |
+| divprune layer=auto sinks=4 | 0.6 | 0.599 | 4:230 | 0.8145 | 7.096 | +34.1% |
+| zipcache (probes 0.05, causal) layer=auto sinks=4 | 0.6 | 0.599 | 4:230 | 0.8574 | 7.315 | +38.3% |
+| random layer=auto sinks=4 | 0.6 | 0.599 | 4:230 | 0.8145 | 7.268 | +37.4% |
 | pyramiddrop 8/15/23 sinks=4 pool=15 | 0.6 | 0.600 | 8:282 15:179 23:114 | 0.8789 | 6.365 | +20.3% |
 | pyramiddrop paper (8/15/23, ratio r, r^2, r^3 from the budget), eager | 0.6 | 0.600 | 8:287 15:183 23:117 | 0.8594 | 7.101 | +34.2% |
 | rule without pool (sinks=4), eager | 0.6 | 0.599 | 4:230 | 0.8457 | 7.487 | +41.5% |
@@ -33,6 +39,7 @@ Measured here (2 shared CPU cores; 8 evaluation texts, 512-token prompts, span =
 | rule K alone (K=4, no sinks, no pool), eager | 0.6 | 0.599 | 4:234 | 0.8457 | 7.498 | +41.7% |
 | plain FastV (K=2, last token, no sinks) | 0.4 | 0.399 | 2:143 | 0.7344 | 8.922 | +68.7% |
 | fastv layer=auto sinks=4 pool=15 (the rule: K=3) | 0.4 | 0.399 | 3:127 | 0.8535 | 6.878 | +30.0% |
+| **fastv layer=auto sinks=4 pool=15 lookup=16** (K=3) | 0.4 | 0.399 | 3:127 | **0.8613** | 5.843 | **+10.5%** |
 | pyramiddrop 8/15/23 sinks=4 pool=15 | 0.4 | 0.400 | 8:115 15:30 23:7 | 0.8281 | 7.743 | +46.4% |
 | pyramiddrop paper (8/15/23), eager | 0.4 | 0.400 | 8:123 15:33 23:9 | 0.8086 | 8.185 | +54.7% |
 | rule without pool (sinks=4), eager | 0.4 | 0.399 | 3:127 | 0.7812 | 7.975 | +50.8% |
@@ -82,13 +89,46 @@ quarter of the budget" picks the best single K on calibration at both budgets (K
 (4) Staged pyramids at the same FLOPs did not beat the single stage on calibration perplexity (the
 deeper stages keep fewer tokens than one stage keeps, and the late scores do not make up for it).
 
-Against issue 13's targets (0.6: agreement >= 0.90, perplexity within +8%): on calibration the rule
-reaches 0.902 / +8.6%; on the evaluation texts 0.898 / +20.1%, short on perplexity. Per text (eval,
+Commands of the rows added later: ``--budgets 0.6,0.4 --layer auto --sinks 4 --pool 15 --lookup 16``
+(compiled, about 7 minutes; the same numbers as a scratch eager copy of the scoring) and ``--budgets 0.6
+--layer auto --sinks 4 --method dart,divprune,zipcache,random`` (about 13 minutes). The span scores of
+the encoder methods lose to FastV's pooled attention here (they do not look at the query at all, or,
+for ZipCache, average it over strided probes).
+
+The prompt-lookup prior (``lookup=16``) was chosen on the CALIBRATION texts at 0.6 (K=4, sinks=4,
+pool=15; eager scratch copies of the scoring) by one rule fixed before looking at the evaluation texts:
+the highest agreement with perplexity within +8%. Calibration rows (agreement / perplexity vs full):
+
+| lookup variant (n-grams of ... looked up earlier; their followers up to ``ahead``=64 past the prompt ranked first) | calibration |
+|---|---|
+| none (the rule above) | 0.902 / +8.6% |
+| the last token's n-gram, n=1 / 2 / 3 / 4 / 8 | 0.898 / +5.4%, 0.897 / +6.2%, 0.904 / +6.0%, 0.904 / +6.0%, 0.904 / +6.0% |
+| the last token's n-grams n=1..4, graded (ahead 32 / 64 / 128 for n=1: 0.898 / +5.5%, 0.898 / +5.4%, 0.906 / +5.6%) | 0.900 / +5.6% |
+| n=2..4 at each of the last 8 / **16** / 32 tokens (1..4 at the last), graded | 0.900 / +2.8%, **0.902 / +4.5%** (compiled: the same; at 0.4 0.842 / +14.4%), 0.871 / +6.8% |
+| n=3..4 at each of the last 16 | 0.895 / +6.6% |
+| n=1..4 at each of the last 4 / 8 / 16 | 0.877 / +6.8%, 0.900 / +2.1%, 0.867 / +6.0% |
+
+Other score variants tried on calibration at 0.6 (scratch, not options; none beat the rule): attention
+times the value norm 0.904 / +8.4%; max over heads 0.906 / +8.3%; a quarter / half of the kept span
+given to the most recent span tokens (H2O's recent window) 0.900 / +8.9%, 0.891 / +8.2%; H2O's
+accumulated attention of every prompt row 0.840 / +15.6% (normalised by the rows that see a token: 0.863
+/ +13.2%); attention summed over layers 0-3 / 2-3 0.889 / +9.2%, 0.891 / +9.5%; the max over the last
+64 rows 0.885 / +7.9%; a trailing (forward-looking) pooling of 16 / 32 / 64 tokens 0.910 / +9.5%, 0.900
+/ +17.4%, 0.832 / +29.7%. On the evaluation texts, looked at after the choice, for the record: the last
+token's n-gram n=4 changes nothing (0.898 / +20.1%: no text's last 4-gram recurs), n=1 gives 0.900 /
++10.7%.
+
+Against issue 13's targets (0.6: agreement >= 0.90, perplexity within +8%): with ``lookup=16`` the
+evaluation texts reach 0.904 / +8.7% (agreement met; perplexity 0.7 points over). Per text the lookup
+takes numpy from +88% to +2.6% and scipy from +63% to +2.3% (their continuations repeat bundled BSD
+clauses that the prompt's last n-grams point at), transformers from +39% to +26%, but torch goes from
++1% to +38% (spurious matches take kept slots from tokens the continuation needs). Before it, the rule
+reached 0.902 / +8.6% on calibration and 0.898 / +20.1% on the evaluation texts. Per text (eval,
 rule at 0.6) the loss is concentrated in numpy (perplexity 3.18 -> 6.00), scipy (2.94 -> 4.79) and
 transformers (11.9 -> 16.6): license texts that repeat earlier passages (bundled BSD/Apache clauses), so
-the continuation copies tokens that the prompt's last token did not attend to. A prefill-time score
-cannot foresee what a 64-token continuation will copy; this is the limit of query-based pruning here.
-Plain FastV at K=2 (0.797 / +43.8%) is beaten at the same FLOPs by the rule (0.898 / +20.1%).
+the continuation copies tokens that the prompt's last token did not attend to: an attention score
+cannot foresee them, which is what the lookup prior adds. Plain FastV at K=2 (0.797 / +43.8%) is beaten
+at the same FLOPs by the rule (0.898 / +20.1%) and more by the rule with the lookup (0.904 / +8.7%).
 """
 
 from __future__ import annotations

@@ -220,8 +220,22 @@ def test_fastv_renumbered_positions_match_reference(llama, prompts):
     logits = prefill(program, prompts)[0]
     torch.testing.assert_close(logits, expected[:, -1], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(logits, kept_positions[:, -1], atol=1e-3)  # the policy changes the result
-    with pytest.raises(TokenCompileError, match="renumber"):
-        generate(program, prompts, 2)
+    assert program.report["decode_position"] == TOKENS  # the reduced layers' keys were rotated to continue there
+
+
+def test_fastv_renumbered_decoding_gives_each_layer_its_own_positions(llama, prompts):
+    """After a renumbered prefill, layers 0-1 continue at position 24 and layers 2-3 at 16 (their token
+    counts): one eager pass over prompt + continuation with row-index positions per layer."""
+    program = compile_decoder(llama, prompts, keep=0.5, layer=2, span=(4, 16), positions="renumber")
+    continuation = models.decoders.prompt_ids(2, 5, seed=3)[0]
+    ids = torch.cat([prompts, continuation], 1)
+    removable = torch.cat([Span(4, 16).removable(prompts), torch.zeros(2, 5, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        expected, _, _ = reference_staged(llama, ids, [(2, 8)], removable, prompt=TOKENS, renumber=True)
+        kept_policy = compile_decoder(llama, prompts, keep=0.5, layer=2, span=(4, 16))
+    logits = teacher_forced_logits(program, prompts, continuation)
+    torch.testing.assert_close(logits, expected[:, 15:20], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits, teacher_forced_logits(kept_policy, prompts, continuation), atol=1e-3)
 
 
 # ---------------------------------------------------------------- decoding on the reduced cache

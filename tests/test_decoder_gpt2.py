@@ -15,6 +15,7 @@ from tokencompile.decoder import (
     teacher_forced_logits,
 )
 from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
+from tokencompile.errors import TokenCompileError
 
 TOKENS = 24
 
@@ -101,3 +102,10 @@ def test_onnx_graphs_generate_like_torch(gpt2, prompts, tmp_path):
     program = compile_decoder(gpt2, prompts, keep=0.5, layer=2, span=(4, 16))
     export_decoder_onnx(program, str(tmp_path))
     assert torch.equal(generate(OnnxRunner(str(tmp_path)), prompts, 10), generate(program, prompts, 10))
+
+
+def test_renumbered_decoding_is_refused_without_rotary_positions(gpt2, prompts):
+    program = compile_decoder(gpt2, prompts, keep=0.5, layer=2, span=(4, 16), positions="renumber")
+    assert "decode_position" not in program.report
+    with pytest.raises(TokenCompileError, match="decoding after positions=renumber needs rotary positions"):
+        generate(program, prompts, 2)

@@ -55,7 +55,7 @@ class DecoderAnalysis:
     base: ModelAnalysis          # blocks, attention and reduction sites (no protected prefix, no padding mask)
     input_ids: Node
     causal: list[bool]           # per block
-    rope_tables: list[Node]      # per-token cos / sin tables ([1 or B, N, D]) the attentions read
+    rope_tables: list[Node]      # per-token tables ([1 or B, N, D]) the attentions read: cos, sin (, cos, sin ...)
     cache_outputs: dict[int, tuple[int, str]]  # output index -> (layer, "key" | "value")
     scales: list[float]          # per block: the attention's softmax scale
 
@@ -133,22 +133,21 @@ def rope_table(node: Node) -> Node:
 
 
 def _rope_tables(rotated: Node) -> list[Node]:
-    """cos and sin of q*cos + rotate_half(q)*sin, or [] when ``rotated`` is not that."""
+    """[cos, sin] of q*cos + rotate_half(q)*sin, or [] when ``rotated`` is not that."""
     if rotated.op != "call_function" or rotated.target != aten.add.Tensor:
         return []
     products = [a for a in rotated.args if isinstance(a, Node) and a.target == aten.mul.Tensor]
     if len(products) != 2:
         return []
-    tables, rotated_half = [], False
+    tables = {}
     for product in products:
         x, table = product.args
         if isinstance(table, Node) and _rotate_half_input(table) is not None:
             x, table = table, x
-        rotated_half = rotated_half or (isinstance(x, Node) and _rotate_half_input(x) is not None)
         if not isinstance(table, Node):
             return []
-        tables.append(rope_table(table))
-    return tables if rotated_half else []
+        tables["sin" if isinstance(x, Node) and _rotate_half_input(x) is not None else "cos"] = rope_table(table)
+    return [tables["cos"], tables["sin"]] if len(tables) == 2 else []
 
 
 def _cache_outputs(gm: GraphModule, attentions: list[Attention]) -> dict[int, tuple[int, str]]:

@@ -65,6 +65,7 @@ class FastV(PruneMethod):
     scales: tuple = ()             # ... or one per block
     _removable: Node | None = field(default=None, init=False, repr=False)  # [B, n] at the current stage
     _lookup: Node | None = field(default=None, init=False, repr=False)     # [B, n] prior, carried like it
+    keys_shifted: bool = field(default=False, init=False, repr=False)      # set by a renumbering rewrite
 
     def __post_init__(self):
         if self.positions not in POSITION_POLICIES:

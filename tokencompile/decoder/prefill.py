@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.export import Dim, ExportedProgram
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from ..errors import TokenCompileError
 from ..flops import CostModel, build_cost_model, count_flops
-from ..graph_utils import aten
+from ..graph_utils import GraphBuilder, aten, latest, shape_of
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
 from .fastv import POSITION_POLICIES, FastV, PyramidDrop, pyramid_layers
@@ -88,14 +88,17 @@ class DecoderProgram:
 
 def decode_position(program: DecoderProgram) -> int:
     """The rotary position of the first generated token: the prompt length when kept tokens keep their
-    positions; with positions=renumber, the token count every layer saw (all layers must agree)."""
+    positions or their cached keys were rotated to continue from it (``report["decode_position"]``);
+    otherwise, with positions=renumber, the token count every layer saw (all layers must agree)."""
     if program.positions == "keep" or program.first_reduced_layer is None:
         return program.prompt_tokens
+    if "decode_position" in program.report:
+        return program.report["decode_position"]
     counts = set(program.tokens_per_layer)
     if len(counts) != 1:
-        raise TokenCompileError("decoding after positions=renumber needs every layer to see the same tokens: layers "
-                                "before and after the reduction would need different positions",
-                                "compile with positions=keep, or reduce before the language model (vtc-cls)")
+        raise TokenCompileError("decoding after positions=renumber needs rotary positions (one cos / sin pair) or "
+                                "every layer to see the same tokens: layers before and after the reduction would "
+                                "need different positions", "compile with positions=keep")
     return counts.pop()
 
 
@@ -301,6 +304,38 @@ def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, sites: list)
         gm.graph.erase_node(node)
 
 
+def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: list[int]) -> bool:
+    """positions=renumber: layer l's cached keys sit at positions 0..T_l - 1, and its next token belongs at
+    T_l, which differs per layer. Rotate each layer's keys by N - T_l positions so that every layer
+    decodes from the prompt length N: rotary scores depend on position differences only. False (nothing
+    changed) when the rotary tables are not one cos / sin pair."""
+    if len(analysis.rope_tables) != 2:
+        return False
+    cos, sin = analysis.rope_tables
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    values = list(output.args[0])
+    for index, (layer, role) in analysis.cache_outputs.items():
+        shift = sum(schedule[:layer])
+        if role != "key" or shift == 0:
+            continue
+        key = values[index]
+        builder = GraphBuilder(gm, latest(gm, key, cos, sin))
+
+        def row(table: Node, at: int) -> Node:  # [B or 1, 1, 1, D], over heads and tokens
+            return builder.call(aten.unsqueeze.default, builder.call(aten.slice.Tensor, table, 1, at, at + 1), 1)
+
+        scale = row(cos, 0)  # cos(0) = 1: the tables' attention scaling, if any
+        half = shape_of(key)[-1] // 2
+        rotated = builder.call(aten.cat.default, [builder.call(aten.neg.default, builder.call(
+            aten.slice.Tensor, key, -1, half, None)), builder.call(aten.slice.Tensor, key, -1, 0, half)], -1)
+        values[index] = builder.call(aten.add.Tensor, builder.call(
+            aten.mul.Tensor, key, builder.call(aten.div.Tensor, row(cos, shift), scale)), builder.call(
+            aten.mul.Tensor, rotated, builder.call(aten.div.Tensor, row(sin, shift), scale)),
+            name=f"layer{layer}_key_at_prompt_positions")
+    output.args = (tuple(values),)
+    return True
+
+
 def rewrite_prefill(ep: ExportedProgram, input_ids: torch.Tensor, method: FastV,
                     stages: list[Stage], removable: int, extra: tuple = ()) -> GraphModule:
     """A fresh module of the prefill program with the span reduced at every stage (after layer - 1)."""
@@ -315,6 +350,7 @@ def rewrite_prefill(ep: ExportedProgram, input_ids: torch.Tensor, method: FastV,
     _cache_gathers_of_earlier_sites(gm, analysis, ctx.sites)
     if method.positions == "renumber":
         _renumber_positions(gm, analysis, ctx.sites)
+        method.keys_shifted = _shift_cached_keys(gm, analysis, schedule)
     return run_passes(gm, ctx, REDUCTION_PASSES[-1:])
 
 
@@ -487,6 +523,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         "analysis": analysis.summary(),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if positions == "renumber" and stages and pruner.keys_shifted:
+        report["decode_position"] = analysis.tokens  # the cached keys were rotated to continue from it
     return DecoderProgram(program, lm, analysis.tokens, first, positions, report, tokens,
                           [(s.layer, s.kept) for s in stages], tuple(extra_inputs), batched_example(inputs))
 
