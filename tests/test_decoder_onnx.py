@@ -151,7 +151,8 @@ def test_cli_generate_from_graphs_refuses_a_budget(exported):
 
 @pytest.mark.slow
 def test_smollm2_reduced_graphs_generate_like_torch(tmp_path):
-    """Real weights: FastV at prefill FLOPs 0.6 exported; ONNX Runtime's greedy tokens equal torch's."""
+    """Real weights: FastV at prefill FLOPs 0.6 with the recommended text settings (sinks, pooling, the
+    prompt-lookup prior) exported; ONNX Runtime's greedy tokens equal torch's."""
     model = models.build("smollm2")[0]
     tokenizer = models.decoders.smollm2_tokenizer()
     text = ("Licensed under the Apache License, Version 2.0 (the License); you may not use this file except in "
@@ -159,7 +160,7 @@ def test_smollm2_reduced_graphs_generate_like_torch(tmp_path):
             "required by applicable law or agreed to in writing, software distributed under the License is "
             "distributed on an AS IS BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or")
     ids = tokenizer(text, return_tensors="pt").input_ids
-    program = compile_decoder(model, ids, budget=0.6, span=(0, ids.shape[1] - 16))
+    program = compile_decoder(model, ids, budget=0.6, span=(0, ids.shape[1] - 16), sinks=4, pool=15, lookup=16)
     export_decoder_onnx(program, str(tmp_path))
     runner = OnnxRunner(str(tmp_path))
     logits, _ = runner.prefill(ids)
