@@ -95,12 +95,15 @@ def test_fastv_on_the_image_span_matches_the_reference(llava, inputs, fastv_imag
         assert k.shape == k_ref.shape and torch.allclose(k, k_ref, atol=1e-5) and torch.allclose(v, v_ref, atol=1e-5)
 
 
-def test_samples_do_not_affect_each_other(fastv_image, inputs):
+@pytest.mark.parametrize("compiled", ["fastv_image", "visionzip_renumbered"])
+def test_samples_do_not_affect_each_other(compiled, inputs, request):
+    program = request.getfixturevalue(compiled)
     ids, pixels = inputs
-    logits, _ = prefill(fastv_image, ids, {"pixel_values": pixels})
+    logits, caches = prefill(program, ids, {"pixel_values": pixels})
     for i in range(3):
-        alone, _ = prefill(fastv_image, ids[i:i + 1], {"pixel_values": pixels[i:i + 1]})
+        alone, alone_caches = prefill(program, ids[i:i + 1], {"pixel_values": pixels[i:i + 1]})
         assert torch.allclose(alone[0], logits[i], atol=1e-5)
+        assert torch.allclose(alone_caches[-1][0][0], caches[-1][0][i], atol=1e-5)
 
 
 def test_budget_one_greedy_equals_hugging_face(vlm, llava, inputs):
@@ -111,16 +114,22 @@ def test_budget_one_greedy_equals_hugging_face(vlm, llava, inputs):
     assert torch.equal(generate(program, ids, 8, extra={"pixel_values": pixels}), expected)
 
 
-def test_onnx_graphs_match_and_generate(fastv_image, inputs, tmp_path):
+def check_onnx_parity(program, inputs, folder, cache_lengths: list[int]) -> None:
+    """The exported graphs' prefill equals the program's, with these cache lengths, and both generate
+    the same tokens."""
     ids, pixels = inputs
-    export_decoder_onnx(fastv_image, str(tmp_path))
-    runner = OnnxRunner(str(tmp_path))
+    export_decoder_onnx(program, str(folder))
+    runner = OnnxRunner(str(folder))
     extra = {"pixel_values": pixels}
     logits, caches = runner.prefill(ids, extra)
-    expected, expected_caches = prefill(fastv_image, ids, extra)
+    expected, _ = prefill(program, ids, extra)
     assert torch.allclose(logits, expected, atol=1e-4)
-    assert [k.shape[2] for k, _ in caches] == [80, 80, 32, 32]
-    assert torch.equal(generate(runner, ids, 6, extra=extra), generate(fastv_image, ids, 6, extra=extra))
+    assert [k.shape[2] for k, _ in caches] == cache_lengths
+    assert torch.equal(generate(runner, ids, 6, extra=extra), generate(program, ids, 6, extra=extra))
+
+
+def test_onnx_graphs_match_and_generate(fastv_image, inputs, tmp_path):
+    check_onnx_parity(fastv_image, inputs, tmp_path, [80, 80, 32, 32])
 
 
 # ---------------------------------------------------------------- vtc-cls: pruned before the language model
@@ -182,18 +191,18 @@ def test_vtc_cls_renumbered_decodes_like_a_shorter_prompt(vlm, llava, inputs):
     assert torch.allclose(got, expected, atol=1e-4)
 
 
-def test_vtc_cls_budget_and_onnx(vlm, inputs, tmp_path):
+@pytest.mark.parametrize("method, budget", [("vtc-cls", 0.7), ("visionzip", 0.6)])
+def test_budget_is_met_by_the_fewest_removed_and_onnx(vlm, inputs, tmp_path, method, budget):
     ids, pixels = inputs
-    program = compile_decoder(vlm, ids[:2], budget=0.7, span=IMAGE, method="vtc-cls", positions="renumber",
+    program = compile_decoder(vlm, ids[:2], budget=budget, span=IMAGE, method=method, positions="renumber",
                               extra_inputs={"pixel_values": pixels[:2]})
-    assert program.report["flops_ratio"] <= 0.7
-    removed_one_less = program.report["span_tokens_kept"] + 1
-    looser = compile_decoder(vlm, ids[:2], keep=removed_one_less / 64, span=IMAGE, method="vtc-cls",
+    kept = program.report["span_tokens_kept"]
+    assert program.report["flops_ratio"] <= budget and 0 < kept < 64
+    assert program.report["tokens_per_layer"] == [16 + kept] * 4
+    looser = compile_decoder(vlm, ids[:2], keep=(kept + 1) / 64, span=IMAGE, method=method,
                              extra_inputs={"pixel_values": pixels[:2]})
-    assert looser.report["flops_ratio"] > 0.7  # the fewest tokens removed that meet the budget
-    export_decoder_onnx(program, str(tmp_path))
-    extra = {"pixel_values": pixels}
-    assert torch.equal(generate(OnnxRunner(str(tmp_path)), ids, 6, extra=extra), generate(program, ids, 6, extra=extra))
+    assert looser.report["flops_ratio"] > budget  # the fewest tokens removed that meet the budget
+    check_onnx_parity(program, inputs, tmp_path, [16 + kept] * 4)
 
 
 def test_vtc_cls_errors(vlm, inputs):
@@ -316,35 +325,6 @@ def test_visionzip_kept_positions_match_the_reference(vlm, llava, inputs):
     program = compile_decoder(vlm, ids, keep=0.25, span=IMAGE, method="visionzip", positions="keep",
                               extra_inputs={"pixel_values": pixels})
     check_visionzip(llava, program, ids, pixels, "keep")
-
-
-def test_visionzip_samples_do_not_affect_each_other(visionzip_renumbered, inputs):
-    ids, pixels = inputs
-    logits, caches = prefill(visionzip_renumbered, ids, {"pixel_values": pixels})
-    for i in range(3):
-        alone, alone_caches = prefill(visionzip_renumbered, ids[i:i + 1], {"pixel_values": pixels[i:i + 1]})
-        assert torch.allclose(alone[0], logits[i], atol=1e-5)
-        assert torch.allclose(alone_caches[-1][0][0], caches[-1][0][i], atol=1e-5)
-
-
-def test_visionzip_budget_and_onnx(vlm, inputs, tmp_path):
-    ids, pixels = inputs
-    program = compile_decoder(vlm, ids[:2], budget=0.6, span=IMAGE, method="visionzip", positions="renumber",
-                              extra_inputs={"pixel_values": pixels[:2]})
-    kept = program.report["span_tokens_kept"]
-    assert program.report["flops_ratio"] <= 0.6 and 0 < kept < 64
-    assert program.report["tokens_per_layer"] == [16 + kept] * 4
-    looser = compile_decoder(vlm, ids[:2], keep=(kept + 1) / 64, span=IMAGE, method="visionzip",
-                             extra_inputs={"pixel_values": pixels[:2]})
-    assert looser.report["flops_ratio"] > 0.6  # the fewest tokens removed that meet the budget
-    export_decoder_onnx(program, str(tmp_path))
-    runner = OnnxRunner(str(tmp_path))
-    extra = {"pixel_values": pixels}
-    logits, caches = runner.prefill(ids, extra)
-    expected, expected_caches = prefill(program, ids, extra)
-    assert torch.allclose(logits, expected, atol=1e-4)
-    assert [k.shape[2] for k, _ in caches] == [16 + kept] * 4
-    assert torch.equal(generate(runner, ids, 6, extra=extra), generate(program, ids, 6, extra=extra))
 
 
 def test_visionzip_options_and_errors(vlm, llava, inputs):
