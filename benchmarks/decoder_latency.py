@@ -8,7 +8,8 @@ Prefill: both prefill programs (budget 1.0 and the reduced one) are exported wit
 reduction) fed the caches of the full and of the reduced prefill; its FLOPs limit comes from the
 FLOPs counted on the decode step at both cache sizes.
 
-    .venv/bin/python benchmarks/decoder_latency.py [--tokens 1024] [--budget 0.5] [--rounds 5] [--json F]
+    .venv/bin/python benchmarks/decoder_latency.py [--tokens 1024] [--budget 0.5] [--layer K|auto]
+        [--sinks N] [--pool W] [--lookup N] [--rounds 5] [--json F]
 
 Measured here (2 cores, unloaded, 2026-11-30; benchmarks/results/decoder_latency_cpu_1024.log): prefill
 1157 -> 504 ms, 2.30x at FLOPs ratio 0.499 (limit 2.00x); one decode step 23.2 -> 20.0 ms, 1.16x
@@ -58,7 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1024, help="prompt length")
     parser.add_argument("--budget", type=float, default=0.5, help="prefill FLOPs budget")
-    parser.add_argument("--layer", type=int, default=2, help="FastV's K")
+    parser.add_argument("--layer", default="2", help="FastV's K, or auto (the layer rule)")
+    parser.add_argument("--sinks", type=int, default=0, help="the first prompt tokens never removed")
+    parser.add_argument("--pool", type=int, default=1, help="average the score over this many neighbours (odd)")
+    parser.add_argument("--lookup", type=int, default=0, help="prompt-lookup prior over the last N prompt tokens")
     parser.add_argument("--protected", type=int, default=64, help="last prompt tokens kept (outside the span)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -66,6 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    layer = args.layer if args.layer == "auto" else int(args.layer)
+    scoring = {"sinks": args.sinks, "pool": args.pool, "lookup": args.lookup}
     tokenizer = smollm2_tokenizer()
     ids, sources = license_token_ids(tokenizer, ["torch", "transformers", "numpy", "scipy"], args.tokens)
     prompt = ids[:1]
@@ -78,7 +84,7 @@ def main() -> None:
         programs, runners = {}, {}
         for name, budget in (("original", 1.0), ("reduced", args.budget)):
             started = time.perf_counter()
-            programs[name] = compile_decoder(model, prompt, budget=budget, layer=args.layer, span=span)
+            programs[name] = compile_decoder(model, prompt, budget=budget, layer=layer, span=span, **scoring)
             folder = os.path.join(tmp, name)
             export_decoder_onnx(programs[name], folder)
             runners[name] = OnnxRunner(folder, threads=args.threads)

@@ -83,6 +83,7 @@ def test_cli_sweep_lm(folder, tmp_path):
     runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
     assert runs[0]["next_token_agreement"] == 1.0 and runs[0]["flops_ratio"] == 1.0
     assert runs[1]["flops_ratio"] <= 0.8 and runs[1]["tokens_per_layer"][-1] < PROMPT
+    assert runs[1]["settings"] == {"sinks": 4, "pool": 15, "lookup": 16}
     assert "cannot be met" in runs[2]["error"]
     assert "| fastv | 0.8 |" in result.output
 

@@ -326,10 +326,17 @@ def eval_lm(model_dir: str, exported: str, data_path: str, tokenizer_dir: str | 
     return {**result, "flops_ratio": report["flops_ratio"], "layer": report["layer"]}
 
 
+# set on calibration texts (benchmarks/decoder_fidelity.py): the attention scores pooled, with the
+# prompt-lookup prior; every method keeps the first 4 tokens (attention sinks)
+TEXT_SETTINGS = {"fastv": {"sinks": 4, "pool": 15, "lookup": 16}, "pyramiddrop": {"sinks": 4, "pool": 15, "lookup": 16},
+                 "other": {"sinks": 4}}
+
+
 def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_file: str | None, method_list: str,
              budgets: list[float], prompt_tokens: int, protected: int, continuation: int, batch: int,
              limit: int | None, progress=None) -> dict:
-    """`sweep --task lm`: every decoder method at every prefill budget, in torch, on windows of a text file."""
+    """`sweep --task lm`: every decoder method at every prefill budget, in torch, on windows of a text file,
+    each with the settings recommended for text (``TEXT_SETTINGS``)."""
     from ..evaluation.lm import evaluate_lm
     from ..evaluation.sweep import parse_list
     from . import Span, compile_decoder
@@ -348,11 +355,13 @@ def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_fil
     for name in names:
         for budget in budgets:
             try:
+                settings = TEXT_SETTINGS.get(name, TEXT_SETTINGS["other"])
                 program = compile_decoder(model, windows[:1, :prompt_tokens], budget=budget, method=name,
-                                          span=Span(0, prompt_tokens - protected))
+                                          span=Span(0, prompt_tokens - protected), **settings)
                 result = evaluate_lm(model, program, windows, prompt_tokens, batch)
                 original["perplexity"] = result["perplexity_original"]
-                runs.append({"method": name, "budget": budget, "flops_ratio": program.report["flops_ratio"],
+                runs.append({"method": name, "budget": budget, "settings": settings,
+                             "flops_ratio": program.report["flops_ratio"],
                              "layer": program.report["layer"], "tokens_per_layer": program.report["tokens_per_layer"],
                              **{k: result[k] for k in ("next_token_agreement", "perplexity", "perplexity_change")}})
             except TokenCompileError as error:
