@@ -316,7 +316,15 @@ def main() -> None:
     span = Span(0, PROMPT - PROTECTED)
     layer = _layers(args.layer) if args.layer else None
     runs = []
-    for method in args.method.split(","):
+    methods = args.method.split(",")
+    span_methods = [m for m in methods if m not in ("fastv", "pyramiddrop")]
+    if span_methods and (args.probes != 1 or args.pool != 1 or args.lookup):
+        sys.exit(f"--probes, --pool and --lookup shape fastv / pyramiddrop only, not {', '.join(span_methods)}")
+    if args.option and len(span_methods) != 1:
+        sys.exit("--option applies to one span method: give one of dart, divprune, zipcache, random")
+    if any("=" not in pair for pair in args.option):
+        sys.exit("--option takes KEY=VALUE")
+    for method in methods:
         if method in ("fastv", "pyramiddrop"):
             if args.eager and args.lookup:
                 sys.exit("--eager has no --lookup: run it compiled")

@@ -328,3 +328,13 @@ def test_cli_generate_on_a_saved_model(llama, prompts, tmp_path):
     assert "tokens per layer [24, 24, 16, 16]" in result.output
     bad = CliRunner().invoke(main, ["generate", str(tmp_path), "--prompt-ids", "1,x"])
     assert bad.exit_code == 2 and "cannot read --prompt-ids" in bad.output
+
+
+def test_renumbered_caches_keep_the_model_dtype(llama, prompts):
+    import copy
+
+    half = copy.deepcopy(llama).to(torch.bfloat16)
+    program = compile_decoder(half, prompts, keep=0.5, layer=2, span=(4, 16), positions="renumber")
+    _, caches = prefill(program, prompts)
+    assert {t.dtype for kv in caches for t in kv} == {torch.bfloat16}
+    assert generate(program, prompts, 3).shape == (2, TOKENS + 3)

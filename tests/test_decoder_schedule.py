@@ -160,9 +160,15 @@ def test_lookup_matches_reference_and_keeps_what_a_copy_continues(llama, stages,
     assert program.report["lookup"] == 4 and program.report["ahead"] == 3
 
 
-def test_lookup_errors(llama):
-    with pytest.raises(TokenCompileError, match="lookup=-1, ahead=64: not a prompt-lookup window"):
-        compile_decoder(llama, copying_prompts(), keep=0.5, lookup=-1)
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lookup=-1), "lookup=-1, ahead=64: not a prompt-lookup window"),
+    (dict(ahead=8), "ahead=8 only applies to the lookup prior"),
+    (dict(lookup="4"), "lookup='4' is not a whole number"),
+    (dict(lookup=4, span=Span(token_id=7)), "lookup looks up the prompt's own text"),
+])
+def test_lookup_errors(llama, kwargs, message):
+    with pytest.raises(TokenCompileError, match=message):
+        compile_decoder(llama, copying_prompts(), keep=0.5, **kwargs)
 
 
 def test_lookup_prior_nodes_equal_the_reference():
@@ -180,7 +186,8 @@ def test_lookup_prior_nodes_equal_the_reference():
     prompts = copying_prompts()
     gm = torch.export.export(Identity(), (prompts,)).module()
     ids = next(node for node in gm.graph.nodes if node.op == "placeholder")
-    for lookup, ahead in [(4, 3), (1, 2), (8, 30), (14, 3)]:  # 14: the copy ends right before the window
+    # 14: the copy ends exactly 14 tokens before each looked-up n-gram: too close, not counted
+    for lookup, ahead in [(4, 3), (1, 2), (8, 30), (14, 3)]:
         method = FastV(lookup=lookup, ahead=ahead)
         method.input_ids = ids
         site = SiteInputs(block=0, x=None, query=None, keys=None, valid=None, sizes=None, num_prefix=0,

@@ -128,6 +128,10 @@ def test_budget_is_met(llama, prompts):
     (dict(method="dart", pool=7), "probes, pool and lookup shape FastV's attention score; dart has its own"),
     (dict(method="fastv", options={"pivots": 2}), "fastv takes no options"),
     (dict(method="tome"), "method 'tome' is not a decoder method"),
+    (dict(method="zipcache", options={"causal": "false"}), "method 'zipcache' has no option 'causal'"),
+    (dict(method="dart", options={"pivots": 2.5}), "option pivots=2.5 of method 'dart' is not a int"),
+    (dict(method="dart", options={"pivots": True}), "option pivots=True of method 'dart' is not a int"),
+    (dict(method="dart", options=["pivots"]), "options of method 'dart' must be a dict, got list"),
 ])
 def test_bad_options_are_one_line_errors(llama, prompts, kwargs, message):
     with pytest.raises(TokenCompileError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -351,6 +351,9 @@ def test_visionzip_options_and_errors(vlm, llava, inputs):
         compile_decoder(vlm, ids, keep=0.5, method="visionzip", extra_inputs=extra)
     with pytest.raises(TokenCompileError, match="pool=5, lookup=8 shape the score of a language-model layer"):
         compile_decoder(vlm, ids, keep=0.5, span=IMAGE, method="visionzip", pool=5, lookup=8, extra_inputs=extra)
+    with pytest.raises(TokenCompileError, match="method 'vtc-cls' has no option 'layers'"):
+        compile_decoder(vlm, ids, keep=0.5, span=IMAGE, method="vtc-cls", options={"layers": "2"},
+                        extra_inputs=extra)
     with pytest.raises(TokenCompileError, match="layer=2 has no meaning"):
         compile_decoder(vlm, ids, keep=0.5, span=IMAGE, layer=2, method="visionzip", extra_inputs=extra)
     with pytest.raises(TokenCompileError, match="cannot be met by removing image tokens"):

@@ -34,6 +34,7 @@ tc = torch.ops.tokencompile
 
 POSITION_POLICIES = ("keep", "renumber")
 LOOKUP_NGRAM = 4  # the longest n-gram looked up
+AHEAD = 64        # the default reach of a lookup match past the prompt
 
 
 @dataclass
@@ -59,7 +60,7 @@ class FastV(PruneMethod):
     sinks: int = 0                 # the first prompt tokens never removed (attention sinks)
     pool: int = 1                  # average the score over a window of this many neighbours (odd)
     lookup: int = 0                # prompt-lookup prior: the n-grams of the last ``lookup`` prompt tokens ...
-    ahead: int = 64                # ... and how many tokens past the prompt a match's followers reach
+    ahead: int = AHEAD             # ... and how many tokens past the prompt a match's followers reach
     input_ids: Node | None = None  # the program's input_ids (set by the compiler, for token-id spans)
     scale: float = 1.0             # the probe attention's softmax scale (set by the compiler) ...
     scales: tuple = ()             # ... or one per block
@@ -68,6 +69,10 @@ class FastV(PruneMethod):
     keys_shifted: bool = field(default=False, init=False, repr=False)      # set by a renumbering rewrite
 
     def __post_init__(self):
+        for key in ("layer", "probes", "sinks", "pool", "lookup", "ahead"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TokenCompileError(f"{key}={value!r} is not a whole number", f"give {key}=<int>")
         if self.positions not in POSITION_POLICIES:
             raise TokenCompileError(f"positions={self.positions!r} is not a position policy",
                                     f"give one of: {', '.join(POSITION_POLICIES)}")
@@ -81,6 +86,12 @@ class FastV(PruneMethod):
         if self.lookup < 0 or self.ahead < 1:
             raise TokenCompileError(f"lookup={self.lookup}, ahead={self.ahead}: not a prompt-lookup window",
                                     "give lookup >= 0 (0: none) and ahead >= 1")
+        if self.ahead != AHEAD and not self.lookup:
+            raise TokenCompileError(f"ahead={self.ahead} only applies to the lookup prior", "give lookup=N too")
+        if self.lookup and self.span.token_id is not None:
+            raise TokenCompileError("lookup looks up the prompt's own text: an image-token span would match its "
+                                    "placeholders everywhere", "use lookup with a position span (span=(start, "
+                                    "length)) on text prompts")
         if self.layer < 1:
             raise TokenCompileError(f"layer={self.layer} is not a layer after the first",
                                     "give layer >= 1 (the first layer that sees the kept tokens)")
@@ -111,7 +122,8 @@ class FastV(PruneMethod):
         """[B, N] float: for each token, how many of the looked-up n-grams (lengths 1..LOOKUP_NGRAM
         ending at the last prompt token, 2..LOOKUP_NGRAM ending at each of the ``lookup`` - 1 before it)
         match earlier, ending at most ``back + ahead`` tokens before it (``back``: how far the looked-up
-        n-gram ends before the prompt's end). Matches must end before the looked-up window."""
+        n-gram ends before the prompt's end). A match must end more than ``lookup`` tokens before the
+        looked-up n-gram ends (at p < N - 1 - back - lookup): not inside the recent text itself."""
         ids, n = self.input_ids, site.n
         window = min(self.lookup, n - 1)
         positions = builder.positions(ids)                                                # [B, N]

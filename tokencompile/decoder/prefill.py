@@ -23,7 +23,7 @@ from ..flops import CostModel, build_cost_model, count_flops
 from ..graph_utils import GraphBuilder, aten, latest, shape_of
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
-from .fastv import POSITION_POLICIES, FastV, PyramidDrop, pyramid_layers
+from .fastv import AHEAD, POSITION_POLICIES, FastV, PyramidDrop, pyramid_layers
 from .span_scored import SPAN_SCORES, span_scored
 
 tc = torch.ops.tokencompile
@@ -312,6 +312,7 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: lis
     if len(analysis.rope_tables) != 2:
         return False
     cos, sin = analysis.rope_tables
+    width = shape_of(cos)[-1]
     output = next(node for node in gm.graph.nodes if node.op == "output")
     values = list(output.args[0])
     for index, (layer, role) in analysis.cache_outputs.items():
@@ -319,6 +320,8 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: lis
         if role != "key" or shift == 0:
             continue
         key = values[index]
+        if shape_of(key)[-1] != width:
+            return False  # partial rotary embedding: not rotated here (decoding is then refused)
         builder = GraphBuilder(gm, latest(gm, key, cos, sin))
 
         def row(table: Node, at: int) -> Node:  # [B or 1, 1, 1, D], over heads and tokens
@@ -328,10 +331,12 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: lis
         half = shape_of(key)[-1] // 2
         rotated = builder.call(aten.cat.default, [builder.call(aten.neg.default, builder.call(
             aten.slice.Tensor, key, -1, half, None)), builder.call(aten.slice.Tensor, key, -1, 0, half)], -1)
-        values[index] = builder.call(aten.add.Tensor, builder.call(
+        shifted = builder.call(aten.add.Tensor, builder.call(
             aten.mul.Tensor, key, builder.call(aten.div.Tensor, row(cos, shift), scale)), builder.call(
-            aten.mul.Tensor, rotated, builder.call(aten.div.Tensor, row(sin, shift), scale)),
-            name=f"layer{layer}_key_at_prompt_positions")
+            aten.mul.Tensor, rotated, builder.call(aten.div.Tensor, row(sin, shift), scale)))
+        # computed in the tables' precision, cached in the key's dtype (copy takes it from the key at run
+        # time: the program may be cast to fp16 / bf16 after compiling)
+        values[index] = builder.call(aten.copy.default, key, shifted, name=f"layer{layer}_key_at_prompt_positions")
     output.args = (tuple(values),)
     return True
 
@@ -383,7 +388,7 @@ def _plain(values) -> str:
 def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: float | None = None,
                     keep=None, layer=None, span: Span | tuple | None = None, positions: str = "keep",
                     probes: int = 1, method: str = "fastv", sinks: int = 0, pool: int = 1, lookup: int = 0,
-                    ahead: int = 64, extra_inputs: dict | None = None, options: dict | None = None) -> DecoderProgram:
+                    ahead: int = AHEAD, extra_inputs: dict | None = None, options: dict | None = None) -> DecoderProgram:
     """Reduce a causal LM's prompt in prefill with FastV or PyramidDrop (FastV's score at several stages),
     or with the score of ``dart``, ``divprune``, ``zipcache`` or ``random`` restricted to the span
     (``options``: that method's options, e.g. ``{"pivots": 4}``; see ``tokencompile.decoder.span_scored``).
@@ -429,12 +434,12 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
 
     if method in VISION_METHODS:
         shaping = [f"{key}={value}" for key, value, default in (("probes", probes, 1), ("sinks", sinks, 0),
-                                                                 ("pool", pool, 1), ("lookup", lookup, 0))
-                   if value != default]
+                                                                 ("pool", pool, 1), ("lookup", lookup, 0),
+                                                                 ("ahead", ahead, AHEAD)) if value != default]
         if shaping:
             raise TokenCompileError(f"{method} reduces the image tokens before the language model: "
                                     f"{', '.join(shaping)} shape the score of a language-model layer",
-                                    "leave probes, sinks, pool and lookup at their defaults")
+                                    "leave probes, sinks, pool, lookup and ahead at their defaults")
         return compile_before_language_model(model, input_ids, budget=budget, keep=keep, span=span,
                                              positions=positions, method=method, layers=layer,
                                              extra_inputs=extra_inputs, started=started, options=options)
@@ -445,7 +450,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     elif method in METHODS:
         if options:
             raise TokenCompileError(f"{method} takes no options ({', '.join(options)} given)",
-                                    "shape its score with probes=, pool= and sinks=")
+                                    "shape its score with probes, pool, sinks and lookup (--probes, --pool, "
+                                    "--sinks, --lookup)")
         pruner = METHODS[method](**stage_options)
     else:
         raise TokenCompileError(f"method {method!r} is not a decoder method",

@@ -48,6 +48,8 @@ class SpanScored(FastV):
                                     "options={...}, --option)")
 
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
+        if isinstance(self.scorer, ZipCache):
+            self.scorer.scale = self.scales[site.block] if self.scales else None
         inner = builder.cast(self.scorer.score(builder, site, n_keep), torch.float32)
         self._removable = self.removable(builder, site)
         keep_always = builder.call(aten.full_like.default, inner, float("inf"))
@@ -58,7 +60,8 @@ class SpanScored(FastV):
 def span_scored(method: str, options: dict | None = None, **stage_options) -> SpanScored:
     """``SpanScored`` for the encoder method ``method`` with its ``options`` (values or strings)."""
     cls = SPAN_SCORES[method]
-    scorer = cls(**Method.parse_options(cls, options or {}))
+    # a decoder's ZipCache probes are causal: not an option here
+    scorer = cls(**Method.parse_options(cls, options or {}, exclude=("causal",)))
     if isinstance(scorer, ZipCache):
         scorer.causal = True
     return SpanScored(scorer=scorer, **stage_options)

@@ -103,6 +103,7 @@ class VtcCls(VisionMethod):
                                 "Pruning (VTC-CLS), 2024")
 
     layers: int | None = None  # default: the last DEFAULT_VISION_LAYERS the features come through
+    state: ClassVar[tuple[str, ...]] = (*VisionMethod.state, "layers")  # given as compile_decoder's layer=
 
     def prepare(self, gm: GraphModule, language_input: Node, removed: int) -> None:
         available = len(self.vision.blocks)

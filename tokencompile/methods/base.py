@@ -71,19 +71,26 @@ class Method:
     def parse_options(cls, options: dict, exclude: tuple[str, ...] = ()) -> dict:
         """Options by field name: strings (from the CLI) converted to the field's type, other values as
         given; fields in ``exclude`` are not options."""
-        fields = {field.name: field for field in dataclasses.fields(cls) if field.name not in exclude}
+        if not isinstance(options, dict):
+            raise TokenCompileError(f"options of method {cls.name!r} must be a dict, got {type(options).__name__}",
+                                    "give options={'name': value}")
+        fields = {field.name: field for field in dataclasses.fields(cls) if field.init and field.name not in exclude}
         parsed = {}
         for key, text in options.items():
             if key not in fields:
                 known = ", ".join(fields) or "none"
                 raise TokenCompileError(f"method {cls.name!r} has no option {key!r}", f"its options are: {known}")
+            kind = type(fields[key].default)
             if not isinstance(text, str):
+                accepted = (int, float) if kind is float else (kind,)
+                if not isinstance(text, accepted) or (isinstance(text, bool) and kind is not bool):
+                    raise TokenCompileError(f"option {key}={text!r} of method {cls.name!r} is not a {kind.__name__}",
+                                            f"give {key}=<{kind.__name__}>")
                 parsed[key] = text
                 continue
-            kind = type(fields[key].default)
             try:
                 parsed[key] = (text.lower() in ("1", "true", "yes", "on")) if kind is bool else kind(text)
-            except ValueError:
+            except (TypeError, ValueError):
                 raise TokenCompileError(f"option {key}={text!r} of method {cls.name!r} is not a {kind.__name__}",
                                         f"give {key}=<{kind.__name__}>") from None
         return parsed

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch.fx import Node
 
 from ..graph_utils import GraphBuilder, aten, tensor_meta
@@ -30,13 +31,16 @@ class ZipCache(PruneMethod):
     reference = "He et al., ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token Identification, 2024"
     probes: float = 0.05  # fraction of positions in each probe group (recent, strided)
     causal: bool = False  # a probe sees the keys at or before it only (decoder prompts)
+    scale: float | None = field(default=None, init=False, repr=False)  # the attention's scale (decoders)
     ranges = {"probes": Range(0, 1, open_low=True)}
 
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         slices = probe_slices(site.n, self.probes)
         probes = self._take(builder, site.query, 2, slices)                          # [B, H, P, D]
-        scale = tensor_meta(site.query).shape[-1] ** -0.5
+        scale = self.scale if self.scale is not None else tensor_meta(site.query).shape[-1] ** -0.5
         logits = builder.call(aten.matmul.default, probes, builder.call(aten.transpose.int, site.keys, -2, -1))
+        if self.causal:  # decoders: float32 scores, as FastV's
+            logits = builder.cast(logits, torch.float32)
         logits = builder.call(aten.mul.Tensor, logits, scale)                         # [B, H, P, N]
         if site.valid is not None:
             key_ok = builder.call(aten.unsqueeze.default, builder.call(aten.unsqueeze.default, site.valid, 1), 1)
