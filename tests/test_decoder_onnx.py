@@ -169,6 +169,7 @@ def test_smollm2_reduced_graphs_generate_like_torch(tmp_path):
     assert torch.equal(generate(runner, ids, 16), generate(program, ids, 16))
 
 
+@pytest.mark.slow  # tiny model, but several compiles and exports: the default run stays under 15 min
 def test_cli_export_pyramiddrop_stages(saved_llama, llama, prompts, tmp_path):
     ids = ",".join(map(str, prompts[0].tolist()))
     out = tmp_path / "onnx"

@@ -100,6 +100,7 @@ def test_span_score_matches_eager_reference(llama, prompts, method):
     assert torch.allclose(alone, logits[1:], atol=1e-5)
 
 
+@pytest.mark.slow  # tiny model, but several compiles and exports: the default run stays under 15 min
 @pytest.mark.parametrize("method", ["divprune", "zipcache"])
 def test_span_scores_run_in_onnx_runtime(llama, prompts, method, tmp_path):
     program = compile_decoder(llama, prompts[:1], keep=(0.75, 0.25), layer=(1, 3), span=SPAN, method=method,

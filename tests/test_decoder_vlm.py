@@ -191,6 +191,7 @@ def test_vtc_cls_renumbered_decodes_like_a_shorter_prompt(vlm, llava, inputs):
     assert torch.allclose(got, expected, atol=1e-4)
 
 
+@pytest.mark.slow  # tiny model, but several compiles and exports: the default run stays under 15 min
 @pytest.mark.parametrize("method, budget", [("vtc-cls", 0.7), ("visionzip", 0.6)])
 def test_budget_is_met_by_the_fewest_removed_and_onnx(vlm, inputs, tmp_path, method, budget):
     ids, pixels = inputs

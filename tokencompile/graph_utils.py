@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -107,17 +106,12 @@ class GraphBuilder:
         # be computable yet: leave it to the propagation then (methods take token counts from SiteInputs).
         inputs = [n for n in node.all_input_nodes]
         if all("val" in n.meta for n in inputs):
-            fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-            level = fake_log.level
-            fake_log.setLevel(logging.CRITICAL)  # a stale shape is expected here, not an error to print
             try:
                 with self.fake_mode:
                     node.meta["val"] = target(*map_arg(args, lambda n: n.meta["val"]),
                                               **map_arg(kwargs, lambda n: n.meta["val"]))
             except RuntimeError:
                 pass
-            finally:
-                fake_log.setLevel(level)
         if self.module_stack is not None:
             node.meta["nn_module_stack"] = dict(self.module_stack)
         self.cursor = node
