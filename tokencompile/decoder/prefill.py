@@ -312,31 +312,33 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: lis
     if len(analysis.rope_tables) != 2:
         return False
     cos, sin = analysis.rope_tables
-    width = shape_of(cos)[-1]
     output = next(node for node in gm.graph.nodes if node.op == "output")
     values = list(output.args[0])
-    for index, (layer, role) in analysis.cache_outputs.items():
-        shift = sum(schedule[:layer])
-        if role != "key" or shift == 0:
-            continue
-        key = values[index]
-        if shape_of(key)[-1] != width:
-            return False  # partial rotary embedding: not rotated here (decoding is then refused)
-        builder = GraphBuilder(gm, latest(gm, key, cos, sin))
+    shifts = {index: sum(schedule[:layer]) for index, (layer, role) in analysis.cache_outputs.items()
+              if role == "key" and sum(schedule[:layer])}
+    if not shifts:
+        return True
+    if any(shape_of(values[index])[-1] != shape_of(cos)[-1] for index in shifts):
+        return False  # partial rotary embedding: not rotated here (decoding is then refused)
+    builder = GraphBuilder(gm, latest(gm, cos, sin, *(values[index] for index in shifts)))
 
-        def row(table: Node, at: int) -> Node:  # [B or 1, 1, 1, D], over heads and tokens
-            return builder.call(aten.unsqueeze.default, builder.call(aten.slice.Tensor, table, 1, at, at + 1), 1)
+    def row(table: Node, at: int) -> Node:  # [B or 1, 1, 1, D], over heads and tokens
+        return builder.call(aten.unsqueeze.default, builder.call(aten.slice.Tensor, table, 1, at, at + 1), 1)
 
-        scale = row(cos, 0)  # cos(0) = 1: the tables' attention scaling, if any
+    scale = row(cos, 0)  # cos(0) = 1: the tables' attention scaling, if any
+    rotations = {shift: (builder.call(aten.div.Tensor, row(cos, shift), scale),
+                         builder.call(aten.div.Tensor, row(sin, shift), scale)) for shift in sorted(set(shifts.values()))}
+    for index, shift in shifts.items():
+        key, (cos_shift, sin_shift) = values[index], rotations[shift]
         half = shape_of(key)[-1] // 2
         rotated = builder.call(aten.cat.default, [builder.call(aten.neg.default, builder.call(
             aten.slice.Tensor, key, -1, half, None)), builder.call(aten.slice.Tensor, key, -1, 0, half)], -1)
-        shifted = builder.call(aten.add.Tensor, builder.call(
-            aten.mul.Tensor, key, builder.call(aten.div.Tensor, row(cos, shift), scale)), builder.call(
-            aten.mul.Tensor, rotated, builder.call(aten.div.Tensor, row(sin, shift), scale)))
+        shifted = builder.call(aten.add.Tensor, builder.call(aten.mul.Tensor, key, cos_shift),
+                               builder.call(aten.mul.Tensor, rotated, sin_shift))
         # computed in the tables' precision, cached in the key's dtype (copy takes it from the key at run
         # time: the program may be cast to fp16 / bf16 after compiling)
-        values[index] = builder.call(aten.copy.default, key, shifted, name=f"layer{layer}_key_at_prompt_positions")
+        values[index] = builder.call(aten.copy.default, key, shifted,
+                                     name=f"layer{analysis.cache_outputs[index][0]}_key_at_prompt_positions")
     output.args = (tuple(values),)
     return True
 
