@@ -20,6 +20,7 @@ from tokencompile.decoder import (
 )
 from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 from tokencompile.errors import TokenCompileError
+from tokencompile.lowering.onnx_files import external_data_files
 
 TOKENS = 24
 
@@ -81,6 +82,18 @@ def test_prefill_and_decode_match_the_program(fastv_program, exported, prompts, 
 def test_greedy_from_the_graphs_equals_torch(fastv_program, exported, prompts):
     runner = OnnxRunner(str(exported))
     assert torch.equal(generate(runner, prompts, 20), generate(fastv_program, prompts, 20))
+
+
+def test_graphs_with_weights_in_side_files_equal_single_files(fastv_program, exported, prompts, tmp_path):
+    """Models past 2 GB write each graph's weights to NAME.onnx.data; the runner reads them back."""
+    export_decoder_onnx(fastv_program, str(tmp_path), external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.onnx", "decode.onnx.data", "decoder.json",
+                                                          "prefill.onnx", "prefill.onnx.data"]
+    for name in ("prefill.onnx", "decode.onnx"):
+        assert external_data_files(str(tmp_path / name)) == {f"{name}.data"}
+    side, single = OnnxRunner(str(tmp_path)), OnnxRunner(str(exported))
+    assert torch.equal(side.prefill(prompts)[0], single.prefill(prompts)[0])
+    assert torch.equal(generate(side, prompts, 8), generate(single, prompts, 8))
 
 
 def test_renumbered_graphs_decode_like_torch(llama, prompts, tmp_path):

@@ -223,7 +223,7 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
         if onnx_path:
             from .lowering.onnx_export import export_onnx
 
-            info = _write(onnx_path, lambda temporary: export_onnx(result.program, temporary, inputs))
+            info = export_onnx(result.program, onnx_path, inputs)
             report["onnx"] = onnx_path
             click.echo(f"wrote {onnx_path} ({sum(info.op_counts.values())} nodes, {info.token_op_nodes} in token ops)")
     except TokenCompileError as error:
@@ -277,13 +277,12 @@ def export(model, output, output_format, plugins, plugin_dir, fp16, max_batch, o
         from .lowering.plugin_onnx import KERNEL_PLUGIN_OPS, export_plugin_onnx
 
         chosen = set(KERNEL_PLUGIN_OPS) if output_format == "trt" else None
-        plugin_info = _write(output, lambda temporary: export_plugin_onnx(program, temporary, inputs, opset=opset,
-                                                                          plugin_ops=chosen))
+        plugin_info = export_plugin_onnx(program, output, inputs, opset=opset, plugin_ops=chosen)
         counts = ", ".join(f"{count} {op}" for op, count in sorted(plugin_info.plugin_nodes.items()))
         click.echo(f"wrote {output}: {plugin_info.node_count} nodes, plugin nodes: {counts or 'none'}, "
                    f"opset {opset}, checker passed, {plugin_info.seconds:.0f} s")
     else:
-        info = _write(output, lambda temporary: export_onnx(program, temporary, inputs, opset=opset))
+        info = export_onnx(program, output, inputs, opset=opset)
         click.echo(f"wrote {output}: {sum(info.op_counts.values())} nodes ({info.token_op_nodes} in token ops), "
                    f"opset {opset}, checker passed, {info.seconds:.0f} s")
     failed = False
@@ -299,7 +298,7 @@ def export(model, output, output_format, plugins, plugin_dir, fp16, max_batch, o
 
         from .lowering.tensorrt_check import check_tensorrt
 
-        findings = check_tensorrt(onnx.load(output))
+        findings = check_tensorrt(onnx.load(output, load_external_data=False))
         blocking = [f for f in findings if f.blocking]
         for finding in findings:
             click.echo(str(finding))

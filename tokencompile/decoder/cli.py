@@ -247,7 +247,8 @@ def export_decoder_command(command_class, debug_option):
             raise TokenCompileError(f"--opset {opset} is out of range", "give an opset from 9 to 20")
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise TokenCompileError(f"-o {folder} is a file", "give a folder")
-        existing = [name for name in (PREFILL, DECODE, MANIFEST) if os.path.exists(os.path.join(folder, name))]
+        existing = [name for name in (PREFILL, DECODE, MANIFEST, f"{PREFILL}.data", f"{DECODE}.data")
+                    if os.path.exists(os.path.join(folder, name))]
         if existing and not force:
             raise TokenCompileError(f"{folder} already holds {', '.join(existing)}", "add --force to replace them")
         if os.path.abspath(folder) == os.path.abspath(model_dir):

@@ -10,6 +10,8 @@ Names follow Optimum / onnxruntime-genai:
   ``.value`` one token longer. Each layer's past length is its own axis, so one graph decodes on
   full and reduced caches alike. There is no ``attention_mask``: the new token sees its layer's whole
   cache (no padding).
+- ``prefill.onnx.data`` / ``decode.onnx.data``: the weights, for models whose weights pass 2 GB (one
+  protobuf's limit); each graph has its own copy.
 - ``decoder.json``: prompt length, layer count, position policy, the compile report.
 """
 
@@ -26,8 +28,9 @@ from torch.export import Dim, ExportedProgram
 
 from ..errors import TokenCompileError
 from ..lowering.onnx_export import DEFAULT_OPSET, ort_session, run_torch_onnx_export
+from ..lowering.onnx_files import save_onnx
 from ..lowering.onnx_ops import translation_table
-from ..outputs import write_bytes, write_json
+from ..outputs import write_json
 from .generate import (
     Caches,
     TorchRunner,
@@ -101,19 +104,6 @@ def _rename(exported, inputs: list[str], outputs: list[str]) -> None:
         exported.rename_axes(axes)
 
 
-def _save(exported, path: str) -> None:
-    import onnx
-    import onnx_ir
-
-    proto = onnx_ir.serde.serialize_model(exported.model)
-    if proto.ByteSize() >= 2**31 - 1:
-        raise TokenCompileError(f"{os.path.basename(path)} would hold over 2 GB of weights, more than one ONNX "
-                                "file can", "models above about 500M fp32 parameters need external data: "
-                                "not supported yet")
-    onnx.checker.check_model(proto, full_check=True)
-    write_bytes(path, proto.SerializeToString())
-
-
 @dataclass
 class DecoderExport:
     folder: str
@@ -123,9 +113,11 @@ class DecoderExport:
     layers: int
 
 
-def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAULT_OPSET) -> DecoderExport:
+def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAULT_OPSET,
+                        external_data: bool | None = None) -> DecoderExport:
     """Write prefill.onnx, decode.onnx and decoder.json of ``program`` into ``folder`` (traced on the
-    inputs it was compiled with)."""
+    inputs it was compiled with). Each graph's weights go to ``NAME.onnx.data`` when they exceed 2 GB, or
+    always with ``external_data=True``."""
     import tokencompile.ops  # noqa: F401  (the token ops' ONNX lowering)
 
     position = decode_position(program)
@@ -142,7 +134,7 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
     exported, _ = run_torch_onnx_export(program.prefill, (example, *extra), opset, table, "ONNX export of the prefill")
     _rename(exported, ["input_ids", *program.extra_inputs], ["logits", *cache_names("present", layers)])
     prefill_path = os.path.join(folder, PREFILL)
-    _save(exported, prefill_path)
+    save_onnx(exported.model, prefill_path, external_data)
 
     step_example = decode_example(caches)
     exported, _ = run_torch_onnx_export(export_decode_step(program.model, step_example), step_example, opset,
@@ -150,7 +142,7 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
     _rename(exported, ["input_ids", "position_ids", *cache_names("past_key_values", layers)],
             ["logits", *cache_names("present", layers)])
     decode_path = os.path.join(folder, DECODE)
-    _save(exported, decode_path)
+    save_onnx(exported.model, decode_path, external_data)
 
     write_json(manifest, {
         "prompt_tokens": program.prompt_tokens, "extra_inputs": list(program.extra_inputs), "layers": layers,

@@ -9,11 +9,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import torch
 from torch.export import ExportedProgram
 
 from ..errors import TokenCompileError
+from .onnx_files import save_onnx
 from .onnx_ops import translation_table
 
 DEFAULT_OPSET = 18
@@ -72,16 +72,15 @@ def run_torch_onnx_export(program: ExportedProgram, example_inputs: tuple, opset
 
 
 def export_onnx(program: ExportedProgram, path: str, example_inputs: tuple, opset: int = DEFAULT_OPSET,
-                check: bool = True) -> OnnxExport:
-    """torch.onnx (dynamo) export with the tokencompile ops lowered to standard ONNX ops."""
+                check: bool = True, external_data: bool | None = None) -> OnnxExport:
+    """torch.onnx (dynamo) export with the tokencompile ops lowered to standard ONNX ops, written atomically
+    (weights over 2 GB, or with ``external_data=True``, go to ``PATH.data``: see onnx_files)."""
     import tokencompile.ops  # noqa: F401
 
     started = time.perf_counter()
     exported, token_nodes = run_torch_onnx_export(program, example_inputs, opset, translation_table())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    exported.save(path, external_data=False)
-    if check:
-        onnx.checker.check_model(path, full_check=True)
+    save_onnx(exported.model, path, external_data, check)
     counts: dict[str, int] = {}
     for node in exported.model.graph:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

@@ -193,6 +193,7 @@ def export_plugin_onnx(program: ExportedProgram, path: str, example_inputs: tupl
     """Export ``program`` with one plugin node per token op (dynamic batch axis, readable names);
     ``plugin_ops`` limits which ops become plugins (the others are written in standard ops)."""
     from .onnx_export import run_torch_onnx_export
+    from .onnx_files import save_onnx
 
     started = time.perf_counter()
     exported, _ = run_torch_onnx_export(program, example_inputs, opset, plugin_translation_table(plugin_ops),
@@ -200,7 +201,7 @@ def export_plugin_onnx(program: ExportedProgram, path: str, example_inputs: tupl
     model = mark_plugin_nodes(exported.model_proto)
     onnx.checker.check_model(model)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx.save(model, path)
+    save_onnx(model, path, check=False)
     return PluginExport(path, time.perf_counter() - started, plugin_node_counts(model), len(model.graph.node))
 
 

@@ -286,7 +286,7 @@ def build_engine(onnx_path: str, engine_path: str, fp16: bool = False, max_batch
                  plugin_dir: str | None = None, opt_batch: int | None = None) -> EngineBuild:
     """Parse ONNX (plugin nodes included) and build a serialized engine, batch 1..max_batch."""
     trt = require_tensorrt()
-    model = onnx.load(onnx_path)
+    model = onnx.load(onnx_path, load_external_data=False)  # the parser reads NAME.onnx.data from the path
     used = sorted(plugin_ops_in(model))
     check_engine_plugins(used)
     if used:
