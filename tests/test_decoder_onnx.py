@@ -84,6 +84,7 @@ def test_greedy_from_the_graphs_equals_torch(fastv_program, exported, prompts):
     assert torch.equal(generate(runner, prompts, 20), generate(fastv_program, prompts, 20))
 
 
+@pytest.mark.slow
 def test_graphs_with_weights_in_side_files_equal_single_files(fastv_program, exported, prompts, tmp_path):
     """Models past 2 GB write each graph's weights to NAME.onnx.data; the runner reads them back."""
     export_decoder_onnx(fastv_program, str(tmp_path), external_data=True)

@@ -150,6 +150,14 @@ def _rope_tables(rotated: Node) -> list[Node]:
     return [tables["cos"], tables["sin"]] if len(tables) == 2 else []
 
 
+def _before_slices(node):
+    """A cache output read back through slices (a sliding-window layer returns its last W - 1 tokens)."""
+    while isinstance(node, Node) and node.op == "call_function" and node.target in (
+            aten.slice.Tensor, aten.alias.default, aten.detach.default):
+        node = node.args[0]
+    return node
+
+
 def _cache_outputs(gm: GraphModule, attentions: list[Attention]) -> dict[int, tuple[int, str]]:
     output = next(node for node in gm.graph.nodes if node.op == "output")
     # an output feeds its own layer's attention first (and, through the residual stream, every later one)
@@ -157,6 +165,7 @@ def _cache_outputs(gm: GraphModule, attentions: list[Attention]) -> dict[int, tu
              for role, source in (("key", attention.keys), ("value", attention.node.args[2]))]
     found = {}
     for index, arg in enumerate(output.args[0]):
+        arg = _before_slices(arg)
         owner = next(((layer, role) for layer, role, sources in reads if arg in sources), None)
         if owner is not None:
             found[index] = owner

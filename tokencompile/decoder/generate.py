@@ -20,6 +20,7 @@ from .prefill import (
     cache_tensors,
     decode_position,
     prefill_module,
+    sliding_window,
 )
 
 Caches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -103,6 +104,7 @@ class TorchRunner:
         else:
             self.position, self.decoder = None, program_or_model
         self.source = program_or_model
+        self.window = sliding_window(as_causal_lm(self.decoder))
 
     def start_position(self, prompt_ids: torch.Tensor) -> int:
         """The rotary position of the first generated token."""
@@ -120,14 +122,26 @@ def as_runner(source):
     return source if hasattr(source, "prefill") and hasattr(source, "decode") else TorchRunner(source)
 
 
+def check_window(runner, start: int, steps: int) -> None:
+    """Decode steps feed positions start .. start + steps - 1; a token at position p of a model with a
+    sliding window W may see every cached key only while p < W (the decode mask is all-visible)."""
+    window = getattr(runner, "window", None)
+    if window is not None and steps > 0 and start + steps - 1 >= window:
+        raise TokenCompileError(f"decoding would reach position {start + steps - 1}, past the model's sliding "
+                                f"attention window ({window} tokens), which decoding on reduced caches does not "
+                                f"apply", f"generate or score at most {max(window - start + 1, 0)} tokens after "
+                                "this prompt")
+
+
 def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
              extra: dict | None = None) -> torch.Tensor:
     """Greedy decoding: [B, N + new] ids (stops early when every sample produced ``eos_token_id``).
     ``source``: a DecoderProgram, a causal LM, or a runner such as ``OnnxRunner``; ``extra``: further
     prefill inputs by name (a VLM's pixel_values)."""
     runner = as_runner(source)
-    logits, caches = runner.prefill(_check_prompt(prompt_ids), extra)
-    ids, position = prompt_ids, runner.start_position(prompt_ids)
+    ids, position = prompt_ids, runner.start_position(_check_prompt(prompt_ids))
+    check_window(runner, position, max_new_tokens - 1)
+    logits, caches = runner.prefill(prompt_ids, extra)
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
     for step in range(max_new_tokens):
         token = logits.argmax(-1, keepdim=True)
@@ -146,8 +160,10 @@ def teacher_forced_logits(source, prompt_ids: torch.Tensor, continuation: torch.
                           extra: dict | None = None) -> torch.Tensor:
     """[B, T, V]: logits predicting continuation[:, t] after the prompt and continuation[:, :t]."""
     runner = as_runner(source)
-    logits, caches = runner.prefill(_check_prompt(prompt_ids), extra)
-    steps, position = [logits], runner.start_position(prompt_ids)
+    position = runner.start_position(_check_prompt(prompt_ids))
+    check_window(runner, position, continuation.shape[1] - 1)
+    logits, caches = runner.prefill(prompt_ids, extra)
+    steps = [logits]
     for t in range(continuation.shape[1] - 1):
         token = continuation[:, t:t + 1]
         logits, caches = runner.decode(token, torch.full_like(token, position), caches)

@@ -40,7 +40,7 @@ from .generate import (
     flat_caches,
     pair_caches,
 )
-from .prefill import DecoderProgram, decode_position
+from .prefill import DecoderProgram, as_causal_lm, decode_position, sliding_window
 
 PREFILL, DECODE, MANIFEST = "prefill.onnx", "decode.onnx", "decoder.json"
 MAX_CACHE = 1 << 17
@@ -149,6 +149,7 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
         "positions": program.positions,
         "first_reduced_layer": program.first_reduced_layer, "decode_position": position,
         "cache_tokens": [int(k.shape[2]) for k, _ in caches], "opset": opset,
+        "sliding_window": sliding_window(as_causal_lm(program.model)),
         "eos_token_id": getattr(getattr(program.model, "config", None), "eos_token_id", None),
         "report": program.report})
     return DecoderExport(folder, prefill_path, decode_path, time.perf_counter() - started, layers)
@@ -172,6 +173,7 @@ class OnnxRunner:
         self.past_names = cache_names("past_key_values", self.layers)
         self.extra_inputs = tuple(self.manifest.get("extra_inputs", ()))
         self.position = int(self.manifest.get("decode_position", self.prompt_tokens))
+        self.window = self.manifest.get("sliding_window")
 
     def start_position(self, prompt_ids: torch.Tensor) -> int:
         return self.position

@@ -18,7 +18,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 from torch.fx import GraphModule, Node
 
-from ..errors import TokenCompileError
+from ..errors import TokenCompileError, UnsupportedModelError
 from ..flops import CostModel, build_cost_model, count_flops
 from ..graph_utils import GraphBuilder, aten, latest, shape_of
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
@@ -153,9 +153,41 @@ class TracedPrefill:
         return self.inputs[1:]
 
 
+def text_config(lm: torch.nn.Module):
+    """The language model's config (a VLM's ``text_config``); None for a module without one."""
+    config = getattr(lm, "config", None)
+    return getattr(config, "text_config", None) or config
+
+
+def sliding_window(lm: torch.nn.Module) -> int | None:
+    """The attention window of the model's sliding-window layers (None: every layer sees the whole
+    sequence)."""
+    config = text_config(lm)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def check_model_attention(lm: torch.nn.Module, prompt_tokens: int) -> None:
+    """Prompt reduction reads causal SDPA from the graph, over the whole prompt."""
+    used = getattr(text_config(lm), "_attn_implementation", None)
+    if used not in (None, "sdpa"):
+        raise UnsupportedModelError(f"the language model computes attention with {used!r}; prompt reduction reads "
+                                    "causal SDPA from the graph", "load it with attn_implementation='sdpa' (a model "
+                                    "that cannot use SDPA, such as Gemma 2 with logit soft-capping, is not supported)")
+    window = sliding_window(lm)
+    if window is not None and prompt_tokens >= window:  # its layers cache the last window - 1 tokens
+        raise UnsupportedModelError(f"the prompt ({prompt_tokens} tokens) does not fit in the model's sliding "
+                                    f"attention window ({window} tokens)", f"give prompts of at most {window - 1} "
+                                    "tokens (reducing a prompt across a sliding window is not supported)")
+
+
 def trace_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra_inputs: dict | None) -> TracedPrefill:
     """Export the prefill (keeping a recipe's own CausalLMPrefill wrapper) and analyse it."""
     lm = as_causal_lm(model).eval()
+    check_model_attention(lm, input_ids.shape[-1])
     extra_inputs = dict(extra_inputs or {})
     program = export_prefill(model, input_ids, extra_inputs)
     inputs = (input_ids, *extra_inputs.values())
@@ -318,23 +350,31 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: lis
               if role == "key" and sum(schedule[:layer])}
     if not shifts:
         return True
-    if any(shape_of(values[index])[-1] != shape_of(cos)[-1] for index in shifts):
-        return False  # partial rotary embedding: not rotated here (decoding is then refused)
+    rotary = shape_of(cos)[-1]
+    if any(shape_of(values[index])[-1] < rotary for index in shifts):
+        return False  # tables wider than the keys: not a rotary embedding of the keys
     builder = GraphBuilder(gm, latest(gm, cos, sin, *(values[index] for index in shifts)))
 
     def row(table: Node, at: int) -> Node:  # [B or 1, 1, 1, D], over heads and tokens
         return builder.call(aten.unsqueeze.default, builder.call(aten.slice.Tensor, table, 1, at, at + 1), 1)
+
+    def piece(x: Node, start: int, end: int | None) -> Node:
+        return builder.call(aten.slice.Tensor, x, -1, start, end)
 
     scale = row(cos, 0)  # cos(0) = 1: the tables' attention scaling, if any
     rotations = {shift: (builder.call(aten.div.Tensor, row(cos, shift), scale),
                          builder.call(aten.div.Tensor, row(sin, shift), scale)) for shift in sorted(set(shifts.values()))}
     for index, shift in shifts.items():
         key, (cos_shift, sin_shift) = values[index], rotations[shift]
-        half = shape_of(key)[-1] // 2
-        rotated = builder.call(aten.cat.default, [builder.call(aten.neg.default, builder.call(
-            aten.slice.Tensor, key, -1, half, None)), builder.call(aten.slice.Tensor, key, -1, 0, half)], -1)
-        shifted = builder.call(aten.add.Tensor, builder.call(aten.mul.Tensor, key, cos_shift),
+        # partial rotary (Phi, StableLM): the first `rotary` channels are rotated, the rest pass through
+        turned = piece(key, 0, rotary) if shape_of(key)[-1] > rotary else key
+        half = rotary // 2
+        rotated = builder.call(aten.cat.default, [builder.call(aten.neg.default, piece(turned, half, None)),
+                                                  piece(turned, 0, half)], -1)
+        shifted = builder.call(aten.add.Tensor, builder.call(aten.mul.Tensor, turned, cos_shift),
                                builder.call(aten.mul.Tensor, rotated, sin_shift))
+        if turned is not key:
+            shifted = builder.call(aten.cat.default, [shifted, piece(key, rotary, None)], -1)
         # computed in the tables' precision, cached in the key's dtype (copy takes it from the key at run
         # time: the program may be cast to fp16 / bf16 after compiling)
         values[index] = builder.call(aten.copy.default, key, shifted,
@@ -529,6 +569,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         "flops_ratio": flops / original_flops,
         "flops_ratio_modelled": cost.flops(schedule) / cost.original,
         "analysis": analysis.summary(),
+        "sliding_window": sliding_window(lm),
         "seconds": round(time.perf_counter() - started, 2),
     }
     if positions == "renumber" and stages and pruner.keys_shifted:

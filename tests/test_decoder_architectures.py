@@ -1,0 +1,148 @@
+"""Prompt reduction across Hugging Face decoder families (random weights): the graph analysis finds causal
+SDPA, RoPE (full or partial) and the caches from the graph alone, so FastV must equal a reference built
+from each model's own code, with both position policies; and models it cannot serve are refused in one
+line. The reference never re-implements a layer: FastV's score comes from the model's eager attention
+probabilities, and the reduced forward is the model's own forward with hooks that keep the chosen rows
+from layer K on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from tokencompile.decoder import compile_decoder, generate, teacher_forced_logits
+from tokencompile.decoder.analysis import Span
+from tokencompile.errors import TokenCompileError, UnsupportedModelError
+
+TOKENS, CONTINUATION, LAYER, SPAN, KEPT = 24, 5, 2, (4, 16), 8
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+# family: (config, model, config options); head_dim given where a family derives it otherwise
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),              # q / k RMS norms
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),                        # sliding window 4096
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),               # scaled embeddings
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 64}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),                # fused qkv projection
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),                        # attention multiplier
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),                                    # partial rotary, parallel
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),                     # partial rotary
+}
+DEFAULT_RUN = {"phi"}  # partial rotary and a parallel block; the rest in the slow set
+
+
+def build(family: str, attention: str = "sdpa", **changes) -> torch.nn.Module:
+    config_name, model_name, options = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**COMMON, **options, **changes}, attn_implementation=attention)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def families():
+    return [family if family in DEFAULT_RUN else pytest.param(family, marks=pytest.mark.slow) for family in FAMILIES]
+
+
+def reference_kept(model, family: str, ids: torch.Tensor) -> torch.Tensor:
+    """[B, n] prompt rows kept: outside the span, and the span's KEPT best by the last token's attention
+    probabilities at layer LAYER - 1 (mean over heads), read from the model's eager twin."""
+    twin = build(family, "eager")
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        scores = twin(input_ids=ids, output_attentions=True).attentions[LAYER - 1][:, :, -1].mean(1)
+    removable = Span(*SPAN).removable(ids)
+    kept = []
+    for score, can_go in zip(scores, removable):
+        span = can_go.nonzero()[:, 0]
+        top = span[score[span].topk(KEPT).indices]
+        kept.append(torch.cat([(~can_go).nonzero()[:, 0], top]).sort().values)
+    return torch.stack(kept)
+
+
+def reference_logits(model, ids: torch.Tensor, rows: torch.Tensor, renumber: bool) -> torch.Tensor:
+    """The model's own forward over ``ids`` where layers >= LAYER see only ``rows`` [B, n]: a pre-hook on
+    each of them gathers the hidden states (at LAYER), the rotary tables (at the rows' positions, or the
+    first n with ``renumber``), the mask and the positions."""
+    def gather(value, first: bool):
+        if isinstance(value, tuple):
+            return tuple(gather(v, first) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        n = rows.shape[1]
+        if value.dim() == 4 and value.shape[-1] == ids.shape[1]:   # a mask [B, 1, N, N]
+            picked = value.expand(rows.shape[0], *value.shape[1:])
+            picked = picked.gather(2, rows[:, None, :, None].expand(-1, picked.shape[1], -1, picked.shape[3]))
+            return picked.gather(3, rows[:, None, None, :].expand(-1, picked.shape[1], n, -1))
+        if value.dim() == 3 and value.shape[1] == ids.shape[1]:    # hidden states, cos / sin [B, N, D]
+            if renumber and not first:
+                return value[:, :n]
+            return value.expand(rows.shape[0], -1, -1).gather(1, rows[..., None].expand(-1, -1, value.shape[-1]))
+        if value.dim() == 2 and value.shape[1] == ids.shape[1]:    # position ids [B, N]
+            return torch.arange(n)[None].expand_as(rows) if renumber else value.expand_as(ids).gather(1, rows)
+        return value
+
+    def hook(module, args, kwargs, first):
+        if args:
+            args = (gather(args[0], True) if first else args[0], *args[1:])
+        else:
+            kwargs["hidden_states"] = gather(kwargs["hidden_states"], True) if first else kwargs["hidden_states"]
+        return args, {k: gather(v, False) if k != "hidden_states" else v for k, v in kwargs.items()}
+
+    handles = [layer.register_forward_pre_hook(lambda m, a, k, first=index == LAYER: hook(m, a, k, first),
+                                               with_kwargs=True)
+               for index, layer in enumerate(model.model.layers) if index >= LAYER]
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (2, TOKENS), generator=generator), \
+        torch.randint(0, 256, (2, CONTINUATION), generator=generator)
+
+
+@pytest.mark.parametrize("family", families())
+def test_fastv_equals_the_models_own_code(family, prompts):
+    model = build(family)
+    ids, continuation = prompts
+    kept = reference_kept(model, family, ids)
+    rows = torch.cat([kept, torch.arange(TOKENS, TOKENS + CONTINUATION).expand(2, -1)], 1)
+    for positions in ("keep", "renumber"):
+        program = compile_decoder(model, ids, keep=KEPT / SPAN[1], layer=LAYER, span=SPAN, positions=positions)
+        assert program.tokens_per_layer == [24, 24, 16, 16]
+        expected = reference_logits(model, torch.cat([ids, continuation], 1), rows, positions == "renumber")
+        torch.testing.assert_close(teacher_forced_logits(program, ids, continuation),
+                                   expected[:, -CONTINUATION - 1:-1], atol=1e-4, rtol=1e-4)
+    full = compile_decoder(model, ids[:1], budget=1.0)
+    assert torch.equal(generate(full, ids, 8), model.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_eager_attention_is_refused_with_the_fix(prompts):
+    with pytest.raises(UnsupportedModelError) as error:
+        compile_decoder(build("qwen3", "eager"), prompts[0], keep=0.5)
+    assert str(error.value) == ("the language model computes attention with 'eager'; prompt reduction reads causal "
+                                "SDPA from the graph (load it with attn_implementation='sdpa' (a model that cannot "
+                                "use SDPA, such as Gemma 2 with logit soft-capping, is not supported))")
+
+
+def test_sliding_window_bounds_the_prompt_and_decoding(prompts):
+    ids = prompts[0]
+    with pytest.raises(UnsupportedModelError, match=r"^the prompt \(24 tokens\) does not fit in the model's sliding "
+                                                    r"attention window \(24 tokens\) \(give prompts of at most 23"):
+        compile_decoder(build("mistral", sliding_window=24), ids, keep=0.5)
+    model = build("mistral", sliding_window=30)
+    program = compile_decoder(model, ids, keep=0.5, layer=LAYER, span=SPAN)
+    assert program.report["sliding_window"] == 30
+    assert generate(program, ids, 7).shape == (2, 31)   # decodes positions 24..29: all inside the window
+    full = compile_decoder(model, ids, budget=1.0)
+    assert torch.equal(generate(full, ids, 7), model.generate(ids, max_new_tokens=7, do_sample=False))
+    with pytest.raises(TokenCompileError, match=r"^decoding would reach position 30, past the model's sliding "
+                                                r"attention window \(30 tokens\).*at most 7 tokens after this prompt\)$"):
+        generate(program, ids, 8)
