@@ -144,5 +144,6 @@ def test_sliding_window_bounds_the_prompt_and_decoding(prompts):
     full = compile_decoder(model, ids, budget=1.0)
     assert torch.equal(generate(full, ids, 7), model.generate(ids, max_new_tokens=7, do_sample=False))
     with pytest.raises(TokenCompileError, match=r"^decoding would reach position 30, past the model's sliding "
-                                                r"attention window \(30 tokens\).*at most 7 tokens after this prompt\)$"):
+                                                r"attention window \(30 tokens\).*at most 7 tokens after this "
+                                                r"prompt\)$"):
         generate(program, ids, 8)

@@ -76,7 +76,7 @@ def test_analysis_picks_the_language_model(vlm, inputs):
     program = export_prefill(vlm, ids[:2], {"pixel_values": pixels[:2]})
     analysis = analyse_decoder(program.module(), ids[:2], (pixels[:2],))
     assert analysis.summary() == {"tokens": 80, "layers": 4, "attention": "sdpa", "causal": True, "rope": True,
-                                  "kv_cache_outputs": 8}
+                                  "kv_cache_outputs": 8, "padding_mask_input": False}
     assert all("language_model" in block.name for block in analysis.base.blocks)
 
 

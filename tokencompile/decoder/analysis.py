@@ -52,11 +52,11 @@ class Span:
 
 @dataclass
 class DecoderAnalysis:
-    base: ModelAnalysis          # blocks, attention and reduction sites (no protected prefix, no padding mask)
+    base: ModelAnalysis          # blocks, attention, sites (no protected prefix; padding from a mask input)
     input_ids: Node
     causal: list[bool]           # per block
     rope_tables: list[Node]      # per-token tables ([1 or B, N, D]) the attentions read: cos, sin (, cos, sin ...)
-    cache_outputs: dict[int, tuple[int, str]]  # output index -> (layer, "key" | "value")
+    cache_outputs: dict[int, tuple[int, str]]  # output index -> (layer, "key" | "value" | "mask")
     scales: list[float]          # per block: the attention's softmax scale
 
     @property
@@ -70,7 +70,8 @@ class DecoderAnalysis:
     def summary(self) -> dict:
         return {"tokens": self.tokens, "layers": self.layers, "attention": self.base.attention_kind,
                 "causal": all(self.causal), "rope": bool(self.rope_tables),
-                "kv_cache_outputs": len(self.cache_outputs)}
+                "kv_cache_outputs": sum(role != "mask" for _, role in self.cache_outputs.values()),
+                "padding_mask_input": self.base.mask_input is not None}
 
 
 class _MaskValues(Interpreter):
@@ -158,13 +159,27 @@ def _before_slices(node):
     return node
 
 
-def _cache_outputs(gm: GraphModule, attentions: list[Attention]) -> dict[int, tuple[int, str]]:
+def _before_casts(node):
+    """The tensor an output passes through (torch.export records ``mask.to(mask.dtype)`` as a node)."""
+    while isinstance(node, Node) and node.op == "call_function" and node.target in (
+            aten.to.dtype, aten._to_copy.default, aten.alias.default, aten.clone.default):
+        node = node.args[0]
+    return node
+
+
+def _cache_outputs(gm: GraphModule, attentions: list[Attention],
+                   mask: Node | None = None) -> dict[int, tuple[int, str]]:
+    """Output index -> (layer, role) of the key and value caches and, with padding, of the layers' key masks
+    (the attention mask itself, once per layer in layer order)."""
     output = next(node for node in gm.graph.nodes if node.op == "output")
     # an output feeds its own layer's attention first (and, through the residual stream, every later one)
     reads = [(layer, role, ancestors(source) | {source}) for layer, attention in enumerate(attentions)
              for role, source in (("key", attention.keys), ("value", attention.node.args[2]))]
     found = {}
     for index, arg in enumerate(output.args[0]):
+        if mask is not None and _before_casts(arg) is mask:  # checked first: the mask shapes every key too
+            found[index] = (sum(role == "mask" for _, role in found.values()), "mask")
+            continue
         arg = _before_slices(arg)
         owner = next(((layer, role) for layer, role, sources in reads if arg in sources), None)
         if owner is not None:
@@ -172,21 +187,26 @@ def _cache_outputs(gm: GraphModule, attentions: list[Attention]) -> dict[int, tu
     return found
 
 
-def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tuple = ()) -> DecoderAnalysis:
+def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tuple = (),
+                    mask: int | None = None) -> DecoderAnalysis:
     """Blocks, causality, RoPE and the key/value cache outputs of a prefill program's module. With more
     than one stack of blocks (a VLM's vision tower and language model) the one that sees the prompt's
-    tokens is the decoder. ``extra_inputs``: the program's inputs after input_ids (a VLM's pixel values)."""
+    tokens is the decoder. ``extra_inputs``: the program's inputs after input_ids (a VLM's pixel values);
+    ``mask``: the index among the program's inputs of a padding mask [B, N] (1: token, 0: padding)."""
     stacks = block_stacks(gm)
     decoder_stacks = [name for name, tokens in stacks.items() if tokens == example_ids.shape[1]]
     if len(stacks) > 1 and len(decoder_stacks) != 1:
         raise UnsupportedModelError(f"cannot tell the decoder among the block stacks {stacks} for a "
                                     f"{example_ids.shape[1]}-token prompt", "export the language model alone")
     base = analyse(gm, decoder_stacks[0] if len(stacks) > 1 else None)
-    # A decoder prompt has no [CLS] to protect and no padding mask: input_ids only shape the causal mask.
-    base = dataclasses.replace(base, num_prefix=0, mask_input=None, protect_last_valid=False)
-    attentions = [block.attention for block in base.blocks]
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    ids = [node for node in placeholders if shape_of(node) is not None and len(shape_of(node)) == 2
+    mask_node = placeholders[mask] if mask is not None else None
+    # A decoder prompt has no [CLS] to protect; padding comes from the mask input only (the causal mask
+    # mixes it with the causal structure).
+    base = dataclasses.replace(base, num_prefix=0, mask_input=mask_node, protect_last_valid=False)
+    attentions = [block.attention for block in base.blocks]
+    ids = [node for node in placeholders if node is not mask_node and shape_of(node) is not None
+           and len(shape_of(node)) == 2
            and not node.meta["val"].dtype.is_floating_point]
     if len(ids) != 1:
         raise UnsupportedModelError("the prefill program needs exactly one integer [B, N] input (input_ids)",
@@ -197,7 +217,7 @@ def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tu
                                     "causal", "prompt reduction needs a causal decoder exported with SDPA")
     rope = list(dict.fromkeys(table for node in gm.graph.nodes for table in _rope_tables(node)))
     scales = [node_arg(a.node, 6, "scale", None) or shape_of(a.query)[-1] ** -0.5 for a in attentions]
-    return DecoderAnalysis(base, ids[0], causal, rope, _cache_outputs(gm, attentions), scales)
+    return DecoderAnalysis(base, ids[0], causal, rope, _cache_outputs(gm, attentions, mask_node), scales)
 
 
 __all__ = ["DecoderAnalysis", "Span", "analyse_decoder", "rope_table"]

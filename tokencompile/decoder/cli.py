@@ -98,6 +98,25 @@ def _prompt(tokenizer, prompt: str | None, prompt_ids: str | None, where: str):
     return torch.tensor([_number_list(prompt_ids, "--prompt-ids")])
 
 
+def _padded_prompts(tokenizer, prompts: tuple[str, ...], where: str, length: int | None = None):
+    """Several prompts as one batch padded on the left to ``length`` (default: the longest): (ids, mask)."""
+    import torch
+
+    rows = [_prompt(tokenizer, text, None, where)[0] for text in prompts]
+    longest = max(len(row) for row in rows)
+    length = longest if length is None else length
+    if longest > length:
+        raise TokenCompileError(f"a prompt has {longest} tokens, more than the {length} the decoder was exported "
+                                "for", "shorten it, or export again for longer prompts")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
+    ids = torch.full((len(rows), length), 0 if pad is None else pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, length - len(row):], mask[index, length - len(row):] = row, 1
+    return ids, mask
+
+
 def _numbers(text: str | None, option: str, convert):
     """None, one number, or a tuple of comma-separated numbers."""
     if text is None:
@@ -106,7 +125,28 @@ def _numbers(text: str | None, option: str, convert):
     return values[0] if len(values) == 1 else values
 
 
-def _compile(model, ids, reduction: dict):
+def _read_slots(caches) -> list:
+    """Keys, values (zero where a layer's key mask hides padding) and key masks of per-layer caches."""
+    import torch
+
+    flat = []
+    for layer in caches:
+        seen = layer[2][:, None, :, None].to(layer[0].dtype) if len(layer) == 3 else 1
+        flat += [layer[0] * seen, layer[1] * seen]
+    return flat + [torch.as_tensor(layer[2]).float() for layer in caches if len(layer) == 3]
+
+
+def _until_eos(tokens: list[int], eos) -> list[int]:
+    """A batch row's new tokens up to its first end-of-sequence token (included); the batch runs on until
+    every row has one."""
+    stops = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    for index, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:index + 1]
+    return tokens
+
+
+def _compile(model, ids, reduction: dict, padding: bool = False):
     """``compile_decoder`` with the reduction options of ``_compile_options`` as the CLI gives them."""
     from ..cli import _parse_options
     from . import compile_decoder
@@ -119,7 +159,7 @@ def _compile(model, ids, reduction: dict):
     if budget is None and keep is None and options["method"] != "pyramiddrop":
         budget = 1.0
     span = _region(options.pop("span"), options.pop("image_token_id"))
-    return compile_decoder(model, ids, budget=budget, keep=keep, layer=layer, span=span,
+    return compile_decoder(model, ids, budget=budget, keep=keep, layer=layer, span=span, padding=padding,
                            options=_parse_options(options.pop("method_options")), **options)
 
 
@@ -152,24 +192,27 @@ def generate_command(command_class, debug_option):
 
     @click.command("generate", cls=command_class)
     @click.argument("model_dir")
-    @click.option("--prompt", help="Prompt text (needs a tokenizer in MODEL_DIR, or --tokenizer).")
+    @click.option("--prompt", "prompts", multiple=True, help="Prompt text (needs a tokenizer in MODEL_DIR, or "
+                  "--tokenizer); repeat it for a batch, padded on the left.")
     @click.option("--prompt-ids", help="Prompt as comma-separated token ids (instead of --prompt).")
     @click.option("--tokenizer", "tokenizer_dir", help="Tokenizer folder (for an exported decoder folder).")
     @_compile_options
     @click.option("--max-new-tokens", type=int, default=32, show_default=True)
     @click.option("--report", "report_path", help="Write the report (JSON).")
     @debug_option
-    def generate(model_dir, prompt, prompt_ids, tokenizer_dir, gguf_file, max_new_tokens, report_path, debug,
+    def generate(model_dir, prompts, prompt_ids, tokenizer_dir, gguf_file, max_new_tokens, report_path, debug,
                  **reduction):
-        """Greedy generation with the prompt reduced in prefill; prints the continuation and tokens per layer.
+        """Greedy generation with the prompt reduced in prefill; prints the continuation (one line per
+        prompt) and tokens per layer.
 
         MODEL_DIR is a Hugging Face causal LM folder, or a folder written by `export-decoder` (then the
-        reduction was chosen at export and prefill and decode run in ONNX Runtime)."""
+        reduction was chosen at export and prefill and decode run in ONNX Runtime). Several --prompt
+        options make one batch, padded on the left (an exported folder: export it with --padding)."""
         import os
 
         from . import generate as greedy
 
-        if (prompt is None) == (prompt_ids is None):
+        if bool(prompts) == (prompt_ids is not None):
             raise TokenCompileError("give exactly one of --prompt and --prompt-ids")
         if max_new_tokens < 1:
             raise TokenCompileError(f"--max-new-tokens {max_new_tokens} is below 1", "give --max-new-tokens >= 1")
@@ -186,19 +229,29 @@ def generate_command(command_class, debug_option):
                                         f"{', '.join(given)} cannot change it", "drop them, or export again")
             source = OnnxRunner(model_dir)
             tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
-            ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
+            if source.masked and prompts:  # a padded export takes any prompt up to its length
+                ids, mask = _padded_prompts(tokenizer, prompts, model_dir, source.prompt_tokens)
+            elif len(prompts) > 1:
+                raise TokenCompileError(f"{model_dir} was exported for single prompts of {source.prompt_tokens} "
+                                        "tokens", "export it with --padding to give several prompts")
+            else:
+                ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir), None
             report, eos = source.manifest["report"], source.manifest.get("eos_token_id")
         else:
             model, tokenizer = load_causal_lm(model_dir, gguf_file)
             if tokenizer_dir:
                 tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
-            ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
-            source = _compile(model, ids, reduction)
+            if len(prompts) > 1:
+                ids, mask = _padded_prompts(tokenizer, prompts, model_dir)
+            else:
+                ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir), None
+            source = _compile(model, ids, reduction, padding=mask is not None)
             report, eos = source.report, getattr(model.config, "eos_token_id", None)
-        out = greedy(source, ids, max_new_tokens, eos_token_id=eos)
-        new = out[0, ids.shape[1]:].tolist()
-        click.echo(tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new)))
-        report = {**report, "generated_ids": new}
+        out = greedy(source, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask)
+        generated = [_until_eos(row[ids.shape[1]:].tolist(), eos) for row in out]
+        for new in generated:
+            click.echo(tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new)))
+        report = {**report, "generated_ids": generated[0] if len(generated) == 1 else generated}
         click.echo(_describe(report), err=True)
         if report_path:
             from ..outputs import write_json
@@ -222,9 +275,11 @@ def export_decoder_command(command_class, debug_option):
     @click.option("--check", "check_target", type=click.Choice(["trt"]), help="Report ops TensorRT cannot build, "
                   "in both graphs.")
     @click.option("--force", is_flag=True, help="Replace the files of an earlier export in the folder.")
+    @click.option("--padding", is_flag=True, help="Graphs for batches of shorter prompts padded on the left: an "
+                  "attention_mask input and per-layer key masks.")
     @debug_option
     def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, opset, verify, check_target,
-                       force, debug, **reduction):
+                       force, padding, debug, **reduction):
         """Compile a causal LM's prompt reduction and write prefill and decode as two ONNX graphs."""
         import os
         import sys
@@ -260,7 +315,7 @@ def export_decoder_command(command_class, debug_option):
             ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
         else:
             ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
-        program = _compile(model, ids, reduction)
+        program = _compile(model, ids, reduction, padding=padding)
         click.echo(_describe(program.report))
         info = export_decoder_onnx(program, folder, opset=opset)
         click.echo(f"wrote {info.prefill} and {info.decode} ({info.layers} layers, opset {opset}, checker passed, "
@@ -269,16 +324,22 @@ def export_decoder_command(command_class, debug_option):
         if verify:
             from . import generate as greedy
             from . import prefill
-            from .generate import flat_caches
 
             runner = OnnxRunner(folder)
             batch = torch.cat([ids, ids.flip(1)])
-            expected_logits, expected_caches = prefill(program, batch)
-            logits, caches = runner.prefill(batch)
-            # relative to each tensor's largest value: logits of real LMs reach tens, float noise grows with them
+            mask = None
+            if padding:  # the second prompt a quarter shorter
+                mask = torch.ones_like(batch)
+                mask[1, :ids.shape[1] // 4] = 0
+            extra = {"attention_mask": mask} if padding else None
+            expected_logits, expected_caches = prefill(program, batch, extra)
+            logits, caches = runner.prefill(batch, extra)
+            # relative to each tensor's largest value: logits of real LMs reach tens, float noise grows with them;
+            # cache slots of padding are never read (their values differ between runtimes)
             error = max(float((a - b).abs().max() / b.abs().max().clamp(min=1)) for a, b in
-                        zip([logits, *flat_caches(caches)], [expected_logits, *flat_caches(expected_caches)]))
-            same = torch.equal(greedy(program, batch, 8), greedy(runner, batch, 8))
+                        zip([logits, *_read_slots(caches)], [expected_logits, *_read_slots(expected_caches)]))
+            same = torch.equal(greedy(program, batch, 8, attention_mask=mask), greedy(runner, batch, 8,
+                                                                                    attention_mask=mask))
             click.echo(f"verify batch 2: prefill max error {error:.2e} of the largest value (limit 1e-4), 8 greedy "
                        f"tokens {'identical' if same else 'DIFFERENT'}")
             failed |= error > 1e-4 or not same

@@ -111,6 +111,10 @@ class FastV(PruneMethod):
                                   builder.call(aten.unsqueeze.default, rows_at, 2))              # [B, P, N]
             logits = builder.call(aten.masked_fill.Scalar, logits,
                                   builder.call(aten.unsqueeze.default, future, 1), float("-inf"))
+        if site.valid is not None:  # padding is never attended to
+            padding = builder.call(aten.logical_not.default, site.valid)
+            logits = builder.call(aten.masked_fill.Scalar, logits, builder.call(
+                aten.unsqueeze.default, builder.call(aten.unsqueeze.default, padding, 1), 1), float("-inf"))
         attention = builder.call(aten.softmax.int, logits, -1)
         return builder.call(aten.mean.dim, attention, [1, 2], name=f"block{site.block}_last_token_attention")
 
@@ -127,6 +131,8 @@ class FastV(PruneMethod):
         ids, n = self.input_ids, site.n
         window = min(self.lookup, n - 1)
         positions = builder.positions(ids)                                                # [B, N]
+        if site.valid is not None:  # padding: a distinct negative id per column, so that it matches nothing
+            ids = builder.call(aten.where.self, site.valid, ids, builder.call(aten.rsub.Scalar, positions, -1))
         backs = builder.call(aten.slice.Tensor, positions, 1, 0, window)                  # [B, W]: 0 .. W-1
         at = builder.call(aten.unsqueeze.default, positions, 1)                           # [B, 1, N]
         back = builder.call(aten.unsqueeze.default, backs, 2)                             # [B, W, 1]
@@ -167,8 +173,10 @@ class FastV(PruneMethod):
             end = site.n if self.span.length is None else self.span.start + self.span.length
             inside = builder.call(aten.logical_and.default, builder.call(aten.ge.Scalar, positions, self.span.start),
                                   builder.call(aten.lt.Scalar, positions, end))
-        if self.sinks:
-            inside = builder.call(aten.logical_and.default, inside, builder.call(aten.ge.Scalar, positions, self.sinks))
+        if self.sinks:  # the first tokens of each prompt: after its padding
+            own = positions if site.valid is None else builder.call(
+                aten.sub.Scalar, builder.call(aten.cumsum.default, builder.cast(site.valid, torch.int64), 1), 1)
+            inside = builder.call(aten.logical_and.default, inside, builder.call(aten.ge.Scalar, own, self.sinks))
         return builder.call(aten.logical_and.default, inside, builder.call(aten.lt.Scalar, positions, site.n - 1))
 
     def pooled(self, builder: GraphBuilder, score: Node) -> Node:

@@ -10,10 +10,13 @@ prompt length: the kept tokens kept their original rotary positions.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..errors import TokenCompileError
 from .prefill import (
+    MASK,
     DecoderProgram,
     as_causal_lm,
     cache_argument,
@@ -23,7 +26,7 @@ from .prefill import (
     sliding_window,
 )
 
-Caches = list[tuple[torch.Tensor, torch.Tensor]]
+Caches = list[tuple[torch.Tensor, ...]]  # per layer (key, value), or (key, value, key mask) with padding
 
 
 def _check_prompt(prompt_ids) -> torch.Tensor:
@@ -54,10 +57,28 @@ def check_span_tokens(report: dict, prompt_ids: torch.Tensor) -> None:
                                 "compile it for this number of image tokens")
 
 
+def check_padding(prompt_ids: torch.Tensor, extra: dict | None) -> None:
+    """An ``attention_mask`` must be [B, N] of 0 / 1 with the padding on the left."""
+    mask = (extra or {}).get(MASK)
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(prompt_ids.shape):
+        raise TokenCompileError(f"attention_mask must be a tensor shaped like the prompt ids {list(prompt_ids.shape)}",
+                                "give 1 for each token and 0 for each padding position")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise TokenCompileError("attention_mask holds values other than 0 and 1", "give 1 for tokens, 0 for padding")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()) or not bool((mask[:, -1] == 1).all()):
+        raise TokenCompileError("attention_mask pads on the right (or inside a prompt): prompt reduction needs "
+                                "every prompt to end at the last column", "pad on the left (Hugging Face "
+                                "tokenizers: padding_side='left')")
+
+
 def prefill(program_or_model, prompt_ids: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, Caches]:
-    """Logits of the last prompt token [B, V] and every layer's (key, value) cache. ``extra``: further
-    inputs by name (a VLM's pixel_values)."""
+    """Logits of the last prompt token [B, V] and every layer's (key, value) cache, with the layer's key
+    mask when the prompts are padded. ``extra``: further inputs by name (a VLM's pixel_values, the
+    ``attention_mask`` of left-padded prompts)."""
     prompt_ids = _check_prompt(prompt_ids)
+    check_padding(prompt_ids, extra)
     with torch.no_grad():
         if isinstance(program_or_model, DecoderProgram):
             if prompt_ids.shape[1] != program_or_model.prompt_tokens:
@@ -69,15 +90,47 @@ def prefill(program_or_model, prompt_ids: torch.Tensor, extra: dict | None = Non
         else:
             extra = extra or {}
             logits, *flat = prefill_module(program_or_model, tuple(extra))(prompt_ids, *extra.values())
-    return logits, pair_caches(flat)
+    return logits, pair_caches(flat, masked=MASK in (extra or {}))
 
 
 def flat_caches(caches: Caches) -> list[torch.Tensor]:
-    return [t for kv in caches for t in kv]
+    """key_0, value_0, key_1, value_1, ..., then mask_0, mask_1, ... when the caches have key masks."""
+    return [t for layer in caches for t in layer[:2]] + [layer[2] for layer in caches if len(layer) == 3]
 
 
-def pair_caches(flat) -> Caches:
-    return list(zip(flat[0::2], flat[1::2]))
+def pair_caches(flat, masked: bool = False) -> Caches:
+    """The per-layer caches of ``flat_caches``' order."""
+    if not masked:
+        return list(zip(flat[0::2], flat[1::2]))
+    layers = len(flat) // 3
+    return list(zip(flat[0:2 * layers:2], flat[1:2 * layers:2], flat[2 * layers:]))
+
+
+def decoder_layers(lm: torch.nn.Module, count: int) -> torch.nn.ModuleList:
+    """The causal LM's stack of ``count`` decoder layers."""
+    for module in lm.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise TokenCompileError(f"cannot find the {count} decoder layers of {type(lm).__name__}",
+                            "decode padded prompts with a Hugging Face causal LM")
+
+
+def _mask_per_layer(layers: torch.nn.ModuleList, masks: list[torch.Tensor]) -> list:
+    """Forward pre-hooks giving layer i the additive key mask ``masks[i]`` [B, 1, 1, keys] (Hugging Face
+    builds one mask for all layers; after a reduction each layer's cache has its own tokens)."""
+    handles = []
+    for layer, mask in zip(layers, masks):
+        names = [name for name in inspect.signature(layer.forward).parameters]
+        slot = names.index("attention_mask") if "attention_mask" in names else None
+
+        def hook(module, args, kwargs, mask=mask, slot=slot):
+            if "attention_mask" in kwargs or slot is None or len(args) <= slot:
+                kwargs["attention_mask"] = mask
+            else:
+                args = (*args[:slot], mask, *args[slot + 1:])
+            return args, kwargs
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
 
 
 def decode_step(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
@@ -86,12 +139,23 @@ def decode_step(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.T
     from transformers import DynamicCache
 
     lm = as_causal_lm(model)
-    cache = DynamicCache(ddp_cache_data=caches)
-    visible = torch.zeros(tokens.shape[0], 1, 1, 1, dtype=caches[0][0].dtype, device=tokens.device)
-    with torch.no_grad():
-        out = lm(input_ids=tokens, position_ids=positions, attention_mask=visible, use_cache=True,
-                 **{cache_argument(lm): cache})
-    return out.logits[:, -1], pair_caches(cache_tensors(cache))
+    cache = DynamicCache(ddp_cache_data=[layer[:2] for layer in caches])
+    dtype = caches[0][0].dtype
+    visible = torch.zeros(tokens.shape[0], 1, 1, 1, dtype=dtype, device=tokens.device)
+    masks, handles = [], []
+    if len(caches[0]) == 3:  # padded prompts: each layer's keys have their own mask, the new token is seen
+        masks = [torch.cat([layer[2], torch.ones_like(layer[2][:, :1])], 1) for layer in caches]
+        additive = [torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m == 0, torch.finfo(dtype).min)
+                    [:, None, None] for m in masks]
+        handles = _mask_per_layer(decoder_layers(lm, len(caches)), additive)
+    try:
+        with torch.no_grad():
+            out = lm(input_ids=tokens, position_ids=positions, attention_mask=visible, use_cache=True,
+                     **{cache_argument(lm): cache})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out.logits[:, -1], pair_caches([*cache_tensors(cache), *masks], masked=bool(masks))
 
 
 class TorchRunner:
@@ -106,9 +170,9 @@ class TorchRunner:
         self.source = program_or_model
         self.window = sliding_window(as_causal_lm(self.decoder))
 
-    def start_position(self, prompt_ids: torch.Tensor) -> int:
-        """The rotary position of the first generated token."""
-        return prompt_ids.shape[1] if self.position is None else self.position
+    def start_position(self, prompt_ids: torch.Tensor, extra: dict | None = None) -> int | torch.Tensor:
+        """The rotary position of the first generated token ([B, 1] per prompt when padded)."""
+        return start_position(prompt_ids.shape[1] if self.position is None else self.position, extra)
 
     def prefill(self, prompt_ids: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, Caches]:
         return prefill(self.source, prompt_ids, extra)
@@ -117,15 +181,22 @@ class TorchRunner:
         return decode_step(self.decoder, tokens, positions, caches)
 
 
+def start_position(position: int, extra: dict | None) -> int | torch.Tensor:
+    """``position``, or for left-padded prompts (kept positions) each prompt's own length [B, 1]."""
+    mask = (extra or {}).get(MASK)
+    return position if mask is None else mask.long().sum(1, keepdim=True)
+
+
 def as_runner(source):
     """A runner (``prefill`` and ``decode`` methods, e.g. ``OnnxRunner``) as is; a program or model in torch."""
     return source if hasattr(source, "prefill") and hasattr(source, "decode") else TorchRunner(source)
 
 
-def check_window(runner, start: int, steps: int) -> None:
+def check_window(runner, start: int | torch.Tensor, steps: int) -> None:
     """Decode steps feed positions start .. start + steps - 1; a token at position p of a model with a
     sliding window W may see every cached key only while p < W (the decode mask is all-visible)."""
     window = getattr(runner, "window", None)
+    start = int(start.max()) if isinstance(start, torch.Tensor) else start
     if window is not None and steps > 0 and start + steps - 1 >= window:
         raise TokenCompileError(f"decoding would reach position {start + steps - 1}, past the model's sliding "
                                 f"attention window ({window} tokens), which decoding on reduced caches does not "
@@ -133,13 +204,32 @@ def check_window(runner, start: int, steps: int) -> None:
                                 "this prompt")
 
 
+def _positions(token: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+    return torch.full_like(token, position) if isinstance(position, int) else position.expand_as(token).clone()
+
+
+def with_mask(source, extra: dict | None, attention_mask: torch.Tensor | None) -> dict | None:
+    """``extra`` with the ``attention_mask`` of padded prompts, after checking the program takes one."""
+    if attention_mask is None:
+        return extra
+    takes = source.extra_inputs if isinstance(source, DecoderProgram) else getattr(source, "extra_inputs", None)
+    if takes is not None and MASK not in takes:
+        raise TokenCompileError("the program was compiled for prompts without padding",
+                                "compile it with padding=True (--padding) for an attention_mask")
+    if isinstance(attention_mask, torch.Tensor) and not attention_mask.dtype.is_floating_point:
+        attention_mask = attention_mask.long()
+    return {**(extra or {}), MASK: attention_mask}
+
+
 def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
-             extra: dict | None = None) -> torch.Tensor:
+             extra: dict | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy decoding: [B, N + new] ids (stops early when every sample produced ``eos_token_id``).
     ``source``: a DecoderProgram, a causal LM, or a runner such as ``OnnxRunner``; ``extra``: further
-    prefill inputs by name (a VLM's pixel_values)."""
+    prefill inputs by name (a VLM's pixel_values); ``attention_mask``: 1 for tokens, 0 for the padding
+    of left-padded prompts (a program compiled with ``padding=True``)."""
     runner = as_runner(source)
-    ids, position = prompt_ids, runner.start_position(_check_prompt(prompt_ids))
+    extra = with_mask(source, extra, attention_mask)
+    ids, position = prompt_ids, runner.start_position(_check_prompt(prompt_ids), extra)
     check_window(runner, position, max_new_tokens - 1)
     logits, caches = runner.prefill(prompt_ids, extra)
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
@@ -151,25 +241,28 @@ def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id
             if bool(finished.all()):
                 break
         if step + 1 < max_new_tokens:
-            logits, caches = runner.decode(token, torch.full_like(token, position), caches)
-            position += 1
+            logits, caches = runner.decode(token, _positions(token, position), caches)
+            position = position + 1
     return ids
 
 
 def teacher_forced_logits(source, prompt_ids: torch.Tensor, continuation: torch.Tensor,
-                          extra: dict | None = None) -> torch.Tensor:
-    """[B, T, V]: logits predicting continuation[:, t] after the prompt and continuation[:, :t]."""
+                          extra: dict | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T, V]: logits predicting continuation[:, t] after the prompt and continuation[:, :t]
+    (``attention_mask``: as in ``generate``)."""
     runner = as_runner(source)
-    position = runner.start_position(_check_prompt(prompt_ids))
+    extra = with_mask(source, extra, attention_mask)
+    position = runner.start_position(_check_prompt(prompt_ids), extra)
     check_window(runner, position, continuation.shape[1] - 1)
     logits, caches = runner.prefill(prompt_ids, extra)
     steps = [logits]
     for t in range(continuation.shape[1] - 1):
         token = continuation[:, t:t + 1]
-        logits, caches = runner.decode(token, torch.full_like(token, position), caches)
+        logits, caches = runner.decode(token, _positions(token, position), caches)
         steps.append(logits)
-        position += 1
+        position = position + 1
     return torch.stack(steps, dim=1)
 
 
-__all__ = ["Caches", "TorchRunner", "flat_caches", "pair_caches", "as_runner", "decode_step", "generate", "prefill", "teacher_forced_logits"]
+__all__ = ["Caches", "TorchRunner", "as_runner", "check_padding", "decode_step", "flat_caches", "generate",
+           "pair_caches", "prefill", "teacher_forced_logits"]

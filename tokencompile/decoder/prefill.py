@@ -29,10 +29,21 @@ from .span_scored import SPAN_SCORES, span_scored
 tc = torch.ops.tokencompile
 
 
+MASK = "attention_mask"
+
+
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of a left-padded batch, as Hugging Face's generate numbers them: each prompt's
+    tokens from 0, padding at 1."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
 class CausalLMPrefill(torch.nn.Module):
     """(input_ids [B, N], *extra) -> (logits of the last token [B, V], key_0, value_0, key_1, value_1, ...),
     each cache [B, H_kv, N, D] with RoPE applied (as the model caches them). ``extra_inputs``: the
-    keywords of further inputs, e.g. ("pixel_values",) for a VLM."""
+    keywords of further inputs, e.g. ("pixel_values",) for a VLM. With an ``attention_mask`` input
+    [B, N] (1: token, 0: padding on the left) positions follow it, and every layer's key mask follows
+    the caches: (..., mask_0, mask_1, ...)."""
 
     def __init__(self, model: torch.nn.Module, extra_inputs: tuple[str, ...] = ()):
         super().__init__()
@@ -41,8 +52,13 @@ class CausalLMPrefill(torch.nn.Module):
 
     def forward(self, input_ids, *extra):
         named = dict(zip(self.extra_inputs, extra))
+        mask = named.get(MASK)
+        if mask is not None:
+            named["position_ids"] = padded_positions(mask)
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **named)
-        return (out.logits[:, -1], *cache_tensors(returned_cache(out)))
+        caches = cache_tensors(returned_cache(out))
+        masks = [mask] * (len(caches) // 2) if mask is not None else []
+        return (out.logits[:, -1], *caches, *masks)
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:
@@ -192,7 +208,25 @@ def trace_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra_inputs:
     program = export_prefill(model, input_ids, extra_inputs)
     inputs = (input_ids, *extra_inputs.values())
     module = program.module()
-    return TracedPrefill(lm, program, extra_inputs, inputs, module, analyse_decoder(module, input_ids, inputs[1:]))
+    return TracedPrefill(lm, program, extra_inputs, inputs, module,
+                         analyse_decoder(module, input_ids, inputs[1:], mask_index(extra_inputs)))
+
+
+def check_token_count(analysis: DecoderAnalysis) -> None:
+    """Tensors read past a reduction are gathered along their axes of the prompt's length: a prompt as long
+    as an attention head (or its rotary part) would make the head axis of the rotary tables look like tokens."""
+    heads = {shape_of(block.attention.query)[-1] for block in analysis.base.blocks}
+    heads |= {shape_of(table)[-1] for table in analysis.rope_tables}
+    if analysis.tokens in heads:
+        raise UnsupportedModelError(f"a {analysis.tokens}-token prompt is as long as an attention head "
+                                    f"({analysis.tokens} channels): the rewrite cannot tell the two axes apart",
+                                    "compile for another prompt length (padding=True pads prompts to it)")
+
+
+def mask_index(extra_inputs) -> int | None:
+    """The program input index of the padding mask among (input_ids, *extra_inputs), if any."""
+    names = list(extra_inputs)
+    return 1 + names.index(MASK) if MASK in names else None
 
 
 @dataclass(frozen=True)
@@ -363,7 +397,8 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: lis
 
     scale = row(cos, 0)  # cos(0) = 1: the tables' attention scaling, if any
     rotations = {shift: (builder.call(aten.div.Tensor, row(cos, shift), scale),
-                         builder.call(aten.div.Tensor, row(sin, shift), scale)) for shift in sorted(set(shifts.values()))}
+                         builder.call(aten.div.Tensor, row(sin, shift), scale))
+                 for shift in sorted(set(shifts.values()))}
     for index, shift in shifts.items():
         key, (cos_shift, sin_shift) = values[index], rotations[shift]
         # partial rotary (Phi, StableLM): the first `rotary` channels are rotated, the rest pass through
@@ -384,10 +419,11 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: lis
 
 
 def rewrite_prefill(ep: ExportedProgram, input_ids: torch.Tensor, method: FastV,
-                    stages: list[Stage], removable: int, extra: tuple = ()) -> GraphModule:
-    """A fresh module of the prefill program with the span reduced at every stage (after layer - 1)."""
+                    stages: list[Stage], removable: int, extra: tuple = (), mask: int | None = None) -> GraphModule:
+    """A fresh module of the prefill program with the span reduced at every stage (after layer - 1)
+    (``mask``: the program input index of a padding mask)."""
     gm = ep.module()
-    analysis = analyse_decoder(gm, input_ids, extra)
+    analysis = analyse_decoder(gm, input_ids, extra, mask)
     method.reset()
     method.input_ids = analysis.input_ids
     method.scales = tuple(analysis.scales)
@@ -430,7 +466,8 @@ def _plain(values) -> str:
 def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: float | None = None,
                     keep=None, layer=None, span: Span | tuple | None = None, positions: str = "keep",
                     probes: int = 1, method: str = "fastv", sinks: int = 0, pool: int = 1, lookup: int = 0,
-                    ahead: int = AHEAD, extra_inputs: dict | None = None, options: dict | None = None) -> DecoderProgram:
+                    ahead: int = AHEAD, extra_inputs: dict | None = None, options: dict | None = None,
+                    padding: bool = False) -> DecoderProgram:
     """Reduce a causal LM's prompt in prefill with FastV or PyramidDrop (FastV's score at several stages),
     or with the score of ``dart``, ``divprune``, ``zipcache`` or ``random`` restricted to the span
     (``options``: that method's options, e.g. ``{"pivots": 4}``; see ``tokencompile.decoder.span_scored``).
@@ -452,6 +489,10 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     tokens past the prompt such a match reaches; see ``FastV``).
     ``input_ids`` fixes the prompt length (shapes are static).
     ``extra_inputs``: further keyword inputs of the model by name (a VLM's ``pixel_values``).
+    ``padding``: the program takes an ``attention_mask`` [B, N] after input_ids, for batches of prompts
+    padded on the left: padding is removed first and never attended to, positions and ``sinks`` count
+    each prompt's own tokens, the span counts columns (so a protected suffix stays aligned), and every
+    layer's cache comes with its key mask (fastv, pyramiddrop and the span scores; positions=keep).
     pyramiddrop without budget or keep keeps 0.5 of the remaining span per stage (the paper).
     ``method="vtc-cls"`` or ``"visionzip"``: a VLM's image tokens (``span=Span(token_id=...)``) are
     reduced before the language model, read from the vision tower: vtc-cls keeps those its [CLS] attends
@@ -475,6 +516,9 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                                 f"give one of: {', '.join(POSITION_POLICIES)}")
 
     if method in VISION_METHODS:
+        if padding:
+            raise TokenCompileError(f"{method} does not take padded prompts (the image placeholders of each "
+                                    "prompt would sit in other columns)", "give prompts of one length")
         shaping = [f"{key}={value}" for key, value, default in (("probes", probes, 1), ("sinks", sinks, 0),
                                                                  ("pool", pool, 1), ("lookup", lookup, 0),
                                                                  ("ahead", ahead, AHEAD)) if value != default]
@@ -485,6 +529,14 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         return compile_before_language_model(model, input_ids, budget=budget, keep=keep, span=span,
                                              positions=positions, method=method, layers=layer,
                                              extra_inputs=extra_inputs, started=started, options=options)
+    if padding:
+        if positions != "keep":
+            raise TokenCompileError("padded prompts decode with their own positions: positions=renumber would "
+                                    "need per-prompt key rotations", "use positions='keep' with padding")
+        if MASK in (extra_inputs or {}):
+            raise TokenCompileError("padding=True adds the attention_mask input itself",
+                                    "leave attention_mask out of extra_inputs")
+        extra_inputs = {MASK: torch.ones_like(input_ids), **(extra_inputs or {})}
     stage_options = dict(positions=positions, probes=probes, span=span, sinks=sinks, pool=pool, lookup=lookup,
                          ahead=ahead)
     if method in SPAN_SCORES:
@@ -502,6 +554,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     lm, ep, extra_inputs, extra, inputs, original, analysis = (
         traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
     span.check(analysis.tokens)
+    check_token_count(analysis)
     if layer is None:  # fastv: the layer rule with a budget (the solver picks K), FastV's K=2 with keep
         layer = pyramid_layers(analysis.layers) if method == "pyramiddrop" else "auto" if budget is not None else 2
     if layer == "auto" and budget is None:
@@ -532,7 +585,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     while True:
         stages = [stage for stage, before in zip(stages, [removable] + [s.kept for s in stages])
                   if stage.kept < before]  # a stage that removes nothing is no stage
-        gm = rewrite_prefill(ep, input_ids, pruner, stages, removable, extra) if stages else ep.module()
+        gm = rewrite_prefill(ep, input_ids, pruner, stages, removable, extra, mask_index(extra_inputs)) \
+            if stages else ep.module()
         program = export_with_batch_axis(gm, inputs)
         flops = count_flops(program.module(), inputs)
         if budget is None or flops <= budget * original_flops + 1e-9 or not stages or stages[-1].kept == 0:

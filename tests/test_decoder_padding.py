@@ -1,0 +1,226 @@
+"""Batches of prompts of different lengths, padded on the left: a padded prompt gives what the same prompt
+gives alone (padding removed first, never attended to, positions and sinks counted per prompt, every
+layer's cache with its key mask), budget 1.0 equals Hugging Face's generate with the attention mask, and
+the two ONNX graphs carry the masks."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import onnx
+import pytest
+import torch
+
+import models
+from tokencompile.decoder import (
+    compile_decoder,
+    generate,
+    prefill,
+    teacher_forced_logits,
+)
+from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
+from tokencompile.errors import TokenCompileError
+
+TOKENS, PAD_ID = 24, 0
+PADS = (0, 4, 10, 16) * 3   # padding per prompt
+SPAN, SINKS, KEPT = (0, 20), 2, 3   # 18 removable columns (2..19) of which 3 stay
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Twelve prompts of 24, 20, 14 and 8 tokens, left-padded to 24, and a 5-token continuation."""
+    ids = models.decoders.prompt_ids(len(PADS), TOKENS, seed=4)[0].clone()
+    mask = torch.ones_like(ids)
+    for row, pads in enumerate(PADS):
+        ids[row, :pads], mask[row, :pads] = PAD_ID, 0
+    return ids, mask, models.decoders.prompt_ids(len(PADS), 5, seed=5)[0]
+
+
+@pytest.fixture(scope="module")
+def loud_padding(llama):
+    """The tiny Llama with the padding id's embedding scaled up: its keys would swamp any score that
+    attended to padding, and nothing may change where padding is masked."""
+    model = copy.deepcopy(llama)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[PAD_ID] *= 30
+    return model
+
+
+@pytest.fixture(scope="module")
+def padded(loud_padding, batch):
+    return compile_decoder(loud_padding, batch[0], keep=KEPT / 18, layer=2, span=SPAN, sinks=SINKS, padding=True)
+
+
+def alone(llama, batch, pads: int, lookup: int = 0):
+    """The prompts with ``pads`` padding, without it, compiled to keep the same tokens: the span is the
+    real part of the padded span, and what the padded program keeps of it (all of it when padding fills
+    the removed slots)."""
+    rows = [row for row, count in enumerate(PADS) if count == pads]
+    ids = batch[0][rows, pads:]
+    span = (0, SPAN[1] - pads)
+    removable = span[1] - SINKS
+    keep = 1.0 if removable <= KEPT else KEPT / removable
+    options = {"lookup": lookup, "ahead": 3} if lookup else {}
+    return rows, ids, compile_decoder(llama, ids, keep=keep, layer=2, span=span, sinks=SINKS, **options)
+
+
+@pytest.mark.parametrize("lookup", [0, pytest.param(4, marks=pytest.mark.slow)])
+def test_a_padded_prompt_gives_what_it_gives_alone(loud_padding, batch, padded, lookup):
+    """With lookup, every prompt ends in the padding id: the looked-up token must not match the padding
+    (a match there would favour the first tokens after it)."""
+    ids, mask, continuation = batch
+    if lookup:
+        ids = ids.clone()
+        ids[:, -1] = PAD_ID
+        batch = (ids, mask, continuation)
+        padded = compile_decoder(loud_padding, ids, keep=KEPT / 18, layer=2, span=SPAN, sinks=SINKS, lookup=lookup,
+                                 ahead=3, padding=True)
+    assert padded.extra_inputs == ("attention_mask",)
+    logits, caches = prefill(padded, ids, {"attention_mask": mask})
+    assert [tuple(layer[0].shape[2:3]) for layer in caches] == [(24,), (24,), (9,), (9,)]
+    forced = teacher_forced_logits(padded, ids, continuation, attention_mask=mask)
+    for pads in sorted(set(PADS)):
+        rows, own_ids, own = alone(loud_padding, batch, pads, lookup)
+        own_logits, own_caches = prefill(own, own_ids)
+        torch.testing.assert_close(logits[rows], own_logits, atol=1e-5, rtol=1e-4)
+        for (key, value, key_mask), (own_key, own_value) in zip(caches, own_caches):
+            for at, row in enumerate(rows):
+                real = key_mask[row].bool()
+                assert int(real.sum()) == own_key.shape[2]                # padding kept only where masked
+                torch.testing.assert_close(key[row][:, real], own_key[at], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(value[row][:, real], own_value[at], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(forced[rows], teacher_forced_logits(own, own_ids, continuation[rows]),
+                                   atol=1e-5, rtol=1e-4)
+    # 16 padding tokens fill the 15 removed slots: one stays, masked; 4 or 10 are all removed
+    assert caches[2][2][3].tolist() == [0] + [1] * 8
+    assert caches[2][2][:3].tolist() == [[1] * 9] * 3
+
+
+def test_budget_one_equals_hugging_face_with_the_mask(llama, batch):
+    ids, mask, _ = batch
+    program = compile_decoder(llama, ids, budget=1.0, padding=True)
+    expected = llama.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD_ID)
+    assert torch.equal(generate(program, ids, 10, attention_mask=mask), expected)
+    assert torch.equal(generate(llama, ids, 10, attention_mask=mask), expected)
+
+
+@pytest.mark.slow
+def test_onnx_graphs_carry_the_masks(padded, batch, tmp_path):
+    ids, mask, continuation = batch
+    export_decoder_onnx(padded, str(tmp_path))
+    prefill_graph, decode_graph = (onnx.load(tmp_path / name).graph for name in ("prefill.onnx", "decode.onnx"))
+    assert [v.name for v in prefill_graph.input] == ["input_ids", "attention_mask"]
+    assert [v.name for v in prefill_graph.output][-4:] == [f"present.{i}.mask" for i in range(4)]
+    assert [v.name for v in decode_graph.input][-4:] == [f"past_key_values.{i}.mask" for i in range(4)]
+    assert [d.dim_param for d in decode_graph.input[-1].type.tensor_type.shape.dim] == ["batch",
+                                                                                       "past_sequence_length.3"]
+    assert json.loads((tmp_path / "decoder.json").read_text())["padding"] is True
+    runner = OnnxRunner(str(tmp_path))
+    torch.testing.assert_close(teacher_forced_logits(runner, ids, continuation, attention_mask=mask),
+                               teacher_forced_logits(padded, ids, continuation, attention_mask=mask),
+                               atol=1e-4, rtol=1e-4)
+    assert torch.equal(generate(runner, ids, 8, attention_mask=mask), generate(padded, ids, 8, attention_mask=mask))
+
+
+@pytest.mark.slow
+def test_span_scores_drop_padding_first(llama, batch):
+    ids, mask, _ = batch
+    program = compile_decoder(llama, ids, keep=KEPT / 18, layer=2, span=SPAN, sinks=SINKS, padding=True,
+                              method="dart")
+    _, caches = prefill(program, ids, {"attention_mask": mask})
+    assert caches[2][2][:3].tolist() == [[1] * 9] * 3 and caches[2][2][3].sum() == 8
+    single, _ = prefill(program, ids[1:2], {"attention_mask": mask[1:2]})
+    torch.testing.assert_close(single[0], prefill(program, ids, {"attention_mask": mask})[0][1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ids, mask: (ids, mask.flip(1)), "attention_mask pads on the right"),
+    (lambda ids, mask: (ids, mask * 2), "attention_mask holds values other than 0 and 1"),
+    (lambda ids, mask: (ids, mask[:, 1:]), "attention_mask must be a tensor shaped like the prompt ids"),
+])
+def test_bad_masks_are_one_line_errors(padded, batch, change, message):
+    ids, mask = change(*batch[:2])
+    with pytest.raises(TokenCompileError, match=message):
+        generate(padded, ids, 2, attention_mask=mask)
+
+
+def test_padding_errors(llama, batch):
+    ids, mask, _ = batch
+    unpadded = compile_decoder(llama, ids, keep=0.5, layer=2)
+    with pytest.raises(TokenCompileError, match="compiled for prompts without padding.*padding=True"):
+        generate(unpadded, ids, 2, attention_mask=mask)
+    with pytest.raises(TokenCompileError, match="positions=renumber would need per-prompt key rotations"):
+        compile_decoder(llama, ids, keep=0.5, padding=True, positions="renumber")
+    with pytest.raises(TokenCompileError, match="^a 16-token prompt is as long as an attention head"):
+        compile_decoder(llama, ids[:, :16], keep=0.5, layer=2)
+
+
+@pytest.mark.parametrize("probes", [1, 3])
+def test_probe_rows_never_attend_to_padding(probes):
+    """FastV's score nodes, in a small graph: the last rows' softmax over the prompt's own keys only."""
+    from tokencompile.decoder import FastV
+    from tokencompile.graph_utils import GraphBuilder
+    from tokencompile.methods.base import SiteInputs
+
+    class Inputs(torch.nn.Module):
+        def forward(self, x, query, keys, valid):
+            return x + query.sum() + keys.sum() + valid.sum()
+
+    generator = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(2, 3, 10, 4, generator=generator) * 3, torch.randn(2, 3, 10, 4, generator=generator)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, :6] = False
+    x = torch.zeros(2, 10, 8)
+    gm = torch.export.export(Inputs(), (x, query, keys, valid)).module()
+    nodes = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    site = SiteInputs(block=0, x=nodes[0], query=nodes[1], keys=nodes[2], valid=nodes[3], sizes=None, num_prefix=0,
+                      protect_last_valid=False, n=10, depth=2)
+    method = FastV(probes=probes, scale=0.5)
+    score = method.last_token_attention(GraphBuilder(gm, nodes[3]), site)
+    next(node for node in gm.graph.nodes if node.op == "output").args = ((score,),)
+    gm.recompile()
+    logits = (query[:, :, -probes:] @ keys.transpose(-2, -1)) * 0.5
+    future = torch.arange(10)[None, :] > torch.arange(10 - probes, 10)[:, None]
+    logits = logits.masked_fill(future | ~valid[:, None, None, :], float("-inf"))
+    expected = logits.softmax(-1).mean((1, 2))
+    torch.testing.assert_close(gm(x, query, keys, valid), expected)
+    assert float(expected[1, :6].abs().max()) == 0.0
+
+
+@pytest.mark.slow
+def test_cli_generates_a_padded_batch(llama, tmp_path):
+    """Several --prompt options: one batch padded on the left, from a model folder and from an export made
+    with --padding; each line equals the Python API's result for that row."""
+    from click.testing import CliRunner
+
+    from tokencompile.cli import main
+    from tokencompile.decoder.cli import _padded_prompts
+
+    tokenizer = models.decoders.byte_tokenizer()
+    model_dir, tokenizer_dir = tmp_path / "model", tmp_path / "tokenizer"
+    llama.save_pretrained(model_dir)
+    tokenizer.save_pretrained(tokenizer_dir)
+    texts = ["a prompt long enough to be reduced", "a short one"]
+    flags = [item for text in texts for item in ("--prompt", text)]
+    options = ["--keep", "0.5", "--layer", "2", "--sinks", "1", "--max-new-tokens", "5", "--tokenizer",
+               str(tokenizer_dir)]
+    ids, mask = _padded_prompts(tokenizer, tuple(texts), "test")
+    assert mask.sum(1).tolist() == [34, 11] and ids.shape == (2, 34)
+    program = compile_decoder(llama, ids, keep=0.5, layer=2, sinks=1, padding=True)
+    expected = [tokenizer.decode(row) for row in generate(program, ids, 5, attention_mask=mask)[:, 34:]]
+    result = CliRunner().invoke(main, ["generate", str(model_dir), *flags, *options])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == expected
+
+    export = tmp_path / "onnx"
+    result = CliRunner().invoke(main, ["export-decoder", str(model_dir), "-o", str(export), "--prompt-tokens", "40",
+                                       "--keep", "0.5", "--layer", "2", "--sinks", "1", "--padding", "--verify"])
+    assert result.exit_code == 0 and "8 greedy tokens identical" in result.output, result.output
+    result = CliRunner().invoke(main, ["generate", str(export), *flags, "--max-new-tokens", "5", "--tokenizer",
+                                       str(tokenizer_dir)])
+    assert result.exit_code == 0, result.output
+    ids, mask = _padded_prompts(tokenizer, tuple(texts), "test", 40)
+    runner = OnnxRunner(str(export))
+    assert result.stdout.splitlines() == [tokenizer.decode(row) for row in
+                                          generate(runner, ids, 5, attention_mask=mask)[:, 40:]]
