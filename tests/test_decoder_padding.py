@@ -224,3 +224,32 @@ def test_cli_generates_a_padded_batch(llama, tmp_path):
     runner = OnnxRunner(str(export))
     assert result.stdout.splitlines() == [tokenizer.decode(row) for row in
                                           generate(runner, ids, 5, attention_mask=mask)[:, 40:]]
+
+
+@pytest.mark.slow
+def test_smollm2_padded_batch():
+    """Real weights: budget 1.0 on a padded batch generates Hugging Face's 32 tokens with the attention mask,
+    and a reduced padded prompt gives its logits alone (relative to the largest logit)."""
+    model = models.build("smollm2")[0].model
+    tokenizer = models.decoders.smollm2_tokenizer()
+    tokenizer.padding_side = "left"
+    texts = ["The Apache License grants every contributor's users a perpetual, worldwide, non-exclusive, "
+             "no-charge, royalty-free, irrevocable copyright license to reproduce, prepare derivative works of, "
+             "and distribute the Work", "Permission is hereby granted, free of charge, to any person obtaining"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    ids, mask = batch.input_ids, batch.attention_mask
+    tokens, pads = ids.shape[1], int((mask[1] == 0).sum())
+    assert pads > 10
+    full = compile_decoder(model, ids, budget=1.0, padding=True)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert torch.equal(generate(full, ids, 32, attention_mask=mask), expected)
+
+    span, kept = (0, tokens - 4), 6   # sinks 2: the span's first two tokens of each prompt stay
+    reduced = compile_decoder(model, ids, keep=kept / (span[1] - 2), layer=3, span=span, sinks=2, padding=True)
+    logits, _ = prefill(reduced, ids, {"attention_mask": mask})
+    for row, count in enumerate((0, pads)):
+        own_ids = ids[row:row + 1, count:]
+        own = compile_decoder(model, own_ids, keep=kept / (span[1] - count - 2), layer=3, span=(0, span[1] - count),
+                              sinks=2)
+        own_logits, _ = prefill(own, own_ids)
+        assert float((logits[row] - own_logits[0]).abs().max() / own_logits.abs().max()) < 1e-4
