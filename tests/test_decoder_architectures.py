@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from test_decoder import reference_kept
 
 from tokencompile.decoder import compile_decoder, generate, teacher_forced_logits
 from tokencompile.decoder.analysis import Span
@@ -45,20 +46,14 @@ def families():
     return [family if family in DEFAULT_RUN else pytest.param(family, marks=pytest.mark.slow) for family in FAMILIES]
 
 
-def reference_kept(model, family: str, ids: torch.Tensor) -> torch.Tensor:
+def kept_rows(model, family: str, ids: torch.Tensor) -> torch.Tensor:
     """[B, n] prompt rows kept: outside the span, and the span's KEPT best by the last token's attention
     probabilities at layer LAYER - 1 (mean over heads), read from the model's eager twin."""
     twin = build(family, "eager")
     twin.load_state_dict(model.state_dict())
     with torch.no_grad():
         scores = twin(input_ids=ids, output_attentions=True).attentions[LAYER - 1][:, :, -1].mean(1)
-    removable = Span(*SPAN).removable(ids)
-    kept = []
-    for score, can_go in zip(scores, removable):
-        span = can_go.nonzero()[:, 0]
-        top = span[score[span].topk(KEPT).indices]
-        kept.append(torch.cat([(~can_go).nonzero()[:, 0], top]).sort().values)
-    return torch.stack(kept)
+    return reference_kept(scores, Span(*SPAN).removable(ids), KEPT)
 
 
 def reference_logits(model, ids: torch.Tensor, rows: torch.Tensor, renumber: bool) -> torch.Tensor:
@@ -112,7 +107,7 @@ def prompts():
 def test_fastv_equals_the_models_own_code(family, prompts):
     model = build(family)
     ids, continuation = prompts
-    kept = reference_kept(model, family, ids)
+    kept = kept_rows(model, family, ids)
     rows = torch.cat([kept, torch.arange(TOKENS, TOKENS + CONTINUATION).expand(2, -1)], 1)
     for positions in ("keep", "renumber"):
         program = compile_decoder(model, ids, keep=KEPT / SPAN[1], layer=LAYER, span=SPAN, positions=positions)
