@@ -253,3 +253,11 @@ def test_smollm2_padded_batch():
                               sinks=2)
         own_logits, _ = prefill(own, own_ids)
         assert float((logits[row] - own_logits[0]).abs().max() / own_logits.abs().max()) < 1e-4
+
+
+def test_a_padded_program_takes_prompts_without_a_mask(loud_padding, padded, batch):
+    """No attention_mask: every token counts (all ones), as in the program compiled without padding."""
+    rows = batch[0][[row for row, pads in enumerate(PADS) if pads == 0]]
+    plain = compile_decoder(loud_padding, rows, keep=KEPT / 18, layer=2, span=SPAN, sinks=SINKS)
+    assert torch.equal(generate(padded, rows, 6), generate(plain, rows, 6))
+    assert torch.equal(prefill(padded, rows)[0], prefill(plain, rows)[0])

@@ -85,7 +85,8 @@ def prefill(program_or_model, prompt_ids: torch.Tensor, extra: dict | None = Non
                 raise TokenCompileError(f"the program was compiled for {program_or_model.prompt_tokens}-token "
                                         f"prompts, got {prompt_ids.shape[1]}", "compile it for this prompt length")
             check_span_tokens(program_or_model.report, prompt_ids)
-            values = check_extra_inputs(program_or_model.extra_inputs, extra)
+            values = check_extra_inputs(program_or_model.extra_inputs,
+                                        unpadded(program_or_model.extra_inputs, prompt_ids, extra))
             logits, *flat = program_or_model.prefill.module()(prompt_ids, *values)
         else:
             extra = extra or {}
@@ -208,11 +209,21 @@ def _positions(token: torch.Tensor, position: int | torch.Tensor) -> torch.Tenso
     return torch.full_like(token, position) if isinstance(position, int) else position.expand_as(token).clone()
 
 
-def with_mask(source, extra: dict | None, attention_mask: torch.Tensor | None) -> dict | None:
-    """``extra`` with the ``attention_mask`` of padded prompts, after checking the program takes one."""
-    if attention_mask is None:
+def unpadded(takes, prompt_ids: torch.Tensor, extra: dict | None) -> dict | None:
+    """``extra`` with an all-ones attention_mask when a program built for padded batches (it ``takes`` one)
+    is given prompts without one."""
+    if takes is None or MASK not in takes or MASK in (extra or {}):
         return extra
+    return {**(extra or {}), MASK: torch.ones_like(prompt_ids)}
+
+
+def with_mask(source, prompt_ids: torch.Tensor, extra: dict | None,
+              attention_mask: torch.Tensor | None) -> dict | None:
+    """``extra`` with the ``attention_mask`` of padded prompts, after checking the program takes one (all
+    ones for a program that takes one when none is given)."""
     takes = source.extra_inputs if isinstance(source, DecoderProgram) else getattr(source, "extra_inputs", None)
+    if attention_mask is None:
+        return unpadded(takes, prompt_ids, extra)
     if takes is not None and MASK not in takes:
         raise TokenCompileError("the program was compiled for prompts without padding",
                                 "compile it with padding=True (--padding) for an attention_mask")
@@ -228,7 +239,7 @@ def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id
     prefill inputs by name (a VLM's pixel_values); ``attention_mask``: 1 for tokens, 0 for the padding
     of left-padded prompts (a program compiled with ``padding=True``)."""
     runner = as_runner(source)
-    extra = with_mask(source, extra, attention_mask)
+    extra = with_mask(source, prompt_ids, extra, attention_mask)
     ids, position = prompt_ids, runner.start_position(_check_prompt(prompt_ids), extra)
     check_window(runner, position, max_new_tokens - 1)
     logits, caches = runner.prefill(prompt_ids, extra)
@@ -251,7 +262,7 @@ def teacher_forced_logits(source, prompt_ids: torch.Tensor, continuation: torch.
     """[B, T, V]: logits predicting continuation[:, t] after the prompt and continuation[:, :t]
     (``attention_mask``: as in ``generate``)."""
     runner = as_runner(source)
-    extra = with_mask(source, extra, attention_mask)
+    extra = with_mask(source, prompt_ids, extra, attention_mask)
     position = runner.start_position(_check_prompt(prompt_ids), extra)
     check_window(runner, position, continuation.shape[1] - 1)
     logits, caches = runner.prefill(prompt_ids, extra)

@@ -45,6 +45,7 @@ from .generate import (
     flat_caches,
     pair_caches,
     start_position,
+    unpadded,
 )
 from .prefill import DecoderProgram, as_causal_lm, decode_position, sliding_window
 
@@ -211,6 +212,7 @@ class OnnxRunner:
             raise TokenCompileError(f"the decoder was exported for {self.prompt_tokens}-token prompts, got "
                                     f"{prompt_ids.shape[1]}", "export it again for this prompt length")
         check_span_tokens(self.manifest["report"], prompt_ids)
+        extra = unpadded(self.extra_inputs, prompt_ids, extra)
         check_padding(prompt_ids, extra)
         feeds = {"input_ids": prompt_ids.numpy()}
         for name, value in zip(self.extra_inputs, check_extra_inputs(self.extra_inputs, extra)):
