@@ -215,8 +215,10 @@ def test_cli_generates_a_padded_batch(llama, tmp_path):
 
     export = tmp_path / "onnx"
     result = CliRunner().invoke(main, ["export-decoder", str(model_dir), "-o", str(export), "--prompt-tokens", "40",
-                                       "--keep", "0.5", "--layer", "2", "--sinks", "1", "--padding", "--verify"])
+                                       "--keep", "0.5", "--layer", "2", "--sinks", "1", "--padding", "--verify",
+                                       "--external-data"])
     assert result.exit_code == 0 and "8 greedy tokens identical" in result.output, result.output
+    assert (export / "prefill.onnx.data").is_file() and (export / "decode.onnx.data").is_file()
     result = CliRunner().invoke(main, ["generate", str(export), *flags, "--max-new-tokens", "5", "--tokenizer",
                                        str(tokenizer_dir)])
     assert result.exit_code == 0, result.output

@@ -69,15 +69,17 @@ def test_a_failed_write_keeps_the_old_model_and_its_weights(reduced, tmp_path, m
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before  # no staging left
 
 
-def test_cli_export_reads_back_with_external_data(reduced, tmp_path, monkeypatch):
+@pytest.mark.parametrize("plugins", [False, True])
+def test_cli_export_reads_back_with_external_data(reduced, tmp_path, plugins):
     from click.testing import CliRunner
 
     from tokencompile.cli import main
 
     torch.export.save(reduced, tmp_path / "vit.pt2")
-    monkeypatch.setattr(onnx_files, "SINGLE_FILE_LIMIT", 10_000)
     result = CliRunner().invoke(main, ["export", str(tmp_path / "vit.pt2"), "-o", str(tmp_path / "out.onnx"),
-                                       "--verify", "--check", "trt"])
+                                       "--external-data", "--verify",
+                                       *(["--plugins"] if plugins else ["--check", "trt"])])
     assert result.exit_code == 0, result.output
-    assert "verify batch 1: max abs error" in result.output and "TensorRT check: 0 blocking" in result.output
+    assert "verify batch 1: max abs error" in result.output and "FAILED" not in result.output
+    assert plugins or "TensorRT check: 0 blocking" in result.output
     assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data", "vit.pt2"]

@@ -248,11 +248,13 @@ def optimize(model, budget, method, schedule, calib_path, calib_limit, tokenizer
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with the program (atol 1e-4) at its fixed batch, "
                                             "or at batch 1 and 8 when the batch is symbolic.")
 @click.option("--check", "check_target", type=click.Choice(["trt"]), help="Report ops TensorRT cannot build.")
+@click.option("--external-data", is_flag=True, help="Weights in NAME.onnx.data beside the graph (automatic past "
+              "2 GB, the limit of one ONNX file).")
 @_shape
 @_pickle
 @_debug
 def export(model, output, output_format, plugins, plugin_dir, fp16, max_batch, opset, verify, check_target,
-           input_shape, trust_pickle, debug):
+           external_data, input_shape, trust_pickle, debug):
     """Lower a program to ONNX (standard ops or plugin nodes, dynamic batch axis) or a TensorRT engine."""
     from .bench import batch_inputs
     from .load import load_model
@@ -277,12 +279,13 @@ def export(model, output, output_format, plugins, plugin_dir, fp16, max_batch, o
         from .lowering.plugin_onnx import KERNEL_PLUGIN_OPS, export_plugin_onnx
 
         chosen = set(KERNEL_PLUGIN_OPS) if output_format == "trt" else None
-        plugin_info = export_plugin_onnx(program, output, inputs, opset=opset, plugin_ops=chosen)
+        plugin_info = export_plugin_onnx(program, output, inputs, opset=opset, plugin_ops=chosen,
+                                         external_data=external_data or None)
         counts = ", ".join(f"{count} {op}" for op, count in sorted(plugin_info.plugin_nodes.items()))
         click.echo(f"wrote {output}: {plugin_info.node_count} nodes, plugin nodes: {counts or 'none'}, "
                    f"opset {opset}, checker passed, {plugin_info.seconds:.0f} s")
     else:
-        info = export_onnx(program, output, inputs, opset=opset)
+        info = export_onnx(program, output, inputs, opset=opset, external_data=external_data or None)
         click.echo(f"wrote {output}: {sum(info.op_counts.values())} nodes ({info.token_op_nodes} in token ops), "
                    f"opset {opset}, checker passed, {info.seconds:.0f} s")
     failed = False

@@ -277,9 +277,11 @@ def export_decoder_command(command_class, debug_option):
     @click.option("--force", is_flag=True, help="Replace the files of an earlier export in the folder.")
     @click.option("--padding", is_flag=True, help="Graphs for batches of shorter prompts padded on the left: an "
                   "attention_mask input and per-layer key masks.")
+    @click.option("--external-data", is_flag=True, help="Each graph's weights in NAME.onnx.data beside it "
+                  "(automatic past 2 GB, the limit of one ONNX file).")
     @debug_option
     def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, opset, verify, check_target,
-                       force, padding, debug, **reduction):
+                       force, padding, external_data, debug, **reduction):
         """Compile a causal LM's prompt reduction and write prefill and decode as two ONNX graphs."""
         import os
         import sys
@@ -317,7 +319,7 @@ def export_decoder_command(command_class, debug_option):
             ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
         program = _compile(model, ids, reduction, padding=padding)
         click.echo(_describe(program.report))
-        info = export_decoder_onnx(program, folder, opset=opset)
+        info = export_decoder_onnx(program, folder, opset=opset, external_data=external_data or None)
         click.echo(f"wrote {info.prefill} and {info.decode} ({info.layers} layers, opset {opset}, checker passed, "
                    f"{info.seconds:.0f} s)")
         failed = False

@@ -189,7 +189,7 @@ def plugin_node_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def export_plugin_onnx(program: ExportedProgram, path: str, example_inputs: tuple, opset: int = 18,
-                       plugin_ops: set[str] | None = None) -> PluginExport:
+                       plugin_ops: set[str] | None = None, external_data: bool | None = None) -> PluginExport:
     """Export ``program`` with one plugin node per token op (dynamic batch axis, readable names);
     ``plugin_ops`` limits which ops become plugins (the others are written in standard ops)."""
     from .onnx_export import run_torch_onnx_export
@@ -201,7 +201,7 @@ def export_plugin_onnx(program: ExportedProgram, path: str, example_inputs: tupl
     model = mark_plugin_nodes(exported.model_proto)
     onnx.checker.check_model(model)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_onnx(model, path, check=False)
+    save_onnx(model, path, external_data, check=False)
     return PluginExport(path, time.perf_counter() - started, plugin_node_counts(model), len(model.graph.node))
 
 
