@@ -199,6 +199,7 @@ def test_cli_export_pyramiddrop_stages(saved_llama, llama, prompts, tmp_path):
     assert bad.exit_code == 2 and "cannot read --layer '1,x'" in bad.output
 
 
+@pytest.mark.slow
 def test_layers_caching_one_token_export_and_decode(llama, prompts, tmp_path):
     """keep=0 over the whole prompt: layers from K on cache only the last token (a past length of 1, which
     torch.export would fix if the decode step were traced on it)."""

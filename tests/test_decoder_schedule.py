@@ -199,6 +199,7 @@ def test_lookup_prior_nodes_equal_the_reference():
         assert torch.equal(gm(prompts), reference_lookup(prompts, lookup, ahead))
 
 
+@pytest.mark.slow
 def test_lookup_runs_in_onnx_runtime(llama, tmp_path):
     from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 
