@@ -263,3 +263,23 @@ def test_a_padded_program_takes_prompts_without_a_mask(loud_padding, padded, bat
     plain = compile_decoder(loud_padding, rows, keep=KEPT / 18, layer=2, span=SPAN, sinks=SINKS)
     assert torch.equal(generate(padded, rows, 6), generate(plain, rows, 6))
     assert torch.equal(prefill(padded, rows)[0], prefill(plain, rows)[0])
+
+
+def test_decode_masks_go_to_the_language_model_layers():
+    """A VLM's vision tower may be as deep as its language model: the per-layer decode masks must hook
+    the language model's layers."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    from tokencompile.decoder.generate import decoder_layers
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1)
+    vlm = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=63))
+    assert decoder_layers(vlm, 2) is vlm.model.language_model.layers

@@ -108,8 +108,10 @@ def pair_caches(flat, masked: bool = False) -> Caches:
 
 
 def decoder_layers(lm: torch.nn.Module, count: int) -> torch.nn.ModuleList:
-    """The causal LM's stack of ``count`` decoder layers."""
-    for module in lm.modules():
+    """The causal LM's stack of ``count`` decoder layers: searched in its decoder (``get_decoder``, the
+    language model of a VLM) first, so that a vision tower of the same depth is never taken for it."""
+    decoder = lm.get_decoder() if callable(getattr(lm, "get_decoder", None)) else lm
+    for module in (*decoder.modules(), *lm.modules()):
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return module
     raise TokenCompileError(f"cannot find the {count} decoder layers of {type(lm).__name__}",
