@@ -3,6 +3,8 @@ the Hugging Face layers, greedy generation on the reduced KV cache, budgets and 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -248,6 +250,32 @@ def test_budget_one_greedy_equals_hugging_face(llama, prompts):
     assert torch.equal(generate(llama, prompts, 12), expected)
 
 
+@pytest.mark.parametrize("warpers", [{"temperature": 0.7, "top_k": 20, "top_p": 0.9}, {"top_k": 0}])
+def test_budget_one_sampling_equals_hugging_face(llama, prompts, warpers):
+    """Seeded sampling draws what Hugging Face's generate(do_sample=True) draws (its warpers, one
+    multinomial draw per step from torch's global generator)."""
+    program = compile_decoder(llama, prompts, budget=1.0)
+    torch.manual_seed(3)
+    expected = llama.generate(prompts, max_new_tokens=12, do_sample=True, **warpers)
+    torch.manual_seed(3)
+    assert torch.equal(generate(program, prompts, 12, do_sample=True, **warpers), expected)
+    greedy = generate(program, prompts, 12)
+    assert not torch.equal(expected, greedy)  # the draws are not the greedy tokens
+
+
+def test_sampling_with_a_generator_is_reproducible_and_checked(llama, prompts, fastv_half):
+    draws = [generate(fastv_half, prompts, 8, do_sample=True, temperature=1.5,
+                      generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*draws)
+    assert not torch.equal(draws[0], generate(fastv_half, prompts, 8))
+    for options, message in [({"do_sample": True, "temperature": 0.0}, "temperature 0 is not above 0"),
+                             ({"do_sample": True, "top_p": 1.5}, "top_p 1.5 is out of range"),
+                             ({"do_sample": True, "top_k": -1}, "top_k -1 is negative"),
+                             ({"temperature": 0.5}, "greedy decoding ignores them.*do_sample=True")]:
+        with pytest.raises(TokenCompileError, match=message):
+            generate(fastv_half, prompts, 2, **options)
+
+
 def test_decode_on_reduced_cache_matches_reference(llama, prompts, fastv_half):
     """Teacher-forced decode steps on caches of different lengths equal one eager pass over prompt and
     continuation with the same prompt tokens dropped from layer 2 on (original positions)."""
@@ -338,3 +366,41 @@ def test_renumbered_caches_keep_the_model_dtype(llama, prompts):
     _, caches = prefill(program, prompts)
     assert {t.dtype for kv in caches for t in kv} == {torch.bfloat16}
     assert generate(program, prompts, 3).shape == (2, TOKENS + 3)
+
+
+def test_cli_chat_prompt_and_seeded_sampling(llama, tmp_path):
+    """--chat wraps the prompt in the tokenizer's chat template; --sample --seed draws what the Python API
+    draws with that seed; bad sampling options are one-line errors in the CLI's words."""
+    from click.testing import CliRunner
+
+    from tokencompile.cli import main
+
+    tokenizer = models.decoders.byte_tokenizer()
+    model_dir, tokenizer_dir = tmp_path / "model", tmp_path / "tokenizer"
+    llama.save_pretrained(model_dir)
+    tokenizer.save_pretrained(tmp_path / "plain")
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tokenizer.save_pretrained(tokenizer_dir)
+    ids = tokenizer("[user] name a colour\n[assistant] ", return_tensors="pt").input_ids
+    program = compile_decoder(llama, ids, keep=0.5, layer=2)
+    options = ["--prompt", "name a colour", "--chat", "--keep", "0.5", "--layer", "2", "--max-new-tokens", "6",
+               "--tokenizer", str(tokenizer_dir)]
+
+    result = CliRunner().invoke(main, ["generate", str(model_dir), *options])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [tokenizer.decode(generate(program, ids, 6)[0, ids.shape[1]:])]
+
+    result = CliRunner().invoke(main, ["generate", str(model_dir), *options, "--sample", "--temperature", "2",
+                                       "--top-k", "40", "--seed", "11"])
+    assert result.exit_code == 0 and "sampled with --seed 11" in result.output, result.output
+    drawn = generate(program, ids, 6, do_sample=True, temperature=2.0, top_k=40,
+                     generator=torch.Generator().manual_seed(11))
+    assert result.stdout.splitlines() == [tokenizer.decode(drawn[0, ids.shape[1]:])]
+
+    for flags, message in [(["--seed", "1"], "--seed seeds sampling.*add --sample"),
+                           (["--top-p", "0.5"], "--temperature, --top-k and --top-p shape sampling.*add --sample"),
+                           (["--sample", "--temperature", "0"], "--temperature 0 is not above 0"),
+                           (["--tokenizer", str(tmp_path / "plain")], "has no chat template.*drop --chat")]:
+        result = CliRunner().invoke(main, ["generate", str(model_dir), *options, *flags])
+        assert result.exit_code == 2 and re.search(message, result.output), result.output

@@ -88,21 +88,31 @@ def _region(span: str | None, image_token_id: int | None):
     return Span(*values)
 
 
-def _prompt(tokenizer, prompt: str | None, prompt_ids: str | None, where: str):
+def _prompt(tokenizer, prompt: str | None, prompt_ids: str | None, where: str, chat: bool = False):
+    """[1, N] ids of the prompt text (with ``chat``: as the user turn of the tokenizer's chat template,
+    ending where the assistant's answer begins) or of the given ids."""
     import torch
 
     if prompt is not None:
         if tokenizer is None:
             raise TokenCompileError(f"{where} has no tokenizer", "give --tokenizer DIR or --prompt-ids")
-        return tokenizer(prompt, return_tensors="pt").input_ids
+        if not chat:
+            return tokenizer(prompt, return_tensors="pt").input_ids
+        if not getattr(tokenizer, "chat_template", None):
+            raise TokenCompileError(f"the tokenizer of {where} has no chat template", "drop --chat")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_dict=True, return_tensors="pt")["input_ids"]
+    if chat:
+        raise TokenCompileError("--chat formats prompt text; --prompt-ids are given as they are",
+                                "give --prompt with --chat, or drop --chat")
     return torch.tensor([_number_list(prompt_ids, "--prompt-ids")])
 
 
-def _padded_prompts(tokenizer, prompts: tuple[str, ...], where: str, length: int | None = None):
+def _padded_prompts(tokenizer, prompts: tuple[str, ...], where: str, length: int | None = None, chat: bool = False):
     """Several prompts as one batch padded on the left to ``length`` (default: the longest): (ids, mask)."""
     import torch
 
-    rows = [_prompt(tokenizer, text, None, where)[0] for text in prompts]
+    rows = [_prompt(tokenizer, text, None, where, chat)[0] for text in prompts]
     longest = max(len(row) for row in rows)
     length = longest if length is None else length
     if longest > length:
@@ -115,6 +125,12 @@ def _padded_prompts(tokenizer, prompts: tuple[str, ...], where: str, length: int
     for index, row in enumerate(rows):
         ids[index, length - len(row):], mask[index, length - len(row):] = row, 1
     return ids, mask
+
+
+def _replace_all(text: str, names: dict) -> str:
+    for name, flag in names.items():
+        text = text.replace(name, flag)
+    return text
 
 
 def _numbers(text: str | None, option: str, convert):
@@ -198,10 +214,18 @@ def generate_command(command_class, debug_option):
     @click.option("--tokenizer", "tokenizer_dir", help="Tokenizer folder (for an exported decoder folder).")
     @_compile_options
     @click.option("--max-new-tokens", type=int, default=32, show_default=True)
+    @click.option("--chat", is_flag=True, help="Each --prompt as the user turn of the tokenizer's chat template "
+                  "(instruct models).")
+    @click.option("--sample", is_flag=True, help="Sample the tokens (default: greedy).")
+    @click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
+    @click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the K most likely (0: all).")
+    @click.option("--top-p", type=float, default=1.0, show_default=True,
+                  help="Sample from the most likely tokens holding probability P (1: all).")
+    @click.option("--seed", type=int, help="Seed of the sampling (default: a fresh one, printed).")
     @click.option("--report", "report_path", help="Write the report (JSON).")
     @debug_option
-    def generate(model_dir, prompts, prompt_ids, tokenizer_dir, gguf_file, max_new_tokens, report_path, debug,
-                 **reduction):
+    def generate(model_dir, prompts, prompt_ids, tokenizer_dir, gguf_file, max_new_tokens, chat, sample, temperature,
+                 top_k, top_p, seed, report_path, debug, **reduction):
         """Greedy generation with the prompt reduced in prefill; prints the continuation (one line per
         prompt) and tokens per layer.
 
@@ -209,13 +233,29 @@ def generate_command(command_class, debug_option):
         reduction was chosen at export and prefill and decode run in ONNX Runtime). Several --prompt
         options make one batch, padded on the left (an exported folder: export it with --padding)."""
         import os
+        import random
+
+        import torch
 
         from . import generate as greedy
+        from .generate import token_chooser
 
         if bool(prompts) == (prompt_ids is not None):
             raise TokenCompileError("give exactly one of --prompt and --prompt-ids")
         if max_new_tokens < 1:
             raise TokenCompileError(f"--max-new-tokens {max_new_tokens} is below 1", "give --max-new-tokens >= 1")
+        if not sample and seed is not None:
+            raise TokenCompileError("--seed seeds sampling; greedy decoding has nothing to seed", "add --sample")
+        sampling = dict(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        try:
+            token_chooser(**sampling)
+        except TokenCompileError as error:  # the API's message, in the CLI's words
+            names = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+                     "do_sample=True": "--sample"}
+            raise TokenCompileError(*[_replace_all(part, names) for part in (error.problem, error.fix)]) from None
+        if sample:
+            seed = random.randrange(2**31) if seed is None else seed
+            sampling["generator"] = torch.Generator().manual_seed(seed)
         if report_path:  # checked before the model loads (see tokencompile.outputs)
             from ..outputs import check_output
 
@@ -230,29 +270,33 @@ def generate_command(command_class, debug_option):
             source = OnnxRunner(model_dir)
             tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
             if source.masked and prompts:  # a padded export takes any prompt up to its length
-                ids, mask = _padded_prompts(tokenizer, prompts, model_dir, source.prompt_tokens)
+                ids, mask = _padded_prompts(tokenizer, prompts, model_dir, source.prompt_tokens, chat)
             elif len(prompts) > 1:
                 raise TokenCompileError(f"{model_dir} was exported for single prompts of {source.prompt_tokens} "
                                         "tokens", "export it with --padding to give several prompts")
             else:
-                ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir), None
+                ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir, chat), None
             report, eos = source.manifest["report"], source.manifest.get("eos_token_id")
         else:
             model, tokenizer = load_causal_lm(model_dir, gguf_file)
             if tokenizer_dir:
                 tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
             if len(prompts) > 1:
-                ids, mask = _padded_prompts(tokenizer, prompts, model_dir)
+                ids, mask = _padded_prompts(tokenizer, prompts, model_dir, chat=chat)
             else:
-                ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir), None
+                ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir, chat), None
             source = _compile(model, ids, reduction, padding=mask is not None)
             report, eos = source.report, getattr(model.config, "eos_token_id", None)
-        out = greedy(source, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask)
+        out = greedy(source, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask, **sampling)
         generated = [_until_eos(row[ids.shape[1]:].tolist(), eos) for row in out]
         for new in generated:
             click.echo(tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new)))
         report = {**report, "generated_ids": generated[0] if len(generated) == 1 else generated}
+        if sample:
+            report["sampling"] = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         click.echo(_describe(report), err=True)
+        if sample:
+            click.echo(f"sampled with --seed {seed}", err=True)
         if report_path:
             from ..outputs import write_json
 

@@ -1,4 +1,4 @@
-"""Greedy generation: a (reduced) prefill, then decode steps on per-layer key/value caches.
+"""Generation: a (reduced) prefill, then decode steps on per-layer key/value caches.
 
 After a reduced prefill the caches have different lengths: layers < K hold every prompt token,
 layers >= K only the kept ones. A decode step feeds one token per sample to the causal LM with each
@@ -234,12 +234,52 @@ def with_mask(source, prompt_ids: torch.Tensor, extra: dict | None,
     return {**(extra or {}), MASK: attention_mask}
 
 
+def token_chooser(do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None):
+    """(ids [B, n], logits [B, V]) -> next tokens [B, 1]: the most likely, or with ``do_sample`` a draw
+    from the softmax after Hugging Face's temperature, top-k and top-p warpers, in its order (so that a
+    seeded run draws what its ``generate(do_sample=True, ...)`` draws). No hidden defaults: top_k=0 and
+    top_p=1.0 filter nothing (Hugging Face's generation config defaults to top_k=50)."""
+    if not do_sample:
+        if (temperature, top_k, top_p) != (1.0, 0, 1.0):
+            raise TokenCompileError("temperature, top_k and top_p shape sampling; greedy decoding ignores them",
+                                    "add do_sample=True, or leave them at their defaults")
+        return lambda ids, logits: logits.argmax(-1, keepdim=True)
+    if not temperature > 0:
+        raise TokenCompileError(f"temperature {temperature:g} is not above 0",
+                                "give temperature > 0, or decode greedily")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise TokenCompileError(f"top_k {top_k} is negative", "give top_k >= 0 (0: no top-k filter)")
+    if not 0 < top_p <= 1:
+        raise TokenCompileError(f"top_p {top_p:g} is out of range", "give 0 < top_p <= 1 (1: no top-p filter)")
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+
+    def draw(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        probabilities = warpers(ids, logits.float()).softmax(-1)
+        return torch.multinomial(probabilities, 1, generator=generator)
+    return draw
+
+
 def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
-             extra: dict | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy decoding: [B, N + new] ids (stops early when every sample produced ``eos_token_id``).
+             extra: dict | None = None, attention_mask: torch.Tensor | None = None, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy decoding, or sampling with ``do_sample`` (``temperature``, ``top_k``, ``top_p`` as in
+    Hugging Face; ``generator``: a seeded ``torch.Generator``, else torch's global one): [B, N + new]
+    ids (stops early when every sample produced ``eos_token_id``).
     ``source``: a DecoderProgram, a causal LM, or a runner such as ``OnnxRunner``; ``extra``: further
     prefill inputs by name (a VLM's pixel_values); ``attention_mask``: 1 for tokens, 0 for the padding
     of left-padded prompts (a program compiled with ``padding=True``)."""
+    choose = token_chooser(do_sample, temperature, top_k, top_p, generator)
     runner = as_runner(source)
     extra = with_mask(source, prompt_ids, extra, attention_mask)
     ids, position = prompt_ids, runner.start_position(_check_prompt(prompt_ids), extra)
@@ -247,7 +287,7 @@ def generate(source, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id
     logits, caches = runner.prefill(prompt_ids, extra)
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
     for step in range(max_new_tokens):
-        token = logits.argmax(-1, keepdim=True)
+        token = choose(ids, logits)
         ids = torch.cat([ids, token], dim=1)
         if eos_token_id is not None:
             finished |= torch.isin(token[:, 0], torch.as_tensor(eos_token_id).reshape(-1))
