@@ -14,7 +14,7 @@ import os
 import torch
 
 from tokencompile.decoder import CausalLMPrefill
-from tokencompile.decoder.prefill import cache_tensors, returned_cache
+from tokencompile.decoder.vlm import LlavaPrefill
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,27 +89,6 @@ def llava_tiny() -> CausalLMPrefill:
                          image_seq_length=LLAVA_IMAGE_TOKENS)
     config._attn_implementation = "sdpa"
     return LlavaPrefill(LlavaForConditionalGeneration(config).eval()).eval()
-
-
-class LlavaPrefill(CausalLMPrefill):
-    """The prefill of a LLaVA model with a symbolic batch: the image features are computed here (vision
-    tower, feature layer, CLS dropped, projector) and handed to the model as one [B * 64, C] tensor;
-    transformers' own path splits them per image in a Python loop, which fixes the batch size at export."""
-
-    def __init__(self, model):
-        super().__init__(model, ("pixel_values",))
-
-    def forward(self, input_ids, pixel_values):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        vlm, config = self.model.model, self.model.config
-        hidden = vlm.vision_tower(pixel_values, output_hidden_states=True).hidden_states[config.vision_feature_layer]
-        if config.vision_feature_select_strategy == "default":
-            hidden = hidden[:, 1:]
-        features = vlm.multi_modal_projector(hidden).flatten(0, 1)
-        image = BaseModelOutputWithPooling(pooler_output=[features])
-        out = self.model(input_ids=input_ids, mm_encoder_outputs={"image": image}, use_cache=True, logits_to_keep=1)
-        return (out.logits[:, -1], *cache_tensors(returned_cache(out)))
 
 
 def llava_inputs(batch: int, text_after: int = 12, seed: int = 0) -> tuple:

@@ -32,7 +32,7 @@ IMAGE = Span(token_id=LLAVA_IMAGE_TOKEN)
 
 @pytest.fixture(scope="module")
 def vlm():
-    """The recipe's prefill wrapper (its image features keep the batch symbolic); .model is the HF VLM."""
+    """The recipe: the package's LlavaPrefill (its image features keep the batch symbolic); .model is the HF VLM."""
     return models.build("llava_tiny")[0]
 
 
@@ -106,12 +106,29 @@ def test_samples_do_not_affect_each_other(compiled, inputs, request):
         assert torch.allclose(alone_caches[-1][0][0], caches[-1][0][i], atol=1e-5)
 
 
-def test_budget_one_greedy_equals_hugging_face(vlm, llava, inputs):
+@pytest.mark.parametrize("given", ["the Hugging Face model", "a LlavaPrefill"])
+def test_budget_one_greedy_equals_hugging_face(vlm, llava, inputs, given):
+    """A plain LlavaForConditionalGeneration compiles as it is (wrapped in a LlavaPrefill, whose export
+    keeps the batch symbolic)."""
     ids, pixels = inputs[0][:2], inputs[1][:2]
-    program = compile_decoder(vlm, ids, budget=1.0, span=IMAGE, extra_inputs={"pixel_values": pixels})
+    source = llava if given == "the Hugging Face model" else vlm
+    program = compile_decoder(source, ids, budget=1.0, span=IMAGE, extra_inputs={"pixel_values": pixels})
     expected = llava.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                               max_new_tokens=8, do_sample=False)
     assert torch.equal(generate(program, ids, 8, extra={"pixel_values": pixels}), expected)
+
+
+def test_a_prefill_that_fixes_the_batch_is_a_clear_error(llava, inputs):
+    """Hugging Face's own LLaVA forward splits the image features per image in a Python loop: exported
+    as it is, the batch becomes a constant; the error names the model and the way out."""
+    from tokencompile.decoder import CausalLMPrefill
+    from tokencompile.errors import UnsupportedModelError
+
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    with pytest.raises(UnsupportedModelError, match="^torch.export cannot trace the prefill of "
+                       "LlavaForConditionalGeneration with inputs input_ids, pixel_values and a symbolic batch .*"
+                       "specialized it to be a constant.*CausalLMPrefill subclass"):
+        export_prefill(CausalLMPrefill(llava, ("pixel_values",)), ids, {"pixel_values": pixels})
 
 
 def check_onnx_parity(program, inputs, folder, cache_lengths: list[int]) -> None:

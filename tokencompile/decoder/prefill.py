@@ -67,8 +67,16 @@ def cache_tensors(cache) -> list[torch.Tensor]:
 
 
 def prefill_module(model: torch.nn.Module, extra_inputs: tuple[str, ...] = ()) -> CausalLMPrefill:
-    """``model`` as a prefill module: a recipe's own CausalLMPrefill as is, else a causal LM wrapped."""
-    wrapper = model if isinstance(model, CausalLMPrefill) else CausalLMPrefill(model, extra_inputs)
+    """``model`` as a prefill module: a recipe's own CausalLMPrefill as is, a LLaVA model given pixel values
+    as a ``LlavaPrefill`` (``tokencompile.decoder.vlm``), else a causal LM wrapped."""
+    from .vlm import PIXELS, LlavaPrefill, is_llava
+
+    if isinstance(model, CausalLMPrefill):
+        wrapper = model
+    elif tuple(extra_inputs) == (PIXELS,) and is_llava(model):
+        wrapper = LlavaPrefill(model)
+    else:
+        wrapper = CausalLMPrefill(model, extra_inputs)
     if wrapper.extra_inputs != tuple(extra_inputs):
         raise TokenCompileError(f"the prefill takes input_ids, {', '.join(wrapper.extra_inputs) or 'nothing else'}; "
                                 f"got input_ids, {', '.join(extra_inputs) or 'nothing else'}",
@@ -150,7 +158,18 @@ def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict 
     extra = extra or {}
     wrapper = prefill_module(model, tuple(extra))
     varargs = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(wrapper.forward).parameters.values())
-    return export_with_batch_axis(wrapper, (input_ids, *extra.values()), varargs=varargs)
+    try:
+        return export_with_batch_axis(wrapper, (input_ids, *extra.values()), varargs=varargs)
+    except TokenCompileError:
+        raise
+    except Exception as error:  # noqa: BLE001 - torch.export fails in many ways; the user needs which model and why
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "specialized it to be a constant" in line), lines[0] if lines else
+                      type(error).__name__)
+        raise UnsupportedModelError(f"torch.export cannot trace the prefill of {type(as_causal_lm(model)).__name__} "
+                                    f"with inputs input_ids{''.join(', ' + name for name in extra)} and a symbolic "
+                                    f"batch ({reason[:160]})", "wrap the model in a CausalLMPrefill subclass whose "
+                                    "forward exports (see tokencompile.decoder.vlm.LlavaPrefill)") from error
 
 
 @dataclass
