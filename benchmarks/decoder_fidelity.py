@@ -176,9 +176,24 @@ def license_token_ids(tokenizer, distributions: list[str], needed: int) -> tuple
 
 
 def fidelity(logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor) -> dict:
-    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
-    return {"top1_agreement": agreement, "perplexity": float(torch.tensor(nll).exp())}
+    """Pooled top-1 agreement and perplexity, and each text's (every text has CONTINUATION tokens)."""
+    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean(1)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+    return {"top1_agreement": agreement.mean().item(), "perplexity": nll.mean().exp().item(),
+            "per_text_agreement": agreement.tolist(), "per_text_nll": nll.tolist()}
+
+
+def bootstrap_interval(row: dict, full: dict, draws: int = 10000, seed: int = 0) -> dict:
+    """95% intervals of the perplexity change and the agreement when the texts are drawn again with
+    replacement (paired: one draw for the run and the full model): how much the figures owe to which
+    texts were chosen."""
+    nll, base = torch.tensor(row["per_text_nll"]), torch.tensor(full["per_text_nll"])
+    agreement = torch.tensor(row["per_text_agreement"])
+    draw = torch.randint(0, len(nll), (draws, len(nll)), generator=torch.Generator().manual_seed(seed))
+    change = (nll[draw].mean(1) - base[draw].mean(1)).exp() - 1
+    quantiles = torch.tensor([0.025, 0.975])
+    return {"perplexity_change_95": change.quantile(quantiles).tolist(),
+            "agreement_95": agreement[draw].mean(1).quantile(quantiles).tolist()}
 
 
 def _causal(n: int) -> torch.Tensor:
@@ -378,6 +393,15 @@ def main() -> None:
     for r in results:
         if "tokens_per_layer" in r:
             print(f"budget {r['budget']} {r['name']}: tokens per layer {r['tokens_per_layer']}")
+    names = [source.split(":")[0] for source in sources]
+    for r in results[1:]:
+        r.update(bootstrap_interval(r, results[0]))
+        changes = [100 * (torch.tensor(a - b).exp().item() - 1) for a, b in zip(r["per_text_nll"],
+                                                                              results[0]["per_text_nll"])]
+        low, high = (100 * x for x in r["perplexity_change_95"])
+        print(f"budget {r['budget']} {r['name']}: perplexity change per text "
+              f"{', '.join(f'{n} {c:+.1f}%' for n, c in zip(names, changes))}; texts drawn again (95%): "
+              f"{low:+.1f}% .. {high:+.1f}%, agreement {r['agreement_95'][0]:.3f} .. {r['agreement_95'][1]:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "texts": sources, "prompt": PROMPT, "continuation": CONTINUATION, "protected": PROTECTED,
