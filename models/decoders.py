@@ -68,10 +68,11 @@ def tiny_gpt2() -> CausalLMPrefill:
 LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKENS, LLAVA_TEXT_BEFORE = 255, 64, 4
 
 
-def llava_tiny() -> CausalLMPrefill:
+def llava_tiny(image_token_id: int = LLAVA_IMAGE_TOKEN) -> CausalLMPrefill:
     """LLaVA-style VLM, random weights: a CLIP vision tower (3 layers, 64 wide, 64x64 images in 8x8 patches:
     64 image tokens, CLS dropped, features of the second-to-last layer), a 2-layer MLP projector and the
-    tiny Llama (4 layers). Image features replace the placeholder tokens (id 255) by masked_scatter."""
+    tiny Llama (4 layers). Image features replace the placeholder tokens (id 255; the vocabulary has 256
+    ids, or ``image_token_id + 1`` for a larger id) by masked_scatter."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -82,13 +83,34 @@ def llava_tiny() -> CausalLMPrefill:
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                               image_size=64, patch_size=8, projection_dim=64)
-    text = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE_TOKEN,
+    text = LlamaConfig(vocab_size=max(256, image_token_id + 1), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=LLAVA_IMAGE_TOKENS)
     config._attn_implementation = "sdpa"
     return LlavaPrefill(LlavaForConditionalGeneration(config).eval()).eval()
+
+
+IMAGE_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+                       "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                       "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def save_llava_tiny(folder: str) -> None:
+    """A Hugging Face folder of the tiny LLaVA with its processor, as a user's VLM folder would be (for the
+    CLI): the byte tokenizer plus an ``<image>`` token (id 256), a CLIP image processor (64x64), a chat
+    template; the processor expands each ``<image>`` into the 64 placeholders."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, image_token="<image>",
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=IMAGE_CHAT_TEMPLATE)
+    llava_tiny(image_token_id=tokenizer.convert_tokens_to_ids("<image>")).model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def llava_inputs(batch: int, text_after: int = 12, seed: int = 0) -> tuple:
@@ -137,4 +159,4 @@ def _recipes() -> list:
 DECODER_RECIPES = {recipe.name: recipe for recipe in _recipes()}
 
 __all__ = ["DECODER_RECIPES", "LLAVA_IMAGE_TOKEN", "SMOLLM2_GGUF", "byte_tokenizer", "llava_inputs", "llava_tiny",
-           "prompt_ids", "smollm2", "smollm2_dir", "smollm2_tokenizer", "tiny_gpt2", "tiny_llama"]
+           "prompt_ids", "save_llava_tiny", "smollm2", "smollm2_dir", "smollm2_tokenizer", "tiny_gpt2", "tiny_llama"]

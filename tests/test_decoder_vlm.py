@@ -5,6 +5,8 @@ and visionzip (before the language model) against eager references written from 
 
 from __future__ import annotations
 
+import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -376,3 +378,89 @@ def test_visionzip_options_and_errors(vlm, llava, inputs):
         compile_decoder(vlm, ids, keep=0.5, span=IMAGE, layer=2, method="visionzip", extra_inputs=extra)
     with pytest.raises(TokenCompileError, match="cannot be met by removing image tokens"):
         compile_decoder(vlm, ids, budget=0.1, span=IMAGE, method="visionzip", extra_inputs=extra)
+
+
+@pytest.fixture(scope="module")
+def vlm_folder(tmp_path_factory):
+    """A tiny LLaVA saved with its processor, as a user's model folder, and two photos of shared/data."""
+    from conftest import SHARED
+
+    folder = tmp_path_factory.mktemp("llava")
+    models.decoders.save_llava_tiny(str(folder))
+    photos = sorted(os.path.join(SHARED, "data", "images", name)
+                    for name in os.listdir(os.path.join(SHARED, "data", "images")) if name.endswith(".JPEG"))
+    return folder, photos[:2]
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from tokencompile.cli import main
+
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+@pytest.mark.parametrize("method, flags", [("vtc-cls", ["--keep", "0.25"]), ("fastv", ["--keep", "0.5", "--chat"])])
+def test_cli_generates_from_images(vlm_folder, method, flags):
+    """--image with each --prompt: the processor's placeholders and pixels, the image span by default, and
+    the lines the Python API gives for the same batch."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder, photos = vlm_folder
+    prompts = ["what is it?", "name it now"]
+    result = _cli("generate", folder, "--prompt", prompts[0], "--image", photos[0], "--prompt", prompts[1],
+                  "--image", photos[1], "--method", method, *flags, "--max-new-tokens", 5)
+    assert result.exit_code == 0, result.output
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+    if "--chat" in flags:
+        texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                          {"type": "text", "text": p}]}],
+                                               add_generation_prompt=True) for p in prompts]
+        assert texts[0] == "user: <image>\nwhat is it?\nassistant:"
+    else:
+        texts = [f"<image>\n{p}" for p in prompts]
+    batch = processor(images=[Image.open(p).convert("RGB") for p in photos], text=texts, return_tensors="pt")
+    assert int((batch.input_ids == 256).sum()) == 2 * 64
+    extra = {"pixel_values": batch.pixel_values}
+    program = compile_decoder(model, batch.input_ids, keep=float(flags[1]), method=method,
+                              span=Span(token_id=256), extra_inputs=extra)
+    out = generate(program, batch.input_ids, 5, extra=extra)[:, batch.input_ids.shape[1]:]
+    assert result.stdout == "".join(processor.tokenizer.decode(row) + "\n" for row in out)  # (random bytes)
+    assert "span kept 16/64" in result.output if method == "vtc-cls" else "span kept 32/64" in result.output
+
+
+def test_cli_image_errors(vlm_folder, llama, tmp_path):
+    folder, photos = vlm_folder
+    llama.save_pretrained(tmp_path / "text")
+    (tmp_path / "broken.jpg").write_text("not an image")
+    for args, message in [
+        ([folder, "--prompt", "a", "--image", photos[0], "--prompt", "longer", "--image", photos[1]],
+         "have 66, 71 tokens: image prompts of one batch must have one length"),
+        ([folder, "--prompt", "a"], "is a vision-language model .give --prompt and --image"),
+        ([folder, "--prompt", "a", "--image", tmp_path / "broken.jpg"], "cannot read the image .*broken.jpg"),
+        ([folder, "--prompt", "a", "--prompt", "b", "--image", photos[0]], "2 --prompt and 1 --image options"),
+        ([tmp_path / "text", "--prompt-ids", "1,2,3", "--image", photos[0]], "is not a vision-language model"),
+        ([tmp_path / "text", "--prompt-ids", "1,2,3", "--method", "vtc-cls"], "--method vtc-cls reduces a VLM's"),
+    ]:
+        result = _cli("generate", *args)
+        assert result.exit_code == 2 and re.search(message, result.output), result.output
+
+
+@pytest.mark.slow
+def test_cli_exports_a_vlm_and_generates_from_the_export(vlm_folder, tmp_path):
+    folder, photos = vlm_folder
+    export = tmp_path / "onnx"
+    result = _cli("export-decoder", folder, "--prompt", "what is it?", "--image", photos[0], "--method", "vtc-cls",
+                  "--keep", "0.25", "-o", export, "--verify")
+    assert result.exit_code == 0 and "8 greedy tokens identical" in result.output, result.output
+    in_torch = _cli("generate", folder, "--prompt", "what is it?", "--image", photos[1], "--method", "vtc-cls",
+                    "--keep", "0.25", "--max-new-tokens", 6)
+    from_onnx = _cli("generate", export, "--prompt", "what is it?", "--image", photos[1], "--tokenizer", folder,
+                     "--max-new-tokens", 6)
+    assert from_onnx.exit_code == 0 and in_torch.exit_code == 0, from_onnx.output + in_torch.output
+    assert from_onnx.stdout == in_torch.stdout
+    missing = _cli("generate", export, "--prompt", "what is it?", "--tokenizer", folder)
+    assert missing.exit_code == 2 and "is an exported vision-language model" in missing.output

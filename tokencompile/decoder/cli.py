@@ -9,6 +9,9 @@ from ..errors import TokenCompileError
 
 # the decoder methods that need no pixel inputs (tokencompile.decoder.prefill.METHODS and span_scored.SPAN_SCORES)
 CLI_METHODS = ("fastv", "pyramiddrop", "dart", "divprune", "zipcache", "random")
+# the methods that reduce a VLM's image tokens before its language model (tokencompile.decoder.vision)
+IMAGE_METHODS = ("vtc-cls", "visionzip")
+PIXELS = "pixel_values"
 
 
 def _number_list(text: str, option: str, convert=int) -> tuple:
@@ -36,6 +39,77 @@ def load_causal_lm(model_dir: str, gguf_file: str | None):
     return model, tokenizer
 
 
+def is_vision_language(model_dir: str, gguf_file: str | None) -> bool:
+    """Whether MODEL_DIR holds a vision-language model (its config has a vision tower)."""
+    if gguf_file:
+        return False
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return False
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_vision_language_model(model_dir: str):
+    """A local Hugging Face image-text-to-text model (fp32, SDPA) and its processor."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa",
+                                                        dtype=torch.float32).eval()
+    return model, _load_processor(model_dir)
+
+
+def _load_processor(folder: str):
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        processor, reason = None, str(error).splitlines()[0]
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise TokenCompileError(f"cannot load an image processor from {folder}"
+                                f"{': ' + reason if processor is None else ''}",
+                                "give the vision-language model's folder, with its processor saved in it")
+    return processor
+
+
+def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...], chat: bool):
+    """(input_ids [B, N], pixel_values) of prompts, each with its image: the image placeholders go first
+    unless the prompt holds them (with ``chat``: the user turn of the chat template, image first)."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    if len(images) != len(prompts):
+        raise TokenCompileError(f"{len(prompts)} --prompt and {len(images)} --image options",
+                                "give one --image for each --prompt")
+    placeholder = getattr(processor, "image_token", "<image>")
+    encoded = []
+    for prompt, path in zip(prompts, images):
+        try:
+            with Image.open(path) as file:
+                picture = file.convert("RGB")
+        except (OSError, UnidentifiedImageError) as error:
+            raise TokenCompileError(f"cannot read the image {path} ({str(error).splitlines()[0]})",
+                                    "give a JPEG or PNG file") from None
+        if chat:
+            if not getattr(processor, "chat_template", None):
+                raise TokenCompileError("the processor has no chat template", "drop --chat")
+            turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = processor.apply_chat_template(turn, add_generation_prompt=True)
+        else:
+            text = prompt if placeholder in prompt else f"{placeholder}\n{prompt}"
+        encoded.append(processor(images=picture, text=text, return_tensors="pt"))
+    lengths = sorted({int(e.input_ids.shape[1]) for e in encoded})
+    if len(lengths) > 1:
+        raise TokenCompileError(f"the prompts with their images have {', '.join(map(str, lengths))} tokens: image "
+                                "prompts of one batch must have one length (no padding)",
+                                "give prompts of one length, or one prompt at a time")
+    return torch.cat([e.input_ids for e in encoded]), torch.cat([e[PIXELS] for e in encoded])
+
+
 REDUCTION_DEFAULTS = {"method": "fastv", "method_options": (), "budget": None, "keep": None, "layer": None, "sinks": 0,
                       "pool": 1, "span": None, "image_token_id": None, "positions": "keep", "lookup": 0, "ahead": 64,
                       "probes": 1}
@@ -45,9 +119,10 @@ def _compile_options(command):
     """Options that choose the prompt reduction (shared by `generate` and `export-decoder`)."""
     options = [
         click.option("--gguf-file", help="GGUF checkpoint inside MODEL_DIR (dequantised to fp32)."),
-        click.option("--method", type=click.Choice(CLI_METHODS), default="fastv", show_default=True,
+        click.option("--method", type=click.Choice(CLI_METHODS + IMAGE_METHODS), default="fastv", show_default=True,
                      help="fastv: one stage; pyramiddrop: several; dart, divprune, zipcache, random: their score "
-                     "on the span, FastV's stages (VLM methods such as vtc-cls need pixel inputs: Python API)."),
+                     "on the span, FastV's stages; vtc-cls, visionzip: a VLM's image tokens, reduced before its "
+                     "language model (with --image)."),
         click.option("--option", "method_options", multiple=True, metavar="KEY=VALUE",
                      help="An option of dart, divprune, zipcache or random (repeatable), e.g. pivots=4."),
         click.option("--budget", type=float, help="Prefill FLOPs ratio to meet (0 < B <= 1)."),
@@ -60,7 +135,8 @@ def _compile_options(command):
         click.option("--pool", type=int, default=1, show_default=True,
                      help="Average each score over this many neighbours (odd)."),
         click.option("--span", help="START,LENGTH of the prompt tokens that may go (default: all but the last)."),
-        click.option("--image-token-id", type=int, help="The span is every token with this id (VLM image tokens)."),
+        click.option("--image-token-id", type=int, help="The span is every token with this id (VLM image tokens; "
+                     "with --image the default is the model's image placeholder)."),
         click.option("--positions", type=click.Choice(["keep", "renumber"]), default="keep", show_default=True),
         click.option("--lookup", type=int, default=0, show_default=True,
                      help="Rank first the span tokens that follow earlier occurrences of the n-grams at the last "
@@ -162,12 +238,18 @@ def _until_eos(tokens: list[int], eos) -> list[int]:
     return tokens
 
 
-def _compile(model, ids, reduction: dict, padding: bool = False):
-    """``compile_decoder`` with the reduction options of ``_compile_options`` as the CLI gives them."""
+def _compile(model, ids, reduction: dict, padding: bool = False, extra: dict | None = None):
+    """``compile_decoder`` with the reduction options of ``_compile_options`` as the CLI gives them
+    (``extra``: a VLM's pixel_values; the span defaults to its image placeholders)."""
     from ..cli import _parse_options
     from . import compile_decoder
 
     options = dict(reduction)
+    if options["method"] in IMAGE_METHODS and not extra:
+        raise TokenCompileError(f"--method {options['method']} reduces a VLM's image tokens",
+                                "give a vision-language model folder and --image FILE")
+    if extra and options["span"] is None and options["image_token_id"] is None:
+        options["image_token_id"] = model.config.image_token_id
     keep = _numbers(options.pop("keep"), "--keep", float)
     layer = options.pop("layer")
     layer = layer if layer == "auto" else _numbers(layer, "--layer", int)
@@ -176,7 +258,7 @@ def _compile(model, ids, reduction: dict, padding: bool = False):
         budget = 1.0
     span = _region(options.pop("span"), options.pop("image_token_id"))
     return compile_decoder(model, ids, budget=budget, keep=keep, layer=layer, span=span, padding=padding,
-                           options=_parse_options(options.pop("method_options")), **options)
+                           extra_inputs=extra, options=_parse_options(options.pop("method_options")), **options)
 
 
 def _changed_reduction_options(reduction: dict) -> list[str]:
@@ -203,6 +285,31 @@ def _load_tokenizer(folder: str, gguf_file: str | None):
                                 "give a Hugging Face model folder (and --gguf-file for a GGUF one)") from None
 
 
+def _model_and_prompts(model_dir, gguf_file, tokenizer_dir, prompts, prompt_ids, images, chat, padding=False):
+    """The model of MODEL_DIR, its tokenizer, and the prompts as (ids, attention mask or None, extra
+    inputs or None): a causal LM's prompts (several: padded on the left), or a VLM's prompts with images."""
+    vision = is_vision_language(model_dir, gguf_file)
+    if images and not vision:
+        raise TokenCompileError(f"{model_dir} is not a vision-language model", "drop --image")
+    if vision:
+        if not images or not prompts:
+            raise TokenCompileError(f"{model_dir} is a vision-language model", "give --prompt and --image")
+        if padding:
+            raise TokenCompileError("image prompts take no padding (the image placeholders of each prompt would "
+                                    "sit in other columns)", "drop --padding")
+        model, processor = load_vision_language_model(model_dir)
+        ids, pixels = _image_prompts(processor, prompts, images, chat)
+        return model, processor.tokenizer, ids, None, {PIXELS: pixels}
+    model, tokenizer = load_causal_lm(model_dir, gguf_file)
+    if tokenizer_dir:
+        tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
+    if len(prompts) > 1:
+        ids, mask = _padded_prompts(tokenizer, prompts, model_dir, chat=chat)
+    else:
+        ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir, chat), None
+    return model, tokenizer, ids, mask, None
+
+
 def generate_command(command_class, debug_option):
     from .onnx_export import MANIFEST
 
@@ -211,7 +318,10 @@ def generate_command(command_class, debug_option):
     @click.option("--prompt", "prompts", multiple=True, help="Prompt text (needs a tokenizer in MODEL_DIR, or "
                   "--tokenizer); repeat it for a batch, padded on the left.")
     @click.option("--prompt-ids", help="Prompt as comma-separated token ids (instead of --prompt).")
-    @click.option("--tokenizer", "tokenizer_dir", help="Tokenizer folder (for an exported decoder folder).")
+    @click.option("--tokenizer", "tokenizer_dir", help="Tokenizer folder (for an exported decoder folder; an "
+                  "exported VLM: the model folder with its processor).")
+    @click.option("--image", "images", multiple=True, help="The image of a --prompt (a vision-language model: one "
+                  "per prompt; its placeholders go first unless the prompt holds them).")
     @_compile_options
     @click.option("--max-new-tokens", type=int, default=32, show_default=True)
     @click.option("--chat", is_flag=True, help="Each --prompt as the user turn of the tokenizer's chat template "
@@ -224,14 +334,15 @@ def generate_command(command_class, debug_option):
     @click.option("--seed", type=int, help="Seed of the sampling (default: a fresh one, printed).")
     @click.option("--report", "report_path", help="Write the report (JSON).")
     @debug_option
-    def generate(model_dir, prompts, prompt_ids, tokenizer_dir, gguf_file, max_new_tokens, chat, sample, temperature,
-                 top_k, top_p, seed, report_path, debug, **reduction):
+    def generate(model_dir, prompts, prompt_ids, tokenizer_dir, images, gguf_file, max_new_tokens, chat, sample,
+                 temperature, top_k, top_p, seed, report_path, debug, **reduction):
         """Greedy generation with the prompt reduced in prefill; prints the continuation (one line per
         prompt) and tokens per layer.
 
         MODEL_DIR is a Hugging Face causal LM folder, or a folder written by `export-decoder` (then the
         reduction was chosen at export and prefill and decode run in ONNX Runtime). Several --prompt
-        options make one batch, padded on the left (an exported folder: export it with --padding)."""
+        options make one batch, padded on the left (an exported folder: export it with --padding).
+        A vision-language model (LLaVA) takes one --image per --prompt."""
         import os
         import random
 
@@ -268,26 +379,33 @@ def generate_command(command_class, debug_option):
                 raise TokenCompileError(f"{model_dir} is an exported decoder: its reduction was chosen at export, "
                                         f"{', '.join(given)} cannot change it", "drop them, or export again")
             source = OnnxRunner(model_dir)
-            tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
-            if source.masked and prompts:  # a padded export takes any prompt up to its length
+            extra = None
+            if PIXELS in source.extra_inputs or images:
+                if PIXELS not in source.extra_inputs:
+                    raise TokenCompileError(f"{model_dir} was exported from a text model", "drop --image")
+                if not images or not tokenizer_dir or not prompts:
+                    raise TokenCompileError(f"{model_dir} is an exported vision-language model",
+                                            "give --prompt, --image and --tokenizer MODEL_DIR (the folder with "
+                                            "its processor)")
+                processor = _load_processor(tokenizer_dir)
+                ids, pixels = _image_prompts(processor, prompts, images, chat)
+                tokenizer, mask, extra = processor.tokenizer, None, {PIXELS: pixels}
+            elif source.masked and prompts:  # a padded export takes any prompt up to its length
+                tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
                 ids, mask = _padded_prompts(tokenizer, prompts, model_dir, source.prompt_tokens, chat)
             elif len(prompts) > 1:
                 raise TokenCompileError(f"{model_dir} was exported for single prompts of {source.prompt_tokens} "
                                         "tokens", "export it with --padding to give several prompts")
             else:
+                tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
                 ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir, chat), None
             report, eos = source.manifest["report"], source.manifest.get("eos_token_id")
         else:
-            model, tokenizer = load_causal_lm(model_dir, gguf_file)
-            if tokenizer_dir:
-                tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
-            if len(prompts) > 1:
-                ids, mask = _padded_prompts(tokenizer, prompts, model_dir, chat=chat)
-            else:
-                ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir, chat), None
-            source = _compile(model, ids, reduction, padding=mask is not None)
+            model, tokenizer, ids, mask, extra = _model_and_prompts(model_dir, gguf_file, tokenizer_dir, prompts,
+                                                                    prompt_ids, images, chat)
+            source = _compile(model, ids, reduction, padding=mask is not None, extra=extra)
             report, eos = source.report, getattr(model.config, "eos_token_id", None)
-        out = greedy(source, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask, **sampling)
+        out = greedy(source, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask, extra=extra, **sampling)
         generated = [_until_eos(row[ids.shape[1]:].tolist(), eos) for row in out]
         for new in generated:
             click.echo(tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new)))
@@ -311,6 +429,7 @@ def export_decoder_command(command_class, debug_option):
     @click.option("-o", "--output", "folder", required=True, help="Folder for prefill.onnx, decode.onnx and "
                   "decoder.json.")
     @click.option("--prompt", help="Example prompt text: fixes the prompt length (and image-token positions).")
+    @click.option("--image", help="Example image of the prompt (a vision-language model).")
     @click.option("--prompt-ids", help="Example prompt as comma-separated token ids.")
     @click.option("--prompt-tokens", type=int, help="Prompt length, for a span given by --span (random example ids).")
     @_compile_options
@@ -324,8 +443,8 @@ def export_decoder_command(command_class, debug_option):
     @click.option("--external-data", is_flag=True, help="Each graph's weights in NAME.onnx.data beside it "
                   "(automatic past 2 GB, the limit of one ONNX file).")
     @debug_option
-    def export_decoder(model_dir, folder, prompt, prompt_ids, prompt_tokens, gguf_file, opset, verify, check_target,
-                       force, padding, external_data, debug, **reduction):
+    def export_decoder(model_dir, folder, prompt, image, prompt_ids, prompt_tokens, gguf_file, opset, verify,
+                       check_target, force, padding, external_data, debug, **reduction):
         """Compile a causal LM's prompt reduction and write prefill and decode as two ONNX graphs."""
         import os
         import sys
@@ -355,13 +474,18 @@ def export_decoder_command(command_class, debug_option):
         if os.path.abspath(folder) == os.path.abspath(model_dir):
             raise TokenCompileError("-o is the model folder: its files would be mixed with the export",
                                     "choose another folder")
-        model, tokenizer = load_causal_lm(model_dir, gguf_file)
-        if prompt_tokens is not None:
-            vocab = model.config.vocab_size
-            ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+        extra = None
+        if image is not None or is_vision_language(model_dir, gguf_file):
+            model, _, ids, _, extra = _model_and_prompts(model_dir, gguf_file, None, (prompt,) if prompt else (),
+                                                         None, (image,) if image else (), False, padding)
         else:
-            ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
-        program = _compile(model, ids, reduction, padding=padding)
+            model, tokenizer = load_causal_lm(model_dir, gguf_file)
+            if prompt_tokens is not None:
+                vocab = model.config.vocab_size
+                ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+            else:
+                ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
+        program = _compile(model, ids, reduction, padding=padding, extra=extra)
         click.echo(_describe(program.report))
         info = export_decoder_onnx(program, folder, opset=opset, external_data=external_data or None)
         click.echo(f"wrote {info.prefill} and {info.decode} ({info.layers} layers, opset {opset}, checker passed, "
@@ -377,15 +501,17 @@ def export_decoder_command(command_class, debug_option):
             if padding:  # the second prompt a quarter shorter
                 mask = torch.ones_like(batch)
                 mask[1, :ids.shape[1] // 4] = 0
-            extra = {"attention_mask": mask} if padding else None
+                extra = {"attention_mask": mask}
+            elif extra is not None:  # the second image mirrored
+                extra = {PIXELS: torch.cat([extra[PIXELS], extra[PIXELS].flip(-1)])}
             expected_logits, expected_caches = prefill(program, batch, extra)
             logits, caches = runner.prefill(batch, extra)
             # relative to each tensor's largest value: logits of real LMs reach tens, float noise grows with them;
             # cache slots of padding are never read (their values differ between runtimes)
             error = max(float((a - b).abs().max() / b.abs().max().clamp(min=1)) for a, b in
                         zip([logits, *_read_slots(caches)], [expected_logits, *_read_slots(expected_caches)]))
-            same = torch.equal(greedy(program, batch, 8, attention_mask=mask), greedy(runner, batch, 8,
-                                                                                    attention_mask=mask))
+            same = torch.equal(greedy(program, batch, 8, extra=extra, attention_mask=mask),
+                               greedy(runner, batch, 8, extra=extra, attention_mask=mask))
             click.echo(f"verify batch 2: prefill max error {error:.2e} of the largest value (limit 1e-4), 8 greedy "
                        f"tokens {'identical' if same else 'DIFFERENT'}")
             failed |= error > 1e-4 or not same
