@@ -14,7 +14,7 @@ import torch
 from test_decoder import reference_forward, reference_staged
 
 import models
-from models.decoders import LLAVA_IMAGE_TOKEN
+from models.decoders import LLAVA_IMAGE_TOKEN, LLAVA_TEXT_BEFORE
 from tokencompile.decoder import (
     Span,
     analyse_decoder,
@@ -400,15 +400,18 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(arg) for arg in args])
 
 
-@pytest.mark.parametrize("method, flags", [("vtc-cls", ["--keep", "0.25"]), ("fastv", ["--keep", "0.5", "--chat"])])
-def test_cli_generates_from_images(vlm_folder, method, flags):
+@pytest.mark.parametrize("method, flags, prompts", [
+    ("vtc-cls", ["--keep", "0.25"], ["what is it?", "name it now"]),
+    ("fastv", ["--keep", "0.5", "--chat"], ["what is it?", "name it now"]),
+    ("fastv", ["--keep", "0.5"], ["what?", "name the thing you see"]),  # padded on the left
+])
+def test_cli_generates_from_images(vlm_folder, method, flags, prompts):
     """--image with each --prompt: the processor's placeholders and pixels, the image span by default, and
     the lines the Python API gives for the same batch."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder, photos = vlm_folder
-    prompts = ["what is it?", "name it now"]
     result = _cli("generate", folder, "--prompt", prompts[0], "--image", photos[0], "--prompt", prompts[1],
                   "--image", photos[1], "--method", method, *flags, "--max-new-tokens", 5)
     assert result.exit_code == 0, result.output
@@ -422,12 +425,18 @@ def test_cli_generates_from_images(vlm_folder, method, flags):
         assert texts[0] == "user: <image>\nwhat is it?\nassistant:"
     else:
         texts = [f"<image>\n{p}" for p in prompts]
-    batch = processor(images=[Image.open(p).convert("RGB") for p in photos], text=texts, return_tensors="pt")
+    processor.tokenizer.padding_side = "left"
+    processor.tokenizer.pad_token = processor.tokenizer.convert_ids_to_tokens(0)  # what the CLI pads with
+    batch = processor(images=[Image.open(p).convert("RGB") for p in photos], text=texts, padding=True,
+                      return_tensors="pt")
     assert int((batch.input_ids == 256).sum()) == 2 * 64
+    padded = not bool(batch.attention_mask.all())
+    assert padded == (len(prompts[0]) != len(prompts[1]))
     extra = {"pixel_values": batch.pixel_values}
-    program = compile_decoder(model, batch.input_ids, keep=float(flags[1]), method=method,
+    program = compile_decoder(model, batch.input_ids, keep=float(flags[1]), method=method, padding=padded,
                               span=Span(token_id=256), extra_inputs=extra)
-    out = generate(program, batch.input_ids, 5, extra=extra)[:, batch.input_ids.shape[1]:]
+    out = generate(program, batch.input_ids, 5, extra=extra, attention_mask=batch.attention_mask if padded else None)
+    out = out[:, batch.input_ids.shape[1]:]
     assert result.stdout == "".join(processor.tokenizer.decode(row) + "\n" for row in out)  # (random bytes)
     assert "span kept 16/64" in result.output if method == "vtc-cls" else "span kept 32/64" in result.output
 
@@ -437,8 +446,8 @@ def test_cli_image_errors(vlm_folder, llama, tmp_path):
     llama.save_pretrained(tmp_path / "text")
     (tmp_path / "broken.jpg").write_text("not an image")
     for args, message in [
-        ([folder, "--prompt", "a", "--image", photos[0], "--prompt", "longer", "--image", photos[1]],
-         "have 66, 71 tokens: image prompts of one batch must have one length"),
+        ([folder, "--prompt", "a", "--image", photos[0], "--prompt", "longer", "--image", photos[1], "--method",
+          "vtc-cls", "--keep", "0.5"], "vtc-cls does not take padded prompts"),
         ([folder, "--prompt", "a"], "is a vision-language model .give --prompt and --image"),
         ([folder, "--prompt", "a", "--image", tmp_path / "broken.jpg"], "cannot read the image .*broken.jpg"),
         ([folder, "--prompt", "a", "--prompt", "b", "--image", photos[0]], "2 --prompt and 1 --image options"),
@@ -464,3 +473,58 @@ def test_cli_exports_a_vlm_and_generates_from_the_export(vlm_folder, tmp_path):
     assert from_onnx.stdout == in_torch.stdout
     missing = _cli("generate", export, "--prompt", "what is it?", "--tokenizer", folder)
     assert missing.exit_code == 2 and "is an exported vision-language model" in missing.output
+    two = ["--prompt", "what?", "--image", photos[0], "--prompt", "what is it?", "--image", photos[1]]
+    unpadded = _cli("generate", export, *two, "--tokenizer", folder)
+    assert unpadded.exit_code == 2 and "export it with --padding" in unpadded.output
+
+    padded = tmp_path / "padded"
+    result = _cli("export-decoder", folder, "--prompt", "what is it? tell me", "--image", photos[0], "--keep", "0.5",
+                  "-o", padded, "--padding", "--verify")
+    assert result.exit_code == 0 and "8 greedy tokens identical" in result.output, result.output
+    from_onnx = _cli("generate", padded, *two, "--tokenizer", folder, "--max-new-tokens", 6)
+    assert from_onnx.exit_code == 0, from_onnx.output
+    runner = OnnxRunner(str(padded))
+    from tokencompile.decoder.cli import _image_prompts, _load_processor
+
+    ids, mask, pixels = _image_prompts(_load_processor(str(folder)), tuple(two[1::4]), tuple(two[3::4]), False,
+                                       runner.prompt_tokens)
+    assert mask[0].tolist().count(0) == 14 and mask[1].tolist().count(0) == 8
+    out = generate(runner, ids, 6, extra={"pixel_values": pixels}, attention_mask=mask)[:, ids.shape[1]:]
+    tokenizer = _load_processor(str(folder)).tokenizer
+    assert from_onnx.stdout == "".join(tokenizer.decode(row) + "\n" for row in out)
+
+
+def test_a_padded_image_prompt_gives_what_it_gives_alone(vlm, inputs):
+    """Image prompts of different lengths padded on the left (fastv on the image span): every row gives up
+    the same number of slots, padding first, so the padded row keeps 6 more image tokens (38 of 64) and
+    gives what it gives alone when keeping 38 (logits, the real cache slots, a teacher-forced
+    continuation); the padding id's embedding is loud, so attention to padding would show."""
+    import copy
+
+    loud = copy.deepcopy(vlm)
+    with torch.no_grad():
+        loud.model.get_input_embeddings().weight[0] *= 30
+    ids, pixels = inputs[0][:2].clone(), inputs[1][:2]
+    short = torch.cat([ids[1, :LLAVA_TEXT_BEFORE + 64], ids[1, -6:]])   # 6 text tokens fewer
+    ids[1] = torch.cat([torch.zeros(ids.shape[1] - len(short), dtype=ids.dtype), short])
+    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - len(short)).long().expand(2, -1).clone()
+    mask[0] = 1
+    continuation = torch.randint(3, LLAVA_IMAGE_TOKEN, (2, 4), generator=torch.Generator().manual_seed(5))
+    padded = compile_decoder(loud, ids, keep=0.5, layer=2, span=IMAGE, padding=True,
+                             extra_inputs={"pixel_values": pixels})
+    assert padded.extra_inputs == ("attention_mask", "pixel_values")
+    extra = {"pixel_values": pixels}
+    logits, caches = prefill(padded, ids, {**extra, "attention_mask": mask})
+    forced = teacher_forced_logits(padded, ids, continuation, extra, attention_mask=mask)
+    for row, own_ids, kept in [(0, ids[:1], 32), (1, short[None], 38)]:
+        own_extra = {"pixel_values": pixels[row:row + 1]}
+        own = compile_decoder(loud, own_ids, keep=kept / 64, layer=2, span=IMAGE, extra_inputs=own_extra)
+        own_logits, own_caches = prefill(own, own_ids, own_extra)
+        torch.testing.assert_close(logits[row:row + 1], own_logits, atol=1e-5, rtol=1e-4)
+        for (key, value, key_mask), (own_key, own_value) in zip(caches, own_caches):
+            real = key_mask[row].bool()
+            torch.testing.assert_close(key[row][:, real], own_key[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(value[row][:, real], own_value[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(forced[row:row + 1], teacher_forced_logits(own, own_ids, continuation[row:row + 1],
+                                                                              own_extra), atol=1e-5, rtol=1e-4)
+    assert [m.sum(1).tolist() for *_, m in caches] == [[80, 74], [80, 74], [48, 48], [48, 48]]

@@ -76,9 +76,11 @@ def _load_processor(folder: str):
     return processor
 
 
-def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...], chat: bool):
-    """(input_ids [B, N], pixel_values) of prompts, each with its image: the image placeholders go first
-    unless the prompt holds them (with ``chat``: the user turn of the chat template, image first)."""
+def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...], chat: bool, length: int | None = None):
+    """(input_ids [B, N], attention mask or None, pixel_values) of prompts, each with its image: the image
+    placeholders go first unless the prompt holds them (with ``chat``: the user turn of the chat
+    template, image first). Prompts of different lengths (or shorter than ``length``) are padded on the
+    left."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -102,12 +104,12 @@ def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...],
         else:
             text = prompt if placeholder in prompt else f"{placeholder}\n{prompt}"
         encoded.append(processor(images=picture, text=text, return_tensors="pt"))
-    lengths = sorted({int(e.input_ids.shape[1]) for e in encoded})
-    if len(lengths) > 1:
-        raise TokenCompileError(f"the prompts with their images have {', '.join(map(str, lengths))} tokens: image "
-                                "prompts of one batch must have one length (no padding)",
-                                "give prompts of one length, or one prompt at a time")
-    return torch.cat([e.input_ids for e in encoded]), torch.cat([e[PIXELS] for e in encoded])
+    pixels = torch.cat([e[PIXELS] for e in encoded])
+    rows = [e.input_ids[0] for e in encoded]
+    if len({len(row) for row in rows}) == 1 and length in (None, len(rows[0])):
+        return torch.stack(rows), None, pixels
+    ids, mask = _pad_left(rows, processor.tokenizer, length)
+    return ids, mask, pixels
 
 
 REDUCTION_DEFAULTS = {"method": "fastv", "method_options": (), "budget": None, "keep": None, "layer": None, "sinks": 0,
@@ -186,9 +188,13 @@ def _prompt(tokenizer, prompt: str | None, prompt_ids: str | None, where: str, c
 
 def _padded_prompts(tokenizer, prompts: tuple[str, ...], where: str, length: int | None = None, chat: bool = False):
     """Several prompts as one batch padded on the left to ``length`` (default: the longest): (ids, mask)."""
+    return _pad_left([_prompt(tokenizer, text, None, where, chat)[0] for text in prompts], tokenizer, length)
+
+
+def _pad_left(rows: list, tokenizer, length: int | None = None):
+    """Token rows as one batch padded on the left to ``length`` (default: the longest): (ids, mask)."""
     import torch
 
-    rows = [_prompt(tokenizer, text, None, where, chat)[0] for text in prompts]
     longest = max(len(row) for row in rows)
     length = longest if length is None else length
     if longest > length:
@@ -285,21 +291,19 @@ def _load_tokenizer(folder: str, gguf_file: str | None):
                                 "give a Hugging Face model folder (and --gguf-file for a GGUF one)") from None
 
 
-def _model_and_prompts(model_dir, gguf_file, tokenizer_dir, prompts, prompt_ids, images, chat, padding=False):
+def _model_and_prompts(model_dir, gguf_file, tokenizer_dir, prompts, prompt_ids, images, chat):
     """The model of MODEL_DIR, its tokenizer, and the prompts as (ids, attention mask or None, extra
-    inputs or None): a causal LM's prompts (several: padded on the left), or a VLM's prompts with images."""
+    inputs or None): a causal LM's prompts or a VLM's prompts with images (of different lengths: padded on
+    the left)."""
     vision = is_vision_language(model_dir, gguf_file)
     if images and not vision:
         raise TokenCompileError(f"{model_dir} is not a vision-language model", "drop --image")
     if vision:
         if not images or not prompts:
             raise TokenCompileError(f"{model_dir} is a vision-language model", "give --prompt and --image")
-        if padding:
-            raise TokenCompileError("image prompts take no padding (the image placeholders of each prompt would "
-                                    "sit in other columns)", "drop --padding")
         model, processor = load_vision_language_model(model_dir)
-        ids, pixels = _image_prompts(processor, prompts, images, chat)
-        return model, processor.tokenizer, ids, None, {PIXELS: pixels}
+        ids, mask, pixels = _image_prompts(processor, prompts, images, chat)
+        return model, processor.tokenizer, ids, mask, {PIXELS: pixels}
     model, tokenizer = load_causal_lm(model_dir, gguf_file)
     if tokenizer_dir:
         tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
@@ -388,8 +392,12 @@ def generate_command(command_class, debug_option):
                                             "give --prompt, --image and --tokenizer MODEL_DIR (the folder with "
                                             "its processor)")
                 processor = _load_processor(tokenizer_dir)
-                ids, pixels = _image_prompts(processor, prompts, images, chat)
-                tokenizer, mask, extra = processor.tokenizer, None, {PIXELS: pixels}
+                ids, mask, pixels = _image_prompts(processor, prompts, images, chat,
+                                                   source.prompt_tokens if source.masked else None)
+                if mask is not None and not source.masked:
+                    raise TokenCompileError(f"{model_dir} was exported for single prompts of {source.prompt_tokens} "
+                                            "tokens", "export it with --padding to give prompts of other lengths")
+                tokenizer, extra = processor.tokenizer, {PIXELS: pixels}
             elif source.masked and prompts:  # a padded export takes any prompt up to its length
                 tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
                 ids, mask = _padded_prompts(tokenizer, prompts, model_dir, source.prompt_tokens, chat)
@@ -477,7 +485,7 @@ def export_decoder_command(command_class, debug_option):
         extra = None
         if image is not None or is_vision_language(model_dir, gguf_file):
             model, _, ids, _, extra = _model_and_prompts(model_dir, gguf_file, None, (prompt,) if prompt else (),
-                                                         None, (image,) if image else (), False, padding)
+                                                         None, (image,) if image else (), False)
         else:
             model, tokenizer = load_causal_lm(model_dir, gguf_file)
             if prompt_tokens is not None:
@@ -498,12 +506,12 @@ def export_decoder_command(command_class, debug_option):
             runner = OnnxRunner(folder)
             batch = torch.cat([ids, ids.flip(1)])
             mask = None
+            if extra is not None:  # the second image mirrored
+                extra = {PIXELS: torch.cat([extra[PIXELS], extra[PIXELS].flip(-1)])}
             if padding:  # the second prompt a quarter shorter
                 mask = torch.ones_like(batch)
                 mask[1, :ids.shape[1] // 4] = 0
-                extra = {"attention_mask": mask}
-            elif extra is not None:  # the second image mirrored
-                extra = {PIXELS: torch.cat([extra[PIXELS], extra[PIXELS].flip(-1)])}
+                extra = {**(extra or {}), "attention_mask": mask}
             expected_logits, expected_caches = prefill(program, batch, extra)
             logits, caches = runner.prefill(batch, extra)
             # relative to each tensor's largest value: logits of real LMs reach tens, float noise grows with them;

@@ -50,12 +50,17 @@ class CausalLMPrefill(torch.nn.Module):
         self.model = model
         self.extra_inputs = tuple(extra_inputs)
 
+    def model_inputs(self, named: dict) -> dict:
+        """The model's keyword inputs from the prefill's named extra inputs (a subclass may compute some of
+        them itself, e.g. a VLM's image features)."""
+        return named
+
     def forward(self, input_ids, *extra):
         named = dict(zip(self.extra_inputs, extra))
         mask = named.get(MASK)
         if mask is not None:
             named["position_ids"] = padded_positions(mask)
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **named)
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **self.model_inputs(named))
         caches = cache_tensors(returned_cache(out))
         masks = [mask] * (len(caches) // 2) if mask is not None else []
         return (out.logits[:, -1], *caches, *masks)
@@ -71,10 +76,12 @@ def prefill_module(model: torch.nn.Module, extra_inputs: tuple[str, ...] = ()) -
     as a ``LlavaPrefill`` (``tokencompile.decoder.vlm``), else a causal LM wrapped."""
     from .vlm import PIXELS, LlavaPrefill, is_llava
 
-    if isinstance(model, CausalLMPrefill):
+    if isinstance(model, CausalLMPrefill) and tuple(extra_inputs) == (MASK, *model.extra_inputs):
+        wrapper = type(model)(model.model, tuple(extra_inputs))  # padding=True adds the mask to a recipe's wrapper
+    elif isinstance(model, CausalLMPrefill):
         wrapper = model
-    elif tuple(extra_inputs) == (PIXELS,) and is_llava(model):
-        wrapper = LlavaPrefill(model)
+    elif PIXELS in extra_inputs and is_llava(model):
+        wrapper = LlavaPrefill(model, extra_inputs)
     else:
         wrapper = CausalLMPrefill(model, extra_inputs)
     if wrapper.extra_inputs != tuple(extra_inputs):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .prefill import CausalLMPrefill, cache_tensors, returned_cache
+from .prefill import CausalLMPrefill
 
 PIXELS = "pixel_values"
 
@@ -23,11 +23,12 @@ def is_llava(model: torch.nn.Module) -> bool:
 
 
 class LlavaPrefill(CausalLMPrefill):
-    """(input_ids [B, N], pixel_values [B, 3, H, W]) -> (last logits, key_0, value_0, ...) of a LLaVA model,
-    with the batch symbolic in its export."""
+    """(input_ids [B, N], *extra) -> (last logits, key_0, value_0, ...) of a LLaVA model, the extra inputs
+    holding pixel_values [B, 3, H, W] (and the attention_mask of left-padded prompts), with the batch
+    symbolic in its export."""
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__(model, (PIXELS,))
+    def __init__(self, model: torch.nn.Module, extra_inputs: tuple[str, ...] = (PIXELS,)):
+        super().__init__(model, extra_inputs)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vlm, config = self.model.model, self.model.config
@@ -38,12 +39,12 @@ class LlavaPrefill(CausalLMPrefill):
             hidden = hidden[:, 1:]
         return vlm.multi_modal_projector(hidden).flatten(0, 1)
 
-    def forward(self, input_ids, pixel_values):
+    def model_inputs(self, named: dict) -> dict:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        image = BaseModelOutputWithPooling(pooler_output=[self.image_features(pixel_values)])
-        out = self.model(input_ids=input_ids, mm_encoder_outputs={"image": image}, use_cache=True, logits_to_keep=1)
-        return (out.logits[:, -1], *cache_tensors(returned_cache(out)))
+        named = dict(named)
+        image = BaseModelOutputWithPooling(pooler_output=[self.image_features(named.pop(PIXELS))])
+        return {**named, "mm_encoder_outputs": {"image": image}}
 
 
 __all__ = ["LlavaPrefill", "is_llava"]
