@@ -3,6 +3,7 @@ the Hugging Face layers, greedy generation on the reduced KV cache, budgets and 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -270,8 +271,9 @@ def test_sampling_with_a_generator_is_reproducible_and_checked(llama, prompts, f
     assert not torch.equal(draws[0], generate(fastv_half, prompts, 8))
     for options, message in [({"do_sample": True, "temperature": 0.0}, "temperature 0 is not above 0"),
                              ({"do_sample": True, "top_p": 1.5}, "top_p 1.5 is out of range"),
-                             ({"do_sample": True, "top_k": -1}, "top_k -1 is negative"),
-                             ({"temperature": 0.5}, "greedy decoding ignores them.*do_sample=True")]:
+                             ({"do_sample": True, "top_k": -1}, "top_k -1 is not a count"),
+                             ({"temperature": 0.5}, "greedy decoding ignores them.*do_sample=True"),
+                             ({"generator": torch.Generator()}, "generator shape sampling")]:
         with pytest.raises(TokenCompileError, match=message):
             generate(fastv_half, prompts, 2, **options)
 
@@ -399,8 +401,34 @@ def test_cli_chat_prompt_and_seeded_sampling(llama, tmp_path):
     assert result.stdout.splitlines() == [tokenizer.decode(drawn[0, ids.shape[1]:])]
 
     for flags, message in [(["--seed", "1"], "--seed seeds sampling.*add --sample"),
-                           (["--top-p", "0.5"], "--temperature, --top-k and --top-p shape sampling.*add --sample"),
+                           (["--top-p", "0.5"], "--temperature, --top-k, --top-p shape sampling.*add --sample"),
                            (["--sample", "--temperature", "0"], "--temperature 0 is not above 0"),
                            (["--tokenizer", str(tmp_path / "plain")], "has no chat template.*drop --chat")]:
         result = CliRunner().invoke(main, ["generate", str(model_dir), *options, *flags])
         assert result.exit_code == 2 and re.search(message, result.output), result.output
+
+
+@pytest.mark.slow
+def test_cli_chat_export_samples_like_torch(llama, tmp_path):
+    """export-decoder --chat fixes the prompt length of the chat-formatted prompt; the export then samples
+    (seeded) what the model folder samples in torch."""
+    from click.testing import CliRunner
+
+    from tokencompile.cli import main
+
+    tokenizer = models.decoders.byte_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    llama.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    common = ["--prompt", "name a colour", "--chat"]
+    sampled = ["--max-new-tokens", "6", "--sample", "--top-p", "0.8", "--seed", "3"]
+    result = CliRunner().invoke(main, ["export-decoder", str(tmp_path / "model"), *common, "--keep", "0.5",
+                                       "--layer", "2", "-o", str(tmp_path / "onnx"), "--verify"])
+    assert result.exit_code == 0 and "8 greedy tokens identical" in result.output, result.output
+    assert json.load(open(tmp_path / "onnx" / "decoder.json"))["prompt_tokens"] == len("<name a colour>")
+    in_torch = CliRunner().invoke(main, ["generate", str(tmp_path / "model"), *common, "--keep", "0.5", "--layer",
+                                         "2", *sampled])
+    from_onnx = CliRunner().invoke(main, ["generate", str(tmp_path / "onnx"), *common, "--tokenizer",
+                                          str(tmp_path / "model"), *sampled])
+    assert in_torch.exit_code == 0 and from_onnx.exit_code == 0, in_torch.output + from_onnx.output
+    assert in_torch.stdout == from_onnx.stdout and "sampled with --seed 3" in from_onnx.output

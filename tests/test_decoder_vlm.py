@@ -441,14 +441,41 @@ def test_cli_generates_from_images(vlm_folder, method, flags, prompts):
     assert "span kept 16/64" in result.output if method == "vtc-cls" else "span kept 32/64" in result.output
 
 
+def test_generation_stops_at_the_language_model_end_of_sequence(llava):
+    """A LLaVA config holds no eos_token_id: generation (and an export's manifest) reads it from the
+    generation config or the language model's config."""
+    from tokencompile.decoder.prefill import eos_token_id
+
+    assert getattr(llava.config, "eos_token_id", None) is None
+    assert eos_token_id(llava) == llava.config.text_config.eos_token_id == 2
+
+
+def test_cli_text_prompts_on_a_llava_folder(vlm_folder):
+    """Without --image a LLaVA folder generates from text alone (its language model), tokenized by its processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder, _ = vlm_folder
+    result = _cli("generate", folder, "--prompt", "a short text prompt", "--keep", "0.5", "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+    tokenizer = AutoProcessor.from_pretrained(folder).tokenizer
+    ids = tokenizer("a short text prompt", return_tensors="pt").input_ids
+    out = generate(compile_decoder(model, ids, keep=0.5), ids, 4)[0, ids.shape[1]:]
+    assert result.stdout == tokenizer.decode(out) + "\n"
+
+
 def test_cli_image_errors(vlm_folder, llama, tmp_path):
+    from transformers import Qwen2VLConfig
+
     folder, photos = vlm_folder
     llama.save_pretrained(tmp_path / "text")
+    Qwen2VLConfig().save_pretrained(tmp_path / "qwen")
     (tmp_path / "broken.jpg").write_text("not an image")
     for args, message in [
+        ([tmp_path / "qwen", "--prompt", "a", "--image", photos[0]],
+         "holds a qwen2_vl model: the CLI takes images for LLaVA models only"),
         ([folder, "--prompt", "a", "--image", photos[0], "--prompt", "longer", "--image", photos[1], "--method",
           "vtc-cls", "--keep", "0.5"], "vtc-cls does not take padded prompts"),
-        ([folder, "--prompt", "a"], "is a vision-language model .give --prompt and --image"),
         ([folder, "--prompt", "a", "--image", tmp_path / "broken.jpg"], "cannot read the image .*broken.jpg"),
         ([folder, "--prompt", "a", "--prompt", "b", "--image", photos[0]], "2 --prompt and 1 --image options"),
         ([tmp_path / "text", "--prompt-ids", "1,2,3", "--image", photos[0]], "is not a vision-language model"),
@@ -528,3 +555,7 @@ def test_a_padded_image_prompt_gives_what_it_gives_alone(vlm, inputs):
         torch.testing.assert_close(forced[row:row + 1], teacher_forced_logits(own, own_ids, continuation[row:row + 1],
                                                                               own_extra), atol=1e-5, rtol=1e-4)
     assert [m.sum(1).tolist() for *_, m in caches] == [[80, 74], [80, 74], [48, 48], [48, 48]]
+    # unreduced, the recipe's wrapper takes the mask too: Hugging Face's generate with the mask
+    expected = loud.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=4,
+                                   do_sample=False)
+    assert torch.equal(generate(loud, ids, 4, extra=extra, attention_mask=mask), expected)

@@ -39,27 +39,40 @@ def load_causal_lm(model_dir: str, gguf_file: str | None):
     return model, tokenizer
 
 
-def is_vision_language(model_dir: str, gguf_file: str | None) -> bool:
-    """Whether MODEL_DIR holds a vision-language model (its config has a vision tower)."""
+def vision_language_kind(model_dir: str, gguf_file: str | None) -> str | None:
+    """The model type of the vision-language model in MODEL_DIR (its config has a vision tower), else None."""
     if gguf_file:
-        return False
+        return None
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError):
-        return False
-    return getattr(config, "vision_config", None) is not None
+        return None
+    return config.model_type if getattr(config, "vision_config", None) is not None else None
 
 
-def load_vision_language_model(model_dir: str):
-    """A local Hugging Face image-text-to-text model (fp32, SDPA) and its processor."""
+def load_decoder_model(model_dir: str, gguf_file: str | None, tokenizer_dir: str | None, images: bool):
+    """(model, tokenizer, processor or None) of MODEL_DIR: a LLaVA model with its processor (from
+    ``tokenizer_dir`` if given), or a causal LM with its tokenizer. ``images``: --image was given."""
     import torch
+
+    kind = vision_language_kind(model_dir, gguf_file)
+    if images and kind is None:
+        raise TokenCompileError(f"{model_dir} is not a vision-language model", "drop --image")
+    if images and kind != "llava":
+        raise TokenCompileError(f"{model_dir} holds a {kind} model: the CLI takes images for LLaVA models only",
+                                "use the Python API with a CausalLMPrefill subclass for its prefill (see "
+                                "tokencompile.decoder.vlm.LlavaPrefill)")
+    if kind != "llava":
+        model, tokenizer = load_causal_lm(model_dir, gguf_file)
+        return model, _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else tokenizer, None
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa",
                                                         dtype=torch.float32).eval()
-    return model, _load_processor(model_dir)
+    processor = _load_processor(tokenizer_dir or model_dir)
+    return model, processor.tokenizer, processor
 
 
 def _load_processor(folder: str):
@@ -99,11 +112,13 @@ def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...],
         if chat:
             if not getattr(processor, "chat_template", None):
                 raise TokenCompileError("the processor has no chat template", "drop --chat")
-            turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            content = [{"type": "text", "text": prompt}]
+            turn = [{"role": "user", "content": content if placeholder in prompt else [{"type": "image"}, *content]}]
             text = processor.apply_chat_template(turn, add_generation_prompt=True)
         else:
             text = prompt if placeholder in prompt else f"{placeholder}\n{prompt}"
-        encoded.append(processor(images=picture, text=text, return_tensors="pt"))
+        # a chat template writes its own special tokens (e.g. BOS)
+        encoded.append(processor(images=picture, text=text, return_tensors="pt", add_special_tokens=not chat))
     pixels = torch.cat([e[PIXELS] for e in encoded])
     rows = [e.input_ids[0] for e in encoded]
     if len({len(row) for row in rows}) == 1 and length in (None, len(rows[0])):
@@ -293,20 +308,14 @@ def _load_tokenizer(folder: str, gguf_file: str | None):
 
 def _model_and_prompts(model_dir, gguf_file, tokenizer_dir, prompts, prompt_ids, images, chat):
     """The model of MODEL_DIR, its tokenizer, and the prompts as (ids, attention mask or None, extra
-    inputs or None): a causal LM's prompts or a VLM's prompts with images (of different lengths: padded on
-    the left)."""
-    vision = is_vision_language(model_dir, gguf_file)
-    if images and not vision:
-        raise TokenCompileError(f"{model_dir} is not a vision-language model", "drop --image")
-    if vision:
-        if not images or not prompts:
-            raise TokenCompileError(f"{model_dir} is a vision-language model", "give --prompt and --image")
-        model, processor = load_vision_language_model(model_dir)
+    inputs or None): text prompts (several: padded on the left), or a LLaVA model's prompts with their
+    images (of different lengths: padded on the left)."""
+    model, tokenizer, processor = load_decoder_model(model_dir, gguf_file, tokenizer_dir, bool(images))
+    if images:
+        if not prompts:
+            raise TokenCompileError("--image goes with --prompt text", "give --prompt with each --image")
         ids, mask, pixels = _image_prompts(processor, prompts, images, chat)
-        return model, processor.tokenizer, ids, mask, {PIXELS: pixels}
-    model, tokenizer = load_causal_lm(model_dir, gguf_file)
-    if tokenizer_dir:
-        tokenizer = _load_tokenizer(tokenizer_dir, gguf_file)
+        return model, tokenizer, ids, mask, {PIXELS: pixels}
     if len(prompts) > 1:
         ids, mask = _padded_prompts(tokenizer, prompts, model_dir, chat=chat)
     else:
@@ -340,13 +349,13 @@ def generate_command(command_class, debug_option):
     @debug_option
     def generate(model_dir, prompts, prompt_ids, tokenizer_dir, images, gguf_file, max_new_tokens, chat, sample,
                  temperature, top_k, top_p, seed, report_path, debug, **reduction):
-        """Greedy generation with the prompt reduced in prefill; prints the continuation (one line per
-        prompt) and tokens per layer.
+        """Generation (greedy, or --sample) with the prompt reduced in prefill; prints the continuation
+        (one line per prompt) and tokens per layer.
 
         MODEL_DIR is a Hugging Face causal LM folder, or a folder written by `export-decoder` (then the
         reduction was chosen at export and prefill and decode run in ONNX Runtime). Several --prompt
         options make one batch, padded on the left (an exported folder: export it with --padding).
-        A vision-language model (LLaVA) takes one --image per --prompt."""
+        A LLaVA model takes one --image per --prompt."""
         import os
         import random
 
@@ -366,7 +375,7 @@ def generate_command(command_class, debug_option):
             token_chooser(**sampling)
         except TokenCompileError as error:  # the API's message, in the CLI's words
             names = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
-                     "do_sample=True": "--sample"}
+                     " and generator": "", "do_sample=True": "--sample"}
             raise TokenCompileError(*[_replace_all(part, names) for part in (error.problem, error.fix)]) from None
         if sample:
             seed = random.randrange(2**31) if seed is None else seed
@@ -412,7 +421,9 @@ def generate_command(command_class, debug_option):
             model, tokenizer, ids, mask, extra = _model_and_prompts(model_dir, gguf_file, tokenizer_dir, prompts,
                                                                     prompt_ids, images, chat)
             source = _compile(model, ids, reduction, padding=mask is not None, extra=extra)
-            report, eos = source.report, getattr(model.config, "eos_token_id", None)
+            from .prefill import eos_token_id
+
+            report, eos = source.report, eos_token_id(model)
         out = greedy(source, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask, extra=extra, **sampling)
         generated = [_until_eos(row[ids.shape[1]:].tolist(), eos) for row in out]
         for new in generated:
@@ -437,7 +448,8 @@ def export_decoder_command(command_class, debug_option):
     @click.option("-o", "--output", "folder", required=True, help="Folder for prefill.onnx, decode.onnx and "
                   "decoder.json.")
     @click.option("--prompt", help="Example prompt text: fixes the prompt length (and image-token positions).")
-    @click.option("--image", help="Example image of the prompt (a vision-language model).")
+    @click.option("--image", help="Example image of the prompt (a LLaVA model).")
+    @click.option("--chat", is_flag=True, help="The example --prompt as the user turn of the chat template.")
     @click.option("--prompt-ids", help="Example prompt as comma-separated token ids.")
     @click.option("--prompt-tokens", type=int, help="Prompt length, for a span given by --span (random example ids).")
     @_compile_options
@@ -451,9 +463,10 @@ def export_decoder_command(command_class, debug_option):
     @click.option("--external-data", is_flag=True, help="Each graph's weights in NAME.onnx.data beside it "
                   "(automatic past 2 GB, the limit of one ONNX file).")
     @debug_option
-    def export_decoder(model_dir, folder, prompt, image, prompt_ids, prompt_tokens, gguf_file, opset, verify,
+    def export_decoder(model_dir, folder, prompt, image, chat, prompt_ids, prompt_tokens, gguf_file, opset, verify,
                        check_target, force, padding, external_data, debug, **reduction):
-        """Compile a causal LM's prompt reduction and write prefill and decode as two ONNX graphs."""
+        """Compile the prompt reduction of a causal LM or a LLaVA model (--image) and write prefill and
+        decode as two ONNX graphs."""
         import os
         import sys
 
@@ -483,16 +496,18 @@ def export_decoder_command(command_class, debug_option):
             raise TokenCompileError("-o is the model folder: its files would be mixed with the export",
                                     "choose another folder")
         extra = None
-        if image is not None or is_vision_language(model_dir, gguf_file):
+        if prompt_tokens is None:
             model, _, ids, _, extra = _model_and_prompts(model_dir, gguf_file, None, (prompt,) if prompt else (),
-                                                         None, (image,) if image else (), False)
+                                                         prompt_ids, (image,) if image else (), chat)
         else:
-            model, tokenizer = load_causal_lm(model_dir, gguf_file)
-            if prompt_tokens is not None:
-                vocab = model.config.vocab_size
-                ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-            else:
-                ids = _prompt(tokenizer, prompt, prompt_ids, model_dir)
+            if image is not None:
+                raise TokenCompileError("--image goes with an example --prompt", "give --prompt instead of "
+                                        "--prompt-tokens")
+            from .prefill import text_config
+
+            model, _, _ = load_decoder_model(model_dir, gguf_file, None, False)
+            vocab = text_config(model).vocab_size
+            ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
         program = _compile(model, ids, reduction, padding=padding, extra=extra)
         click.echo(_describe(program.report))
         info = export_decoder_onnx(program, folder, opset=opset, external_data=external_data or None)

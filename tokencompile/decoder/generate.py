@@ -223,7 +223,9 @@ def with_mask(source, prompt_ids: torch.Tensor, extra: dict | None,
               attention_mask: torch.Tensor | None) -> dict | None:
     """``extra`` with the ``attention_mask`` of padded prompts, after checking the program takes one (all
     ones for a program that takes one when none is given)."""
-    takes = source.extra_inputs if isinstance(source, DecoderProgram) else getattr(source, "extra_inputs", None)
+    # a program or an exported runner has fixed inputs; a model (or its prefill wrapper) takes a mask
+    takes = source.extra_inputs if isinstance(source, DecoderProgram) else None if isinstance(
+        source, torch.nn.Module) else getattr(source, "extra_inputs", None)
     if attention_mask is None:
         return unpadded(takes, prompt_ids, extra)
     if takes is not None and MASK not in takes:
@@ -241,15 +243,15 @@ def token_chooser(do_sample: bool = False, temperature: float = 1.0, top_k: int 
     seeded run draws what its ``generate(do_sample=True, ...)`` draws). No hidden defaults: top_k=0 and
     top_p=1.0 filter nothing (Hugging Face's generation config defaults to top_k=50)."""
     if not do_sample:
-        if (temperature, top_k, top_p) != (1.0, 0, 1.0):
-            raise TokenCompileError("temperature, top_k and top_p shape sampling; greedy decoding ignores them",
-                                    "add do_sample=True, or leave them at their defaults")
+        if (temperature, top_k, top_p) != (1.0, 0, 1.0) or generator is not None:
+            raise TokenCompileError("temperature, top_k, top_p and generator shape sampling; greedy decoding "
+                                    "ignores them", "add do_sample=True, or leave them at their defaults")
         return lambda ids, logits: logits.argmax(-1, keepdim=True)
     if not temperature > 0:
         raise TokenCompileError(f"temperature {temperature:g} is not above 0",
                                 "give temperature > 0, or decode greedily")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise TokenCompileError(f"top_k {top_k} is negative", "give top_k >= 0 (0: no top-k filter)")
+    if top_k < 0 or int(top_k) != top_k:
+        raise TokenCompileError(f"top_k {top_k} is not a count", "give top_k >= 0 (0: no top-k filter)")
     if not 0 < top_p <= 1:
         raise TokenCompileError(f"top_p {top_p:g} is out of range", "give 0 < top_p <= 1 (1: no top-p filter)")
     from transformers.generation.logits_process import (
@@ -260,7 +262,7 @@ def token_chooser(do_sample: bool = False, temperature: float = 1.0, top_k: int 
     )
 
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
-    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopKLogitsWarper(int(top_k))] if top_k else []
     warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
 
     def draw(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,13 @@ from .generate import (
     start_position,
     unpadded,
 )
-from .prefill import DecoderProgram, as_causal_lm, decode_position, sliding_window
+from .prefill import (
+    DecoderProgram,
+    as_causal_lm,
+    decode_position,
+    eos_token_id,
+    sliding_window,
+)
 
 PREFILL, DECODE, MANIFEST = "prefill.onnx", "decode.onnx", "decoder.json"
 MAX_CACHE = 1 << 17
@@ -178,7 +184,7 @@ def export_decoder_onnx(program: DecoderProgram, folder: str, opset: int = DEFAU
         "first_reduced_layer": program.first_reduced_layer, "decode_position": position,
         "cache_tokens": [int(layer[0].shape[2]) for layer in caches], "opset": opset, "padding": masked,
         "sliding_window": sliding_window(as_causal_lm(program.model)),
-        "eos_token_id": getattr(getattr(program.model, "config", None), "eos_token_id", None),
+        "eos_token_id": eos_token_id(program.model),
         "report": program.report})
     return DecoderExport(folder, prefill_path, decode_path, time.perf_counter() - started, layers)
 

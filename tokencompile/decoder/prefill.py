@@ -43,7 +43,9 @@ class CausalLMPrefill(torch.nn.Module):
     each cache [B, H_kv, N, D] with RoPE applied (as the model caches them). ``extra_inputs``: the
     keywords of further inputs, e.g. ("pixel_values",) for a VLM. With an ``attention_mask`` input
     [B, N] (1: token, 0: padding on the left) positions follow it, and every layer's key mask follows
-    the caches: (..., mask_0, mask_1, ...)."""
+    the caches: (..., mask_0, mask_1, ...). A model whose own forward does not export (e.g. it fixes
+    the batch) gets a subclass that overrides ``model_inputs`` and takes ``(model, extra_inputs)``, as
+    ``tokencompile.decoder.vlm.LlavaPrefill`` does."""
 
     def __init__(self, model: torch.nn.Module, extra_inputs: tuple[str, ...] = ()):
         super().__init__()
@@ -76,8 +78,14 @@ def prefill_module(model: torch.nn.Module, extra_inputs: tuple[str, ...] = ()) -
     as a ``LlavaPrefill`` (``tokencompile.decoder.vlm``), else a causal LM wrapped."""
     from .vlm import PIXELS, LlavaPrefill, is_llava
 
-    if isinstance(model, CausalLMPrefill) and tuple(extra_inputs) == (MASK, *model.extra_inputs):
-        wrapper = type(model)(model.model, tuple(extra_inputs))  # padding=True adds the mask to a recipe's wrapper
+    if isinstance(model, CausalLMPrefill) and MASK not in model.extra_inputs and set(extra_inputs) == {
+            MASK, *model.extra_inputs}:  # padded prompts add the mask to a recipe's wrapper
+        try:
+            wrapper = type(model)(model.model, tuple(extra_inputs))
+        except TypeError:
+            raise TokenCompileError(f"padded prompts need {type(model).__name__} to take an attention_mask: its "
+                                    "__init__ does not take extra_inputs", "give its __init__ an extra_inputs "
+                                    "argument (inputs reach model_inputs by name)") from None
     elif isinstance(model, CausalLMPrefill):
         wrapper = model
     elif PIXELS in extra_inputs and is_llava(model):
@@ -176,7 +184,8 @@ def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict 
         raise UnsupportedModelError(f"torch.export cannot trace the prefill of {type(as_causal_lm(model)).__name__} "
                                     f"with inputs input_ids{''.join(', ' + name for name in extra)} and a symbolic "
                                     f"batch ({reason[:160]})", "wrap the model in a CausalLMPrefill subclass whose "
-                                    "forward exports (see tokencompile.decoder.vlm.LlavaPrefill)") from error
+                                    "model_inputs computes what does not export (see "
+                                    "tokencompile.decoder.vlm.LlavaPrefill)") from error
 
 
 @dataclass
@@ -199,6 +208,17 @@ def text_config(lm: torch.nn.Module):
     """The language model's config (a VLM's ``text_config``); None for a module without one."""
     config = getattr(lm, "config", None)
     return getattr(config, "text_config", None) or config
+
+
+def eos_token_id(model: torch.nn.Module):
+    """The end-of-sequence id(s) generation stops at: the generation config's, else the language model's
+    config's (a VLM's top-level config has none)."""
+    lm = as_causal_lm(model)
+    for config in (getattr(lm, "generation_config", None), text_config(lm)):
+        eos = getattr(config, "eos_token_id", None)
+        if eos is not None:
+            return eos
+    return None
 
 
 def sliding_window(lm: torch.nn.Module) -> int | None:
@@ -658,5 +678,5 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                           [(s.layer, s.kept) for s in stages], tuple(extra_inputs), batched_example(inputs))
 
 
-__all__ = ["METHODS", "CausalLMPrefill", "DecoderProgram", "Stage", "auto_layer", "choose_pyramid",
+__all__ = ["METHODS", "CausalLMPrefill", "DecoderProgram", "Stage", "auto_layer", "choose_pyramid", "eos_token_id",
            "choose_schedule", "compile_decoder", "export_prefill", "stage_schedule"]
