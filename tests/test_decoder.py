@@ -391,14 +391,15 @@ def test_cli_chat_prompt_and_seeded_sampling(llama, tmp_path):
 
     result = CliRunner().invoke(main, ["generate", str(model_dir), *options])
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == [tokenizer.decode(generate(program, ids, 6)[0, ids.shape[1]:])]
+    new = generate(program, ids, 6)[0, ids.shape[1]:]
+    assert result.stdout.splitlines() == [tokenizer.decode(new, skip_special_tokens=True)]
 
     result = CliRunner().invoke(main, ["generate", str(model_dir), *options, "--sample", "--temperature", "2",
                                        "--top-k", "40", "--seed", "11"])
     assert result.exit_code == 0 and "sampled with --seed 11" in result.output, result.output
     drawn = generate(program, ids, 6, do_sample=True, temperature=2.0, top_k=40,
                      generator=torch.Generator().manual_seed(11))
-    assert result.stdout.splitlines() == [tokenizer.decode(drawn[0, ids.shape[1]:])]
+    assert result.stdout.splitlines() == [tokenizer.decode(drawn[0, ids.shape[1]:], skip_special_tokens=True)]
 
     for flags, message in [(["--seed", "1"], "--seed seeds sampling.*add --sample"),
                            (["--top-p", "0.5"], "--temperature, --top-k, --top-p shape sampling.*add --sample"),

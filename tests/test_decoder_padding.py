@@ -208,7 +208,8 @@ def test_cli_generates_a_padded_batch(llama, tmp_path):
     ids, mask = _padded_prompts(tokenizer, tuple(texts), "test")
     assert mask.sum(1).tolist() == [34, 11] and ids.shape == (2, 34)
     program = compile_decoder(llama, ids, keep=0.5, layer=2, sinks=1, padding=True)
-    expected = [tokenizer.decode(row) for row in generate(program, ids, 5, attention_mask=mask)[:, 34:]]
+    expected = [tokenizer.decode(row, skip_special_tokens=True)
+                for row in generate(program, ids, 5, attention_mask=mask)[:, 34:]]
     result = CliRunner().invoke(main, ["generate", str(model_dir), *flags, *options])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == expected
@@ -224,7 +225,7 @@ def test_cli_generates_a_padded_batch(llama, tmp_path):
     assert result.exit_code == 0, result.output
     ids, mask = _padded_prompts(tokenizer, tuple(texts), "test", 40)
     runner = OnnxRunner(str(export))
-    assert result.stdout.splitlines() == [tokenizer.decode(row) for row in
+    assert result.stdout.splitlines() == [tokenizer.decode(row, skip_special_tokens=True) for row in
                                           generate(runner, ids, 5, attention_mask=mask)[:, 40:]]
 
 

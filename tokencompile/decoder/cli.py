@@ -427,7 +427,8 @@ def generate_command(command_class, debug_option):
         out = greedy(source, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask, extra=extra, **sampling)
         generated = [_until_eos(row[ids.shape[1]:].tolist(), eos) for row in out]
         for new in generated:
-            click.echo(tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new)))
+            text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
+            click.echo(",".join(map(str, new)) if text is None else text)
         report = {**report, "generated_ids": generated[0] if len(generated) == 1 else generated}
         if sample:
             report["sampling"] = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
