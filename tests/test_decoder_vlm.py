@@ -402,7 +402,7 @@ def _cli(*args):
 
 @pytest.mark.parametrize("method, flags, prompts", [
     ("vtc-cls", ["--keep", "0.25"], ["what is it?", "name it now"]),
-    ("fastv", ["--keep", "0.5", "--chat"], ["what is it?", "name it now"]),
+    pytest.param("fastv", ["--keep", "0.5", "--chat"], ["what is it?", "name it now"], marks=pytest.mark.slow),
     ("fastv", ["--keep", "0.5"], ["what?", "name the thing you see"]),  # padded on the left
 ])
 def test_cli_generates_from_images(vlm_folder, method, flags, prompts):
@@ -451,6 +451,7 @@ def test_generation_stops_at_the_language_model_end_of_sequence(llava):
     assert eos_token_id(llava) == llava.config.text_config.eos_token_id == 2
 
 
+@pytest.mark.slow
 def test_cli_text_prompts_on_a_llava_folder(vlm_folder):
     """Without --image a LLaVA folder generates from text alone (its language model), tokenized by its processor."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
