@@ -333,8 +333,8 @@ def generate_command(command_class, debug_option):
     @click.option("--prompt-ids", help="Prompt as comma-separated token ids (instead of --prompt).")
     @click.option("--tokenizer", "tokenizer_dir", help="Tokenizer folder (for an exported decoder folder; an "
                   "exported VLM: the model folder with its processor).")
-    @click.option("--image", "images", multiple=True, help="The image of a --prompt (a vision-language model: one "
-                  "per prompt; its placeholders go first unless the prompt holds them).")
+    @click.option("--image", "images", multiple=True, help="The image of a --prompt (a LLaVA model: one per "
+                  "prompt; its placeholders go first unless the prompt holds them).")
     @_compile_options
     @click.option("--max-new-tokens", type=int, default=32, show_default=True)
     @click.option("--chat", is_flag=True, help="Each --prompt as the user turn of the tokenizer's chat template "
@@ -352,7 +352,7 @@ def generate_command(command_class, debug_option):
         """Generation (greedy, or --sample) with the prompt reduced in prefill; prints the continuation
         (one line per prompt) and tokens per layer.
 
-        MODEL_DIR is a Hugging Face causal LM folder, or a folder written by `export-decoder` (then the
+        MODEL_DIR is a Hugging Face causal LM or LLaVA folder, or a folder written by `export-decoder` (then the
         reduction was chosen at export and prefill and decode run in ONNX Runtime). Several --prompt
         options make one batch, padded on the left (an exported folder: export it with --padding).
         A LLaVA model takes one --image per --prompt."""
