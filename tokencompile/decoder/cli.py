@@ -363,6 +363,7 @@ def generate_command(command_class, debug_option):
 
         from . import generate as greedy
         from .generate import token_chooser
+        from .prefill import eos_token_id
 
         if bool(prompts) == (prompt_ids is not None):
             raise TokenCompileError("give exactly one of --prompt and --prompt-ids")
@@ -407,22 +408,22 @@ def generate_command(command_class, debug_option):
                     raise TokenCompileError(f"{model_dir} was exported for single prompts of {source.prompt_tokens} "
                                             "tokens", "export it with --padding to give prompts of other lengths")
                 tokenizer, extra = processor.tokenizer, {PIXELS: pixels}
-            elif source.masked and prompts:  # a padded export takes any prompt up to its length
-                tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
-                ids, mask = _padded_prompts(tokenizer, prompts, model_dir, source.prompt_tokens, chat)
-            elif len(prompts) > 1:
-                raise TokenCompileError(f"{model_dir} was exported for single prompts of {source.prompt_tokens} "
-                                        "tokens", "export it with --padding to give several prompts")
             else:
                 tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
-                ids, mask = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir, chat), None
+                if source.masked and prompts:  # a padded export takes any prompt up to its length
+                    ids, mask = _padded_prompts(tokenizer, prompts, model_dir, source.prompt_tokens, chat)
+                elif len(prompts) > 1:
+                    raise TokenCompileError(f"{model_dir} was exported for single prompts of "
+                                            f"{source.prompt_tokens} tokens", "export it with --padding to give "
+                                            "several prompts")
+                else:
+                    ids = _prompt(tokenizer, prompts[0] if prompts else None, prompt_ids, model_dir, chat)
+                    mask = None
             report, eos = source.manifest["report"], source.manifest.get("eos_token_id")
         else:
             model, tokenizer, ids, mask, extra = _model_and_prompts(model_dir, gguf_file, tokenizer_dir, prompts,
                                                                     prompt_ids, images, chat)
             source = _compile(model, ids, reduction, padding=mask is not None, extra=extra)
-            from .prefill import eos_token_id
-
             report, eos = source.report, eos_token_id(model)
         out = greedy(source, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask, extra=extra, **sampling)
         generated = [_until_eos(row[ids.shape[1]:].tolist(), eos) for row in out]

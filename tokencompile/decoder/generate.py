@@ -223,9 +223,12 @@ def with_mask(source, prompt_ids: torch.Tensor, extra: dict | None,
               attention_mask: torch.Tensor | None) -> dict | None:
     """``extra`` with the ``attention_mask`` of padded prompts, after checking the program takes one (all
     ones for a program that takes one when none is given)."""
-    # a program or an exported runner has fixed inputs; a model (or its prefill wrapper) takes a mask
-    takes = source.extra_inputs if isinstance(source, DecoderProgram) else None if isinstance(
-        source, torch.nn.Module) else getattr(source, "extra_inputs", None)
+    if isinstance(source, DecoderProgram):
+        takes = source.extra_inputs
+    elif isinstance(source, torch.nn.Module):  # a model (or its prefill wrapper) takes a mask
+        takes = None
+    else:  # an exported runner has fixed inputs
+        takes = getattr(source, "extra_inputs", None)
     if attention_mask is None:
         return unpadded(takes, prompt_ids, extra)
     if takes is not None and MASK not in takes:
