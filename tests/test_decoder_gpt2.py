@@ -109,3 +109,6 @@ def test_renumbered_decoding_is_refused_without_rotary_positions(gpt2, prompts):
     assert "decode_position" not in program.report
     with pytest.raises(TokenCompileError, match="decoding after positions=renumber needs rotary positions"):
         generate(program, prompts, 2)
+    with pytest.raises(TokenCompileError, match="^padded prompts decode from each prompt's own length: "
+                                                "positions=renumber needs the cached keys rotated"):
+        compile_decoder(gpt2, prompts, keep=0.5, layer=2, span=(4, 16), positions="renumber", padding=True)

@@ -52,36 +52,48 @@ def padded(loud_padding, batch):
     return compile_decoder(loud_padding, batch[0], keep=KEPT / 18, layer=2, span=SPAN, sinks=SINKS, padding=True)
 
 
-def alone(llama, batch, pads: int, lookup: int = 0):
+def alone(llama, batch, pads: int, lookup: int = 0, positions: str = "keep", layers=(2,), kept=(KEPT,)):
     """The prompts with ``pads`` padding, without it, compiled to keep the same tokens: the span is the
-    real part of the padded span, and what the padded program keeps of it (all of it when padding fills
-    the removed slots)."""
+    real part of the padded span, and at each stage what the padded program keeps of it (padding goes
+    first, so all of it while padding fills the removed slots)."""
     rows = [row for row, count in enumerate(PADS) if count == pads]
     ids = batch[0][rows, pads:]
     span = (0, SPAN[1] - pads)
     removable = span[1] - SINKS
-    keep = 1.0 if removable <= KEPT else KEPT / removable
+    ratios = tuple(min(count, removable) / removable for count in kept)
     options = {"lookup": lookup, "ahead": 3} if lookup else {}
-    return rows, ids, compile_decoder(llama, ids, keep=keep, layer=2, span=span, sinks=SINKS, **options)
+    stages = {"keep": 1.0} if min(ratios) == 1 else {"keep": ratios, "layer": layers} if len(layers) > 1 else \
+        {"keep": ratios[0], "layer": layers[0]}
+    return rows, ids, compile_decoder(llama, ids, span=span, sinks=SINKS, positions=positions, **stages, **options)
 
 
-@pytest.mark.parametrize("lookup", [0, pytest.param(4, marks=pytest.mark.slow)])
-def test_a_padded_prompt_gives_what_it_gives_alone(loud_padding, batch, padded, lookup):
+@pytest.mark.parametrize("lookup, positions, layers, kept", [
+    (0, "keep", (2,), (KEPT,)),
+    (0, "renumber", (1, 2), (8, KEPT)),   # two stages: 8 of 18 slots, then 3
+    pytest.param(4, "keep", (2,), (KEPT,), marks=pytest.mark.slow),
+])
+def test_a_padded_prompt_gives_what_it_gives_alone(loud_padding, batch, padded, lookup, positions, layers, kept):
     """With lookup, every prompt ends in the padding id: the looked-up token must not match the padding
-    (a match there would favour the first tokens after it)."""
+    (a match there would favour the first tokens after it). With positions=renumber each prompt's kept
+    tokens take its own first positions, and each layer's keys are rotated to decode from the prompt's
+    own length (what the prompt alone caches)."""
     ids, mask, continuation = batch
     if lookup:
         ids = ids.clone()
         ids[:, -1] = PAD_ID
         batch = (ids, mask, continuation)
-        padded = compile_decoder(loud_padding, ids, keep=KEPT / 18, layer=2, span=SPAN, sinks=SINKS, lookup=lookup,
-                                 ahead=3, padding=True)
+    if lookup or positions != "keep":
+        stages = {"keep": tuple(k / 18 for k in kept), "layer": layers} if len(layers) > 1 else \
+            {"keep": kept[0] / 18, "layer": layers[0]}
+        padded = compile_decoder(loud_padding, ids, span=SPAN, sinks=SINKS, padding=True, positions=positions,
+                                 **stages, **({"lookup": lookup, "ahead": 3} if lookup else {}))
     assert padded.extra_inputs == ("attention_mask",)
     logits, caches = prefill(padded, ids, {"attention_mask": mask})
-    assert [tuple(layer[0].shape[2:3]) for layer in caches] == [(24,), (24,), (9,), (9,)]
+    lengths = [24] * layers[0] + [kept[0] + 6] * (layers[-1] - layers[0]) + [KEPT + 6] * (4 - layers[-1])
+    assert [layer[0].shape[2] for layer in caches] == lengths   # 4 sinks or text tokens outside the span, 2 sinks
     forced = teacher_forced_logits(padded, ids, continuation, attention_mask=mask)
     for pads in sorted(set(PADS)):
-        rows, own_ids, own = alone(loud_padding, batch, pads, lookup)
+        rows, own_ids, own = alone(loud_padding, batch, pads, lookup, positions, layers, kept)
         own_logits, own_caches = prefill(own, own_ids)
         torch.testing.assert_close(logits[rows], own_logits, atol=1e-5, rtol=1e-4)
         for (key, value, key_mask), (own_key, own_value) in zip(caches, own_caches):
@@ -93,8 +105,8 @@ def test_a_padded_prompt_gives_what_it_gives_alone(loud_padding, batch, padded, 
         torch.testing.assert_close(forced[rows], teacher_forced_logits(own, own_ids, continuation[rows]),
                                    atol=1e-5, rtol=1e-4)
     # 16 padding tokens fill the 15 removed slots: one stays, masked; 4 or 10 are all removed
-    assert caches[2][2][3].tolist() == [0] + [1] * 8
-    assert caches[2][2][:3].tolist() == [[1] * 9] * 3
+    assert caches[-1][2][3].tolist() == [0] + [1] * 8
+    assert caches[-1][2][:3].tolist() == [[1] * 9] * 3
 
 
 def test_budget_one_equals_hugging_face_with_the_mask(llama, batch):
@@ -124,6 +136,21 @@ def test_onnx_graphs_carry_the_masks(padded, batch, tmp_path):
 
 
 @pytest.mark.slow
+def test_onnx_renumbered_padded_stages(llama, batch, tmp_path):
+    """positions=renumber with padding and two stages: the per-prompt position gathers and key rotations
+    export, and ONNX Runtime gives the torch program's logits and greedy tokens."""
+    ids, mask, continuation = batch
+    program = compile_decoder(llama, ids, keep=(8 / 18, KEPT / 18), layer=(1, 2), span=SPAN, sinks=SINKS,
+                              padding=True, positions="renumber")
+    export_decoder_onnx(program, str(tmp_path))
+    runner = OnnxRunner(str(tmp_path))
+    torch.testing.assert_close(teacher_forced_logits(runner, ids, continuation, attention_mask=mask),
+                               teacher_forced_logits(program, ids, continuation, attention_mask=mask),
+                               atol=1e-4, rtol=1e-4)
+    assert torch.equal(generate(runner, ids, 8, attention_mask=mask), generate(program, ids, 8, attention_mask=mask))
+
+
+@pytest.mark.slow
 def test_span_scores_drop_padding_first(llama, batch):
     ids, mask, _ = batch
     program = compile_decoder(llama, ids, keep=KEPT / 18, layer=2, span=SPAN, sinks=SINKS, padding=True,
@@ -150,8 +177,6 @@ def test_padding_errors(llama, batch):
     unpadded = compile_decoder(llama, ids, keep=0.5, layer=2)
     with pytest.raises(TokenCompileError, match="compiled for prompts without padding.*padding=True"):
         generate(unpadded, ids, 2, attention_mask=mask)
-    with pytest.raises(TokenCompileError, match="positions=renumber would need per-prompt key rotations"):
-        compile_decoder(llama, ids, keep=0.5, padding=True, positions="renumber")
     with pytest.raises(TokenCompileError, match="^a 16-token prompt is as long as an attention head"):
         compile_decoder(llama, ids[:, :16], keep=0.5, layer=2)
 

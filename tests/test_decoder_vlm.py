@@ -392,6 +392,48 @@ def vlm_folder(tmp_path_factory):
     return folder, photos[:2]
 
 
+@pytest.mark.parametrize("method, positions", [pytest.param("vtc-cls", "keep", marks=pytest.mark.slow),
+                                              ("visionzip", "renumber")])
+def test_padded_image_prompts_reduced_before_the_language_model(vlm, inputs, method, positions):
+    """vtc-cls / visionzip on image prompts of different lengths padded on the left: each prompt removes the
+    image tokens it removes alone and keeps its padding, masked, so each row gives what the prompt gives
+    alone (logits, the real cache slots, a teacher-forced continuation). With positions=renumber the
+    padded row's keys are rotated to decode from its own length (alone it decodes from the kept count),
+    so keys are compared under keep only."""
+    import copy
+
+    loud = copy.deepcopy(vlm)
+    with torch.no_grad():
+        loud.model.get_input_embeddings().weight[0] *= 30
+    ids, pixels = inputs[0][:2].clone(), inputs[1][:2]
+    short = torch.cat([ids[1, :LLAVA_TEXT_BEFORE + 64], ids[1, -6:]])   # 6 text tokens fewer
+    ids[1] = torch.cat([torch.zeros(ids.shape[1] - len(short), dtype=ids.dtype), short])
+    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - len(short)).long().expand(2, -1).clone()
+    mask[0] = 1
+    continuation = torch.randint(3, LLAVA_IMAGE_TOKEN, (2, 4), generator=torch.Generator().manual_seed(5))
+    extra = {"pixel_values": pixels}
+    padded = compile_decoder(loud, ids, keep=0.25, span=IMAGE, method=method, positions=positions, padding=True,
+                             extra_inputs=extra)
+    assert padded.extra_inputs == ("attention_mask", "pixel_values")
+    logits, caches = prefill(padded, ids, {**extra, "attention_mask": mask})
+    forced = teacher_forced_logits(padded, ids, continuation, extra, attention_mask=mask)
+    for row, own_ids in [(0, ids[:1]), (1, short[None])]:
+        own_extra = {"pixel_values": pixels[row:row + 1]}
+        own = compile_decoder(loud, own_ids, keep=0.25, span=IMAGE, method=method, positions=positions,
+                              extra_inputs=own_extra)
+        own_logits, own_caches = prefill(own, own_ids, own_extra)
+        torch.testing.assert_close(logits[row:row + 1], own_logits, atol=1e-5, rtol=1e-4)
+        for (key, value, key_mask), (own_key, own_value) in zip(caches, own_caches):
+            real = key_mask[row].bool()
+            torch.testing.assert_close(value[row][:, real], own_value[0], atol=1e-5, rtol=1e-4)
+            if positions == "keep":
+                torch.testing.assert_close(key[row][:, real], own_key[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(forced[row:row + 1], teacher_forced_logits(own, own_ids, continuation[row:row + 1],
+                                                                              own_extra), atol=1e-5, rtol=1e-4)
+    assert [m.sum(1).tolist() for *_, m in caches] == [[32, 26]] * 4    # 16 text + 16 of 64 image tokens
+    assert [m.shape[1] for *_, m in caches] == [32] * 4                  # the padding slots stay, masked
+
+
 def _cli(*args):
     from click.testing import CliRunner
 
@@ -401,7 +443,7 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("method, flags, prompts", [
-    ("vtc-cls", ["--keep", "0.25"], ["what is it?", "name it now"]),
+    ("vtc-cls", ["--keep", "0.25"], ["what?", "name the thing you see"]),  # padded on the left
     pytest.param("fastv", ["--keep", "0.5", "--chat"], ["what is it?", "name it now"], marks=pytest.mark.slow),
     ("fastv", ["--keep", "0.5"], ["what?", "name the thing you see"]),  # padded on the left
 ])
@@ -476,8 +518,6 @@ def test_cli_image_errors(vlm_folder, llama, tmp_path):
     for args, message in [
         ([tmp_path / "qwen", "--prompt", "a", "--image", photos[0]],
          "holds a qwen2_vl model: the CLI takes images for LLaVA models only"),
-        ([folder, "--prompt", "a", "--image", photos[0], "--prompt", "longer", "--image", photos[1], "--method",
-          "vtc-cls", "--keep", "0.5"], "vtc-cls does not take padded prompts"),
         ([folder, "--prompt", "a", "--image", tmp_path / "broken.jpg"], "cannot read the image .*broken.jpg"),
         ([folder, "--prompt", "a", "--prompt", "b", "--image", photos[0]], "2 --prompt and 1 --image options"),
         ([tmp_path / "text", "--prompt-ids", "1,2,3", "--image", photos[0]], "is not a vision-language model"),
@@ -521,6 +561,17 @@ def test_cli_exports_a_vlm_and_generates_from_the_export(vlm_folder, tmp_path):
     out = generate(runner, ids, 6, extra={"pixel_values": pixels}, attention_mask=mask)[:, ids.shape[1]:]
     tokenizer = _load_processor(str(folder)).tokenizer
     assert from_onnx.stdout == "".join(tokenizer.decode(row, skip_special_tokens=True) + "\n" for row in out)
+
+    # vtc-cls renumbered on padded prompts: the export generates what the model folder generates
+    zipped = tmp_path / "vtc_padded"
+    flags = ["--method", "vtc-cls", "--keep", "0.25", "--positions", "renumber"]
+    result = _cli("export-decoder", folder, "--prompt", "what is it? tell me", "--image", photos[0], *flags,
+                  "-o", zipped, "--padding", "--verify")
+    assert result.exit_code == 0 and "8 greedy tokens identical" in result.output, result.output
+    from_onnx = _cli("generate", zipped, *two, "--tokenizer", folder, "--max-new-tokens", 6)
+    in_torch = _cli("generate", folder, *two, *flags, "--max-new-tokens", 6)
+    assert from_onnx.exit_code == 0 and in_torch.exit_code == 0, from_onnx.output + in_torch.output
+    assert from_onnx.stdout == in_torch.stdout
 
 
 def test_a_padded_image_prompt_gives_what_it_gives_alone(vlm, inputs):

@@ -398,53 +398,94 @@ def _cache_gathers_of_earlier_sites(gm: GraphModule, analysis: DecoderAnalysis, 
 
 def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, sites: list) -> None:
     """positions=renumber: after each site the kept tokens take the first n_out rotary positions
-    instead of their own (a gather of a rotary table becomes a slice of the table)."""
+    instead of their own (a gather of a rotary table becomes a slice of the table). With padding each
+    prompt's kept tokens take its own first positions, which its table row holds after its padding."""
     tables = set(analysis.rope_tables)
     n_out = {site.rep: site.n_out for site in sites}
+    mask = analysis.base.mask_input
     renumbered = []
     for node in gm.graph.nodes:
         if node.target == tc.gather_tokens.default and node.args[1] in n_out:
-            root = node.args[0]
+            root, reps = node.args[0], [node.args[1]]
             while root.target == tc.gather_tokens.default:
+                reps.append(root.args[1])
                 root = root.args[0]
             if rope_table(root) in tables:
-                renumbered.append((node, root))
-    for node, root in renumbered:
-        with gm.graph.inserting_after(node):
-            first = gm.graph.call_function(aten.slice.Tensor, (root, node.args[2], 0, n_out[node.args[1]]))
+                renumbered.append((node, root, reps[::-1]))
+    for node, root, reps in renumbered:
+        if mask is None:
+            with gm.graph.inserting_after(node):
+                first = gm.graph.call_function(aten.slice.Tensor, (root, node.args[2], 0, n_out[node.args[1]]))
+        else:
+            builder = GraphBuilder(gm, node)
+            first = builder.call(tc.gather_tokens.default, root,
+                                 _renumbered_columns(builder, mask, reps, analysis.tokens), node.args[2])
         node.replace_all_uses_with(first)
         gm.graph.erase_node(node)
 
 
-def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: list[int]) -> bool:
+def _renumbered_columns(builder: GraphBuilder, mask: Node, reps: list[Node], tokens: int) -> Node:
+    """[B, n]: the table column of each kept token's renumbered position. A prompt padded by P holds
+    position p in column P + p; its kept tokens take positions 0, 1, ... in order (kept padding stays
+    in padding columns: it is masked anyway)."""
+    mask = builder.cast(mask, torch.int64)
+    kept = mask
+    for rep in reps:  # the sites up to this one, earliest first
+        kept = builder.call(tc.gather_tokens.default, kept, rep, 1)
+    rank = builder.call(aten.sub.Tensor, builder.call(aten.cumsum.default, kept, 1), 1)
+    padding = builder.call(aten.rsub.Scalar, builder.call(aten.sum.dim_IntList, mask, [1], True), tokens)
+    return builder.call(aten.clamp_min.default, builder.call(aten.add.Tensor, rank, padding), 0)
+
+
+def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, removed_before: list[int]) -> bool:
     """positions=renumber: layer l's cached keys sit at positions 0..T_l - 1, and its next token belongs at
-    T_l, which differs per layer. Rotate each layer's keys by N - T_l positions so that every layer
-    decodes from the prompt length N: rotary scores depend on position differences only. False (nothing
+    T_l, which differs per layer (``removed_before[l]``: prompt tokens removed before layer l). Rotate
+    each layer's keys by N - T_l positions so that every layer decodes from the prompt length N: rotary
+    scores depend on position differences only. With padding the shift is each prompt's own (its length
+    minus the tokens its layer-l key mask holds), read from its row of the tables. False (nothing
     changed) when the rotary tables are not one cos / sin pair."""
     if len(analysis.rope_tables) != 2:
         return False
     cos, sin = analysis.rope_tables
     output = next(node for node in gm.graph.nodes if node.op == "output")
     values = list(output.args[0])
-    shifts = {index: sum(schedule[:layer]) for index, (layer, role) in analysis.cache_outputs.items()
-              if role == "key" and sum(schedule[:layer])}
+    shifts = {index: removed_before[layer] for index, (layer, role) in analysis.cache_outputs.items()
+              if role == "key" and removed_before[layer]}
     if not shifts:
         return True
     rotary = shape_of(cos)[-1]
     if any(shape_of(values[index])[-1] < rotary for index in shifts):
         return False  # tables wider than the keys: not a rotary embedding of the keys
-    builder = GraphBuilder(gm, latest(gm, cos, sin, *(values[index] for index in shifts)))
+    mask = analysis.base.mask_input
+    key_masks = {layer: values[index] for index, (layer, role) in analysis.cache_outputs.items() if role == "mask"}
+    builder = GraphBuilder(gm, latest(gm, cos, sin, *(values[index] for index in shifts), *key_masks.values()))
 
-    def row(table: Node, at: int) -> Node:  # [B or 1, 1, 1, D], over heads and tokens
-        return builder.call(aten.unsqueeze.default, builder.call(aten.slice.Tensor, table, 1, at, at + 1), 1)
+    def column(tokens: Node) -> Node:  # [B, 1]: N - count, the column of position (length - count) of a prompt
+        count = builder.call(aten.sum.dim_IntList, builder.cast(tokens, torch.int64), [1], True)
+        return builder.call(aten.rsub.Scalar, count, analysis.tokens)
+
+    def row(table: Node, at: int | Node) -> Node:  # [B or 1, 1, 1, D], over heads and tokens
+        picked = builder.call(aten.slice.Tensor, table, 1, at, at + 1) if isinstance(at, int) else \
+            builder.call(tc.gather_tokens.default, table, at, 1)
+        return builder.call(aten.unsqueeze.default, picked, 1)
 
     def piece(x: Node, start: int, end: int | None) -> Node:
         return builder.call(aten.slice.Tensor, x, -1, start, end)
 
-    scale = row(cos, 0)  # cos(0) = 1: the tables' attention scaling, if any
-    rotations = {shift: (builder.call(aten.div.Tensor, row(cos, shift), scale),
-                         builder.call(aten.div.Tensor, row(sin, shift), scale))
-                 for shift in sorted(set(shifts.values()))}
+    if mask is not None:  # each prompt's position 0 sits after its padding; its shift is its own
+        origin = column(mask)
+        columns = {}
+        shifts = {index: columns.setdefault(key_masks[analysis.cache_outputs[index][0]],
+                                            column(key_masks[analysis.cache_outputs[index][0]]))
+                  for index in shifts}
+    else:
+        origin = 0
+    scale = row(cos, origin)  # cos(0) = 1: the tables' attention scaling, if any
+    rotations = {}
+    for shift in shifts.values():
+        if shift not in rotations:
+            rotations[shift] = (builder.call(aten.div.Tensor, row(cos, shift), scale),
+                                builder.call(aten.div.Tensor, row(sin, shift), scale))
     for index, shift in shifts.items():
         key, (cos_shift, sin_shift) = values[index], rotations[shift]
         # partial rotary (Phi, StableLM): the first `rotary` channels are rotated, the rest pass through
@@ -464,6 +505,12 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, schedule: lis
     return True
 
 
+def _unshiftable() -> TokenCompileError:
+    return TokenCompileError("padded prompts decode from each prompt's own length: positions=renumber needs the "
+                             "cached keys rotated to it, which needs rotary positions (one cos / sin pair)",
+                             "use positions='keep' with padding")
+
+
 def rewrite_prefill(ep: ExportedProgram, input_ids: torch.Tensor, method: FastV,
                     stages: list[Stage], removable: int, extra: tuple = (), mask: int | None = None) -> GraphModule:
     """A fresh module of the prefill program with the span reduced at every stage (after layer - 1)
@@ -479,7 +526,8 @@ def rewrite_prefill(ep: ExportedProgram, input_ids: torch.Tensor, method: FastV,
     _cache_gathers_of_earlier_sites(gm, analysis, ctx.sites)
     if method.positions == "renumber":
         _renumber_positions(gm, analysis, ctx.sites)
-        method.keys_shifted = _shift_cached_keys(gm, analysis, schedule)
+        method.keys_shifted = _shift_cached_keys(gm, analysis, [sum(schedule[:layer]) for layer in
+                                                               range(analysis.layers)])
     return run_passes(gm, ctx, REDUCTION_PASSES[-1:])
 
 
@@ -538,7 +586,10 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     ``padding``: the program takes an ``attention_mask`` [B, N] after input_ids, for batches of prompts
     padded on the left: padding is removed first and never attended to, positions and ``sinks`` count
     each prompt's own tokens, the span counts columns (so a protected suffix stays aligned), and every
-    layer's cache comes with its key mask (fastv, pyramiddrop and the span scores; positions=keep).
+    layer's cache comes with its key mask; with positions=renumber each prompt's kept tokens take its own
+    first positions and its cached keys are rotated to decode from its own length (rotary positions
+    only). vtc-cls and visionzip remove from each prompt the image tokens it removes alone and keep its
+    padding, masked.
     pyramiddrop without budget or keep keeps 0.5 of the remaining span per stage (the paper).
     ``method="vtc-cls"`` or ``"visionzip"``: a VLM's image tokens (``span=Span(token_id=...)``) are
     reduced before the language model, read from the vision tower: vtc-cls keeps those its [CLS] attends
@@ -561,10 +612,12 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         raise TokenCompileError(f"positions={positions!r} is not a position policy",
                                 f"give one of: {', '.join(POSITION_POLICIES)}")
 
+    if padding:
+        if MASK in (extra_inputs or {}):
+            raise TokenCompileError("padding=True adds the attention_mask input itself",
+                                    "leave attention_mask out of extra_inputs")
+        extra_inputs = {MASK: torch.ones_like(input_ids), **(extra_inputs or {})}
     if method in VISION_METHODS:
-        if padding:
-            raise TokenCompileError(f"{method} does not take padded prompts (the image placeholders of each "
-                                    "prompt would sit in other columns)", "give prompts of one length")
         shaping = [f"{key}={value}" for key, value, default in (("probes", probes, 1), ("sinks", sinks, 0),
                                                                  ("pool", pool, 1), ("lookup", lookup, 0),
                                                                  ("ahead", ahead, AHEAD)) if value != default]
@@ -575,14 +628,6 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         return compile_before_language_model(model, input_ids, budget=budget, keep=keep, span=span,
                                              positions=positions, method=method, layers=layer,
                                              extra_inputs=extra_inputs, started=started, options=options)
-    if padding:
-        if positions != "keep":
-            raise TokenCompileError("padded prompts decode with their own positions: positions=renumber would "
-                                    "need per-prompt key rotations", "use positions='keep' with padding")
-        if MASK in (extra_inputs or {}):
-            raise TokenCompileError("padding=True adds the attention_mask input itself",
-                                    "leave attention_mask out of extra_inputs")
-        extra_inputs = {MASK: torch.ones_like(input_ids), **(extra_inputs or {})}
     stage_options = dict(positions=positions, probes=probes, span=span, sinks=sinks, pool=pool, lookup=lookup,
                          ahead=ahead)
     if method in SPAN_SCORES:
@@ -674,6 +719,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     }
     if positions == "renumber" and stages and pruner.keys_shifted:
         report["decode_position"] = analysis.tokens  # the cached keys were rotated to continue from it
+    elif positions == "renumber" and stages and padding:
+        raise _unshiftable()
     return DecoderProgram(program, lm, analysis.tokens, first, positions, report, tokens,
                           [(s.layer, s.kept) for s in stages], tuple(extra_inputs), batched_example(inputs))
 

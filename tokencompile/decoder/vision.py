@@ -242,7 +242,7 @@ def rewrite_before_language_model(gm: GraphModule, decoder: DecoderAnalysis, met
                                   images_per_sample: int, positions: str = "keep") -> GraphModule:
     """Prune ``removed`` image tokens where the language model's first block reads its input; with
     ``positions="renumber"`` the kept tokens take positions 0..n-1 (the prompt is simply shorter)."""
-    from .prefill import _renumber_positions
+    from .prefill import _renumber_positions, _shift_cached_keys, _unshiftable
 
     first = decoder.base.blocks[0]
     entry = Block(0, f"{first.name}.entry", first.attention, block_input(first, decoder.tokens), [])
@@ -257,6 +257,9 @@ def rewrite_before_language_model(gm: GraphModule, decoder: DecoderAnalysis, met
     gm = run_passes(gm, ctx, REDUCTION_PASSES[:-1])
     if positions == "renumber":
         _renumber_positions(gm, decoder, ctx.sites)
+        # padded prompts decode from each prompt's own length: its keys are rotated to continue from it
+        if decoder.base.mask_input is not None and not _shift_cached_keys(gm, decoder, [removed] * decoder.layers):
+            raise _unshiftable()
     return run_passes(gm, ctx, REDUCTION_PASSES[-1:])
 
 
@@ -266,11 +269,14 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
     """``compile_decoder`` for the methods that prune before the language model (``layers``: vision
     layers whose [CLS] attention is summed, vtc-cls only). ``budget``: prefill FLOPs ratio, vision tower
     included; the fewest image tokens removed that meet it (counted on the rewritten programs).
-    ``options``: the method's own (visionzip: ``contextual``), values or CLI strings."""
+    ``options``: the method's own (visionzip: ``contextual``), values or CLI strings. An
+    ``attention_mask`` among ``extra_inputs`` (left-padded prompts): each prompt removes the image
+    tokens it removes alone, and its padding stays, masked."""
     from .prefill import (
         DecoderProgram,
         batched_example,
         export_with_batch_axis,
+        mask_index,
         span_token_count,
         trace_prefill,
     )
@@ -301,8 +307,10 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
 
     def rewrite(removed: int) -> GraphModule:
         gm = ep.module()
-        return rewrite_before_language_model(gm, analyse_decoder(gm, input_ids, extra), pruner, removed, images,
-                                             positions) if removed else gm
+        if not removed:
+            return gm
+        analysis = analyse_decoder(gm, input_ids, extra, mask_index(traced.extra_inputs))
+        return rewrite_before_language_model(gm, analysis, pruner, removed, images, positions)
 
     if keep is not None:
         removed = images - round(keep * images)
