@@ -259,6 +259,22 @@ def _until_eos(tokens: list[int], eos) -> list[int]:
     return tokens
 
 
+def _left_padded(ids, count: int, keep_id: int | None) -> tuple:
+    """A [1, N] prompt shortened by ``count`` tokens (the first that are not ``keep_id``, an image
+    placeholder: each prompt holds all of them) and padded on the left, with the mask of a batch of it
+    after an unpadded prompt ([2, N])."""
+    import torch
+
+    row = ids[0]
+    droppable = (row != keep_id) if keep_id is not None else torch.ones_like(row, dtype=torch.bool)
+    dropped = droppable.nonzero()[:count, 0]
+    kept = torch.ones_like(droppable)
+    kept[dropped] = False
+    mask = torch.ones(2, row.shape[0], dtype=torch.long)
+    mask[1, :len(dropped)] = 0
+    return torch.cat([torch.zeros_like(dropped), row[kept]])[None], mask
+
+
 def _compile(model, ids, reduction: dict, padding: bool = False, extra: dict | None = None):
     """``compile_decoder`` with the reduction options of ``_compile_options`` as the CLI gives them
     (``extra``: a VLM's pixel_values; the span defaults to its image placeholders)."""
@@ -521,14 +537,13 @@ def export_decoder_command(command_class, debug_option):
             from . import prefill
 
             runner = OnnxRunner(folder)
-            batch = torch.cat([ids, ids.flip(1)])
-            mask = None
+            second, mask = ids.flip(1), None
             if extra is not None:  # the second image mirrored
                 extra = {PIXELS: torch.cat([extra[PIXELS], extra[PIXELS].flip(-1)])}
-            if padding:  # the second prompt a quarter shorter
-                mask = torch.ones_like(batch)
-                mask[1, :ids.shape[1] // 4] = 0
+            if padding:  # the second prompt a quarter shorter, padded on the left
+                second, mask = _left_padded(second, ids.shape[1] // 4, program.report.get("span_token_id"))
                 extra = {**(extra or {}), "attention_mask": mask}
+            batch = torch.cat([ids, second])
             expected_logits, expected_caches = prefill(program, batch, extra)
             logits, caches = runner.prefill(batch, extra)
             # relative to each tensor's largest value: logits of real LMs reach tens, float noise grows with them;
