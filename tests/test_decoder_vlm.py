@@ -256,10 +256,11 @@ def test_vtc_cls_budget_one_removes_nothing_and_bad_options(vlm, inputs):
 
 # ---------------------------------------------------------------- visionzip: features zipped before the projector
 
-def reference_visionzip_features(llava, pixels, kept: int, contextual: float = 0.15) -> torch.Tensor:
+def reference_visionzip_features(llava, pixels, kept: int, contextual: float = 0.15, layers=(-2,)) -> torch.Tensor:
     """[B, kept, C]: the projected image features of VisionZip written from the HF modules: at the feature
     layer (the second to last; CLS dropped after), dominant = top [CLS] attention (original order), then
-    contextual = strided targets among the rest, each the mean of its group by head-mean key cosine."""
+    contextual = strided targets among the rest, each the mean of its group by head-mean key cosine.
+    ``layers``: the hidden states whose features are concatenated (the plan is the second to last's)."""
     tower = llava.model.vision_tower
     hidden = tower(pixels, output_hidden_states=True).hidden_states
     layer = tower.encoder.layers[1]  # its output, hidden[2] = hidden_states[-2], holds the features
@@ -269,7 +270,7 @@ def reference_visionzip_features(llava, pixels, kept: int, contextual: float = 0
     k = layer.self_attn.k_proj(x).view(*x.shape[:2], heads, -1).transpose(1, 2)
     attention = (q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1).mean(1)[:, 0, 1:]
     keys = torch.nn.functional.normalize(k.mean(1)[:, 1:], dim=-1)
-    features = hidden[2][:, 1:]
+    features = torch.cat([hidden[index][:, 1:] for index in layers], -1)
     n_contextual = max(1, min(round(contextual * kept), kept))
     n_dominant = kept - n_contextual
     out = []
@@ -312,14 +313,14 @@ def visionzip_renumbered(vlm, inputs):
                            extra_inputs={"pixel_values": pixels})
 
 
-def check_visionzip(llava, program, ids, pixels, positions):
+def check_visionzip(llava, program, ids, pixels, positions, layers=(-2,)):
     assert program.report["tokens_per_layer"] == [32] * 4 and program.report["span_tokens_kept"] == 16
     assert program.report["image_tokens_dominant"] == 14 and program.report["image_tokens_contextual"] == 2
     assert program.report["vision_layer"] == 1
     logits, caches = prefill(program, ids, {"pixel_values": pixels})
     with torch.no_grad():
         expected, expected_caches = reference_shorter_prompt(
-            llava, ids, reference_visionzip_features(llava, pixels, 16), positions)
+            llava, ids, reference_visionzip_features(llava, pixels, 16, layers=layers), positions)
     assert torch.allclose(logits, expected[:, -1], atol=1e-5)
     assert len(caches) == 4
     for (k, v), (k_ref, v_ref) in zip(caches, expected_caches):
@@ -390,6 +391,48 @@ def vlm_folder(tmp_path_factory):
     photos = sorted(os.path.join(SHARED, "data", "images", name)
                     for name in os.listdir(os.path.join(SHARED, "data", "images")) if name.endswith(".JPEG"))
     return folder, photos[:2]
+
+
+def test_visionzip_zips_every_concatenated_feature_layer(inputs):
+    """A LLaVA whose features concatenate two vision layers (vision_feature_layer=[-3, -2]): the plan of the
+    last is applied to both, so every channel block holds the same tokens and groups (the reference
+    zips the concatenated features)."""
+    vlm = models.build("llava_tiny")[0]
+    llava = vlm.model
+    llava.config.vision_feature_layer = [-3, -2]
+    projector = llava.model.multi_modal_projector
+    torch.manual_seed(1)
+    projector.linear_1 = torch.nn.Linear(2 * projector.linear_1.in_features, projector.linear_1.out_features)
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    program = compile_decoder(vlm, ids, keep=0.25, span=IMAGE, method="visionzip", positions="keep",
+                              extra_inputs={"pixel_values": pixels})
+    check_visionzip(llava, program, ids, pixels, "keep", layers=(-3, -2))
+
+
+@pytest.mark.parametrize("method", ["vtc-cls", "visionzip"])
+def test_vision_methods_refuse_pooled_patches(method):
+    """Aya Vision shuffles 2x2 patches into one token (16 SigLIP patches, 4 placeholders): vision-tower scores
+    do not map to placeholders, so the methods before the language model refuse (fastv on the span works)."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, CohereConfig, SiglipVisionConfig
+
+    text = CohereConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    config = AyaVisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=299,
+                             downsample_factor=2)
+    torch.manual_seed(0)
+    model = AyaVisionForConditionalGeneration(config).eval()
+    ids = torch.randint(3, 290, (2, 12))
+    ids[:, 2:6] = 299
+    extra = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    with pytest.raises(TokenCompileError, match=f"^{method} maps vision-tower tokens to image placeholders one for "
+                                                "one, but the language model gets 4 image tokens per image from 16 "
+                                                r"vision tokens \(0 of them prefix"):
+        compile_decoder(model, ids, keep=0.5, span=Span(token_id=299), method=method, extra_inputs=extra)
+    if method == "visionzip":
+        program = compile_decoder(model, ids, keep=0.5, layer=1, span=Span(token_id=299), extra_inputs=extra)
+        assert program.report["span_tokens_kept"] == 2
 
 
 @pytest.mark.parametrize("method, positions", [pytest.param("vtc-cls", "keep", marks=pytest.mark.slow),

@@ -71,6 +71,13 @@ class VisionMethod(Method):
         if prefix < 0:
             raise UnsupportedModelError(f"the prompt holds {self.vision_images} image tokens, the vision tower only "
                                         f"{self.vision.tokens}", "give one image's placeholders per sample")
+        if prefix not in (0, self.vision.num_prefix):  # e.g. pixel shuffle: 4 patches become one token
+            raise UnsupportedModelError(
+                f"{self.name} maps vision-tower tokens to image placeholders one for one, but the language model "
+                f"gets {self.vision_images} image tokens per image from {self.vision.tokens} vision tokens "
+                f"({self.vision.num_prefix} of them prefix tokens such as [CLS]): the model pools or rearranges "
+                "patches on the way", "reduce the image span in the language model instead (method fastv, dart, "
+                "divprune, ...)")
         return prefix
 
     def prepare(self, gm: GraphModule, language_input: Node, removed: int) -> None:
@@ -165,14 +172,19 @@ class VisionZipVLM(VisionMethod):
                 "image_tokens_dominant": kept - contextual, "image_tokens_contextual": contextual}
 
     def prepare(self, gm: GraphModule, language_input: Node, removed: int) -> None:
-        """Rewire the features' consumers (the projector) to [prefix; dominant; contextual; the rest]."""
+        """Rewire the features' consumers (the projector) to [prefix; dominant; contextual; the rest]. A
+        model that concatenates several vision layers' outputs (LLaVA's ``vision_feature_layer`` list,
+        VipLLaVA) gets every such layer zipped by the one plan of the last: the same tokens and groups in
+        every channel block."""
         kept = self.vision_images - removed
         if kept == 0:
             return  # no feature reaches the language model
-        block = self.vision.blocks[-1]  # the layer the features come from
+        block = self.vision.blocks[-1]  # the layer the features come from (the last, with several)
         features = block_output(block, self.vision.tokens)
         feeding = ancestors(language_input)
-        consumers = [user for user in features.users if user in feeding]  # not the unused later vision layers
+        inside = {node for b in self.vision.blocks for node in b.nodes}
+        taps = {b.index: [user for user in block_output(b, self.vision.tokens).users
+                          if user in feeding and user not in inside] for b in self.vision.blocks}
         builder = GraphBuilder(gm, features, pseudo_module_stack(features, f"{block.name}.visionzip"))
         first = builder.call(aten.select.int, features, -1, 0)
         sizes = builder.call(aten.ones_like.default, first)
@@ -181,8 +193,6 @@ class VisionZipVLM(VisionMethod):
                           depth=len(self.vision.blocks))
         zipper = FeatureVisionZip(contextual=self.contextual)
         plan = zipper.plan(builder, site, removed)
-        merged = builder.call(tc.merge_tokens.default, features, sizes, plan.rep, plan.src, plan.dst,
-                              name="visionzip_merge")                          # [B, n_out, C], original order
         # the paper's order: prefix and dominant tokens, then the contextual ones (each in original order);
         # the dominant ones are the plan's first selection, taken again (the plan does not return it)
         n_out = site.n - removed
@@ -195,10 +205,17 @@ class VisionZipVLM(VisionMethod):
         key = builder.call(aten.add.Tensor, builder.call(aten.mul.Tensor, contextual, site.n), plan.rep)  # distinct
         order = builder.call(operator.getitem, builder.call(
             aten.topk.default, builder.call(aten.neg.default, builder.cast(key, torch.float32)), n_out), 1)
-        unused = builder.call(aten.slice.Tensor, features, 1, n_out, None)
-        zipped = builder.call(aten.cat.default, [rows(builder, merged, order), unused], 1, name="visionzip_features")
-        for user in consumers:
-            user.replace_input_with(features, zipped)
+        for b in self.vision.blocks:
+            if not taps[b.index]:
+                continue
+            output = block_output(b, self.vision.tokens)
+            merged = builder.call(tc.merge_tokens.default, output, sizes, plan.rep, plan.src, plan.dst,
+                                  name="visionzip_merge")                      # [B, n_out, C], original order
+            unused = builder.call(aten.slice.Tensor, output, 1, n_out, None)
+            zipped = builder.call(aten.cat.default, [rows(builder, merged, order), unused], 1,
+                                  name="visionzip_features")
+            for user in taps[b.index]:
+                user.replace_input_with(output, zipped)
 
     def plan(self, builder: GraphBuilder, site: SiteInputs, r: int) -> Plan:
         """The first image placeholders, which the rewired features fill with the zipped tokens."""
