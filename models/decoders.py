@@ -97,10 +97,27 @@ IMAGE_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['c
                        "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 
-def save_llava_tiny(folder: str) -> None:
-    """A Hugging Face folder of the tiny LLaVA with its processor, as a user's VLM folder would be (for the
-    CLI): the byte tokenizer plus an ``<image>`` token (id 256), a CLIP image processor (64x64), a chat
-    template; the processor expands each ``<image>`` into the 64 placeholders."""
+def vipllava_tiny(image_token_id: int = LLAVA_IMAGE_TOKEN) -> torch.nn.Module:
+    """The tiny LLaVA's shapes as a VipLLaVA (``VipLlavaForConditionalGeneration``, random weights): the
+    projector reads the outputs of two vision layers concatenated (hidden states -3 and -1, CLS dropped)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=64, patch_size=8, projection_dim=64)
+    text = LlamaConfig(vocab_size=max(256, image_token_id + 1), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = VipLlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                            vision_feature_layers=[-3, -1], image_seq_length=LLAVA_IMAGE_TOKENS)
+    config._attn_implementation = "sdpa"
+    return VipLlavaForConditionalGeneration(config).eval()
+
+
+def save_llava_tiny(folder: str, family: str = "llava") -> None:
+    """A Hugging Face folder of the tiny LLaVA (or with ``family="vipllava"`` the tiny VipLLaVA) with its
+    processor, as a user's VLM folder would be (for the CLI): the byte tokenizer plus an ``<image>`` token
+    (id 256), a CLIP image processor (64x64), a chat template; the processor expands each ``<image>``
+    into the 64 placeholders."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     tokenizer = byte_tokenizer()
@@ -109,7 +126,9 @@ def save_llava_tiny(folder: str) -> None:
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, image_token="<image>",
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=IMAGE_CHAT_TEMPLATE)
-    llava_tiny(image_token_id=tokenizer.convert_tokens_to_ids("<image>")).model.save_pretrained(folder)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    model = vipllava_tiny(image_token_id) if family == "vipllava" else llava_tiny(image_token_id).model
+    model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
 

@@ -230,7 +230,8 @@ def test_vtc_cls_errors(vlm, inputs):
     with pytest.raises(TokenCompileError, match="needs the image placeholder id"):
         compile_decoder(vlm, ids, keep=0.5, method="vtc-cls", extra_inputs={"pixel_values": pixels})
     with pytest.raises(TokenCompileError, match=r"layers=3 is not a number of vision layers \(give 1 <= layers <= 2"):
-        compile_decoder(vlm, ids, keep=0.5, span=IMAGE, layer=3, method="vtc-cls", extra_inputs={"pixel_values": pixels})
+        compile_decoder(vlm, ids, keep=0.5, span=IMAGE, layer=3, method="vtc-cls",
+                        extra_inputs={"pixel_values": pixels})
     with pytest.raises(TokenCompileError, match="cannot be met by removing image tokens"):
         compile_decoder(vlm, ids, budget=0.1, span=IMAGE, method="vtc-cls", extra_inputs={"pixel_values": pixels})
 
@@ -366,7 +367,8 @@ def test_visionzip_options_and_errors(vlm, llava, inputs):
     with pytest.raises(TokenCompileError, match=r"option contextual=1.5 of method 'visionzip' is out of range \(give "
                                                 r"0 <= contextual <= 1"):
         compile_zip(contextual=1.5)
-    with pytest.raises(TokenCompileError, match="method 'visionzip' has no option 'ratio' .its options are: contextual"):
+    with pytest.raises(TokenCompileError,
+                       match="method 'visionzip' has no option 'ratio' .its options are: contextual"):
         compile_zip(ratio=0.5)
     with pytest.raises(TokenCompileError, match="needs the image placeholder id"):
         compile_decoder(vlm, ids, keep=0.5, method="visionzip", extra_inputs=extra)
@@ -551,16 +553,44 @@ def test_cli_text_prompts_on_a_llava_folder(vlm_folder):
     assert result.stdout == tokenizer.decode(out, skip_special_tokens=True) + "\n"
 
 
+def llava_next_folder(folder) -> None:
+    """A tiny LLaVA-NeXT with its processor, which gives image_sizes besides pixel_values."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = models.decoders.byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1)
+    LlavaNextForConditionalGeneration(LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=256,
+                                                      image_grid_pinpoints=[[32, 32]])).save_pretrained(folder)
+    images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                     image_grid_pinpoints=[[32, 32]])
+    LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, image_token="<image>",
+                       vision_feature_select_strategy="default").save_pretrained(folder)
+
+
 def test_cli_image_errors(vlm_folder, llama, tmp_path):
-    from transformers import Qwen2VLConfig
+    import shutil
 
     folder, photos = vlm_folder
     llama.save_pretrained(tmp_path / "text")
-    Qwen2VLConfig().save_pretrained(tmp_path / "qwen")
+    llava_next_folder(tmp_path / "next")
+    shutil.copytree(folder, tmp_path / "unweighted")
+    (tmp_path / "unweighted" / "model.safetensors").unlink()
     (tmp_path / "broken.jpg").write_text("not an image")
     for args, message in [
-        ([tmp_path / "qwen", "--prompt", "a", "--image", photos[0]],
-         "holds a qwen2_vl model: the CLI takes images for LLaVA models only"),
+        ([tmp_path / "next", "--prompt", "a", "--image", photos[0]],
+         "error: the processor gives image_sizes besides pixel_values: the CLI passes an image as pixel_values"),
+        ([tmp_path / "unweighted", "--prompt", "a", "--image", photos[0]], "error: cannot load the llava model in"),
         ([folder, "--prompt", "a", "--image", tmp_path / "broken.jpg"], "cannot read the image .*broken.jpg"),
         ([folder, "--prompt", "a", "--prompt", "b", "--image", photos[0]], "2 --prompt and 1 --image options"),
         ([tmp_path / "text", "--prompt-ids", "1,2,3", "--image", photos[0]], "is not a vision-language model"),
@@ -568,6 +598,37 @@ def test_cli_image_errors(vlm_folder, llama, tmp_path):
     ]:
         result = _cli("generate", *args)
         assert result.exit_code == 2 and re.search(message, result.output), result.output
+
+
+@pytest.mark.slow
+def test_cli_generates_from_a_vipllava_folder(tmp_path):
+    """Another family through the CLI: VipLLaVA (its projector reads two vision layers) with visionzip gives the
+    lines of the Python API (the plain Hugging Face model, whose forward exports as it is)."""
+    from conftest import SHARED
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    models.decoders.save_llava_tiny(str(tmp_path), family="vipllava")
+    photos = [os.path.join(SHARED, "data", "images", name) for name in ("n01440764_tench.JPEG",
+                                                                         "n01601694_water_ouzel.JPEG")]
+    prompts = ["what?", "name the thing you see"]
+    result = _cli("generate", tmp_path, "--prompt", prompts[0], "--image", photos[0], "--prompt", prompts[1],
+                  "--image", photos[1], "--method", "visionzip", "--keep", "0.25", "--max-new-tokens", 5)
+    assert result.exit_code == 0, result.output
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert type(model).__name__ == "VipLlavaForConditionalGeneration"
+    processor.tokenizer.padding_side = "left"
+    processor.tokenizer.pad_token = processor.tokenizer.convert_ids_to_tokens(0)
+    batch = processor(images=[Image.open(p).convert("RGB") for p in photos], text=[f"<image>\n{p}" for p in prompts],
+                      padding=True, return_tensors="pt")
+    extra = {"pixel_values": batch.pixel_values}
+    program = compile_decoder(model, batch.input_ids, keep=0.25, method="visionzip", padding=True,
+                              span=Span(token_id=256), extra_inputs=extra)
+    out = generate(program, batch.input_ids, 5, extra=extra, attention_mask=batch.attention_mask)
+    assert result.stdout == "".join(processor.tokenizer.decode(row, skip_special_tokens=True) + "\n"
+                                    for row in out[:, batch.input_ids.shape[1]:])
+    assert "span kept 16/64" in result.output
 
 
 @pytest.mark.slow

@@ -53,25 +53,26 @@ def vision_language_kind(model_dir: str, gguf_file: str | None) -> str | None:
 
 
 def load_decoder_model(model_dir: str, gguf_file: str | None, tokenizer_dir: str | None, images: bool):
-    """(model, tokenizer, processor or None) of MODEL_DIR: a LLaVA model with its processor (from
-    ``tokenizer_dir`` if given), or a causal LM with its tokenizer. ``images``: --image was given."""
+    """(model, tokenizer, processor or None) of MODEL_DIR: a vision-language model with its processor (from
+    ``tokenizer_dir`` if given) for a LLaVA folder or with --image, else a causal LM with its tokenizer.
+    ``images``: --image was given."""
     import torch
 
     kind = vision_language_kind(model_dir, gguf_file)
     if images and kind is None:
         raise TokenCompileError(f"{model_dir} is not a vision-language model", "drop --image")
-    if images and kind != "llava":
-        raise TokenCompileError(f"{model_dir} holds a {kind} model: the CLI takes images for LLaVA models only",
-                                "use the Python API with a CausalLMPrefill subclass for its prefill (see "
-                                "tokencompile.decoder.vlm.LlavaPrefill)")
-    if kind != "llava":
+    if kind != "llava" and not images:
         model, tokenizer = load_causal_lm(model_dir, gguf_file)
         return model, _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else tokenizer, None
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa",
-                                                        dtype=torch.float32).eval()
     processor = _load_processor(tokenizer_dir or model_dir)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa",
+                                                            dtype=torch.float32).eval()
+    except (OSError, ValueError) as error:
+        raise TokenCompileError(f"cannot load the {kind} model in {model_dir}: {str(error).splitlines()[0]}",
+                                "give a Hugging Face image-text-to-text model folder with its weights") from None
     return model, processor.tokenizer, processor
 
 
@@ -119,6 +120,11 @@ def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...],
             text = prompt if placeholder in prompt else f"{placeholder}\n{prompt}"
         # a chat template writes its own special tokens (e.g. BOS)
         encoded.append(processor(images=picture, text=text, return_tensors="pt", add_special_tokens=not chat))
+        others = sorted(set(encoded[-1]) - {"input_ids", "attention_mask", PIXELS})
+        if others:
+            raise TokenCompileError(f"the processor gives {', '.join(others)} besides pixel_values: the CLI passes "
+                                    "an image as pixel_values only", "use the Python API: compile_decoder(..., "
+                                    "extra_inputs={...}) with every input the model takes")
     pixels = torch.cat([e[PIXELS] for e in encoded])
     rows = [e.input_ids[0] for e in encoded]
     if len({len(row) for row in rows}) == 1 and length in (None, len(rows[0])):
@@ -286,7 +292,10 @@ def _compile(model, ids, reduction: dict, padding: bool = False, extra: dict | N
         raise TokenCompileError(f"--method {options['method']} reduces a VLM's image tokens",
                                 "give a vision-language model folder and --image FILE")
     if extra and options["span"] is None and options["image_token_id"] is None:
-        options["image_token_id"] = model.config.image_token_id
+        options["image_token_id"] = getattr(model.config, "image_token_id", None)
+        if options["image_token_id"] is None:
+            raise TokenCompileError(f"the {model.config.model_type} config names no image_token_id",
+                                    "give --image-token-id ID (or --span START:LEN)")
     keep = _numbers(options.pop("keep"), "--keep", float)
     layer = options.pop("layer")
     layer = layer if layer == "auto" else _numbers(layer, "--layer", int)
@@ -324,7 +333,7 @@ def _load_tokenizer(folder: str, gguf_file: str | None):
 
 def _model_and_prompts(model_dir, gguf_file, tokenizer_dir, prompts, prompt_ids, images, chat):
     """The model of MODEL_DIR, its tokenizer, and the prompts as (ids, attention mask or None, extra
-    inputs or None): text prompts (several: padded on the left), or a LLaVA model's prompts with their
+    inputs or None): text prompts (several: padded on the left), or a vision-language model's prompts with their
     images (of different lengths: padded on the left)."""
     model, tokenizer, processor = load_decoder_model(model_dir, gguf_file, tokenizer_dir, bool(images))
     if images:
@@ -349,7 +358,7 @@ def generate_command(command_class, debug_option):
     @click.option("--prompt-ids", help="Prompt as comma-separated token ids (instead of --prompt).")
     @click.option("--tokenizer", "tokenizer_dir", help="Tokenizer folder (for an exported decoder folder; an "
                   "exported VLM: the model folder with its processor).")
-    @click.option("--image", "images", multiple=True, help="The image of a --prompt (a LLaVA model: one per "
+    @click.option("--image", "images", multiple=True, help="The image of a --prompt (a vision-language model: one per "
                   "prompt; its placeholders go first unless the prompt holds them).")
     @_compile_options
     @click.option("--max-new-tokens", type=int, default=32, show_default=True)
@@ -368,10 +377,11 @@ def generate_command(command_class, debug_option):
         """Generation (greedy, or --sample) with the prompt reduced in prefill; prints the continuation
         (one line per prompt) and tokens per layer.
 
-        MODEL_DIR is a Hugging Face causal LM or LLaVA folder, or a folder written by `export-decoder` (then the
-        reduction was chosen at export and prefill and decode run in ONNX Runtime). Several --prompt
-        options make one batch, padded on the left (an exported folder: export it with --padding).
-        A LLaVA model takes one --image per --prompt."""
+        MODEL_DIR is a Hugging Face causal LM or vision-language model folder, or a folder written by
+        `export-decoder` (then the reduction was chosen at export and prefill and decode run in ONNX
+        Runtime). Several --prompt options make one batch, padded on the left (an exported folder: export
+        it with --padding). A vision-language model (its processor saved with it, giving pixel_values)
+        takes one --image per --prompt."""
         import os
         import random
 
@@ -466,7 +476,7 @@ def export_decoder_command(command_class, debug_option):
     @click.option("-o", "--output", "folder", required=True, help="Folder for prefill.onnx, decode.onnx and "
                   "decoder.json.")
     @click.option("--prompt", help="Example prompt text: fixes the prompt length (and image-token positions).")
-    @click.option("--image", help="Example image of the prompt (a LLaVA model).")
+    @click.option("--image", help="Example image of the prompt (a vision-language model).")
     @click.option("--chat", is_flag=True, help="The example --prompt as the user turn of the chat template.")
     @click.option("--prompt-ids", help="Example prompt as comma-separated token ids.")
     @click.option("--prompt-tokens", type=int, help="Prompt length, for a span given by --span (random example ids).")
@@ -483,7 +493,7 @@ def export_decoder_command(command_class, debug_option):
     @debug_option
     def export_decoder(model_dir, folder, prompt, image, chat, prompt_ids, prompt_tokens, gguf_file, opset, verify,
                        check_target, force, padding, external_data, debug, **reduction):
-        """Compile the prompt reduction of a causal LM or a LLaVA model (--image) and write prefill and
+        """Compile the prompt reduction of a causal LM or a vision-language model (--image) and write prefill and
         decode as two ONNX graphs."""
         import os
         import sys
