@@ -411,20 +411,55 @@ def test_visionzip_zips_every_concatenated_feature_layer(inputs):
     check_visionzip(llava, program, ids, pixels, "keep", layers=(-3, -2))
 
 
+def tiny_vlm(family: str):
+    """A tiny random VLM of another family (image token 299; 16 CLIP patches for VipLLaVA, 4 tokens from 16
+    patches by pixel shuffle for Aya Vision and InternVL)."""
+    import transformers as hf
+
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    if family == "vipllava":
+        config = hf.VipLlavaConfig(vision_config=hf.CLIPVisionConfig(**vision, image_size=32, patch_size=8).to_dict(),
+                                   text_config=hf.LlamaConfig(**text).to_dict(), image_token_id=299,
+                                   vision_feature_layers=[-2, -1])
+    elif family == "aya_vision":
+        siglip = hf.SiglipVisionConfig(**vision, image_size=32, patch_size=8)
+        config = hf.AyaVisionConfig(vision_config=siglip.to_dict(), text_config=hf.CohereConfig(**text).to_dict(),
+                                    image_token_id=299, downsample_factor=2)
+    else:
+        config = hf.InternVLConfig(vision_config=hf.InternVLVisionConfig(**vision, image_size=[32, 32],
+                                                                         patch_size=[8, 8]).to_dict(),
+                                   text_config=hf.Qwen2Config(**text).to_dict(), image_token_id=299,
+                                   downsample_ratio=0.5)
+    torch.manual_seed(0)
+    return hf.AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, images", [("vipllava", 16), ("aya_vision", 4), ("internvl", 4)])
+def test_other_vlm_families_compile_as_they_are(family, images):
+    """Families whose own forward exports with a symbolic batch need no wrapper: budget 1.0 generates what
+    their generate gives, and fastv prunes the image span."""
+    model = tiny_vlm(family)
+    ids = torch.randint(3, 290, (2, images + 10), generator=torch.Generator().manual_seed(0))
+    ids[:, 2:2 + images] = 299
+    extra = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+    full = compile_decoder(model, ids, budget=1.0, extra_inputs=extra)
+    expected = model.generate(input_ids=ids, pixel_values=extra["pixel_values"], max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)
+    assert torch.equal(generate(full, ids, 6, extra=extra), expected)
+    program = compile_decoder(model, ids, keep=0.5, layer=2, span=Span(token_id=299), extra_inputs=extra)
+    assert program.report["span_tokens_kept"] == images // 2
+    assert generate(program, ids, 4, extra=extra).shape == (2, images + 14)
+
+
 @pytest.mark.parametrize("method", ["vtc-cls", "visionzip"])
 def test_vision_methods_refuse_pooled_patches(method):
     """Aya Vision shuffles 2x2 patches into one token (16 SigLIP patches, 4 placeholders): vision-tower scores
-    do not map to placeholders, so the methods before the language model refuse (fastv on the span works)."""
-    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, CohereConfig, SiglipVisionConfig
-
-    text = CohereConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=32, patch_size=8)
-    config = AyaVisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=299,
-                             downsample_factor=2)
-    torch.manual_seed(0)
-    model = AyaVisionForConditionalGeneration(config).eval()
+    do not map to placeholders, so the methods before the language model refuse (fastv on the span works:
+    test_other_vlm_families_compile_as_they_are)."""
+    model = tiny_vlm("aya_vision")
     ids = torch.randint(3, 290, (2, 12))
     ids[:, 2:6] = 299
     extra = {"pixel_values": torch.randn(2, 3, 32, 32)}
@@ -432,9 +467,6 @@ def test_vision_methods_refuse_pooled_patches(method):
                                                 "one, but the language model gets 4 image tokens per image from 16 "
                                                 r"vision tokens \(0 of them prefix"):
         compile_decoder(model, ids, keep=0.5, span=Span(token_id=299), method=method, extra_inputs=extra)
-    if method == "visionzip":
-        program = compile_decoder(model, ids, keep=0.5, layer=1, span=Span(token_id=299), extra_inputs=extra)
-        assert program.report["span_tokens_kept"] == 2
 
 
 @pytest.mark.parametrize("method, positions", [pytest.param("vtc-cls", "keep", marks=pytest.mark.slow),
