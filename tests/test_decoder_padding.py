@@ -14,6 +14,7 @@ import torch
 
 import models
 from tokencompile.decoder import (
+    CausalLMPrefill,
     compile_decoder,
     generate,
     prefill,
@@ -179,6 +180,15 @@ def test_padding_errors(llama, batch):
         generate(unpadded, ids, 2, attention_mask=mask)
     with pytest.raises(TokenCompileError, match="^a 16-token prompt is as long as an attention head"):
         compile_decoder(llama, ids[:, :16], keep=0.5, layer=2)
+
+    class SharedPositions(CausalLMPrefill):  # a wrapper that drops the per-prompt position_ids
+        def model_inputs(self, named):
+            return {name: value for name, value in named.items() if name != "position_ids"}
+
+    with pytest.raises(TokenCompileError, match="^padded prompts renumber their positions in each prompt's row of "
+                                                "the rotary tables, but the tables are shared by the batch"):
+        compile_decoder(SharedPositions(llama, ("attention_mask",)), ids, keep=0.5, layer=2, padding=True,
+                        positions="renumber")
 
 
 @pytest.mark.parametrize("probes", [1, 3])

@@ -266,14 +266,15 @@ def _until_eos(tokens: list[int], eos) -> list[int]:
 
 
 def _left_padded(ids, count: int, keep_id: int | None) -> tuple:
-    """A [1, N] prompt shortened by ``count`` tokens (the first that are not ``keep_id``, an image
-    placeholder: each prompt holds all of them) and padded on the left, with the mask of a batch of it
-    after an unpadded prompt ([2, N])."""
+    """A [1, N] prompt shortened by ``count`` tokens (the first after the first token that are not
+    ``keep_id``, an image placeholder: each prompt holds all of them; at most half of those) and padded
+    on the left, with the mask of a batch of it after an unpadded prompt ([2, N])."""
     import torch
 
     row = ids[0]
     droppable = (row != keep_id) if keep_id is not None else torch.ones_like(row, dtype=torch.bool)
-    dropped = droppable.nonzero()[:count, 0]
+    droppable[0] = False  # the first token (BOS) stays, and at most half of the others go
+    dropped = droppable.nonzero()[:min(count, int(droppable.sum()) // 2), 0]
     kept = torch.ones_like(droppable)
     kept[dropped] = False
     mask = torch.ones(2, row.shape[0], dtype=torch.long)

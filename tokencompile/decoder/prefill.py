@@ -398,12 +398,17 @@ def _cache_gathers_of_earlier_sites(gm: GraphModule, analysis: DecoderAnalysis, 
 
 def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, sites: list) -> None:
     """positions=renumber: after each site the kept tokens take the first n_out rotary positions
-    instead of their own (a gather of a rotary table becomes a slice of the table). With padding each
-    prompt's kept tokens take its own first positions, which its table row holds after its padding."""
+    instead of their own: a gather of a rotary table becomes a slice of the table, or with padding a
+    gather of each prompt's own first positions, which its row of the table holds after its padding."""
     tables = set(analysis.rope_tables)
     n_out = {site.rep: site.n_out for site in sites}
     mask = analysis.base.mask_input
-    renumbered = []
+    if mask is not None and any(type(shape_of(table)[0]) is int and shape_of(table)[0] == 1 for table in tables):
+        raise TokenCompileError("padded prompts renumber their positions in each prompt's row of the rotary "
+                                "tables, but the tables are shared by the batch (the prefill passes no "
+                                "position_ids)", "give the model position_ids from the attention mask (as "
+                                "CausalLMPrefill does), or use positions='keep'")
+    renumbered, columns = [], {}
     for node in gm.graph.nodes:
         if node.target == tc.gather_tokens.default and node.args[1] in n_out:
             root, reps = node.args[0], [node.args[1]]
@@ -416,10 +421,12 @@ def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, sites: list)
         if mask is None:
             with gm.graph.inserting_after(node):
                 first = gm.graph.call_function(aten.slice.Tensor, (root, node.args[2], 0, n_out[node.args[1]]))
-        else:
-            builder = GraphBuilder(gm, node)
-            first = builder.call(tc.gather_tokens.default, root,
-                                 _renumbered_columns(builder, mask, reps, analysis.tokens), node.args[2])
+        else:  # one column computation per chain of sites (cos and sin share it)
+            if tuple(reps) not in columns:
+                columns[tuple(reps)] = _renumbered_columns(GraphBuilder(gm, latest(gm, mask, *reps)), mask, reps,
+                                                           analysis.tokens)
+            builder = GraphBuilder(gm, latest(gm, node, columns[tuple(reps)]))
+            first = builder.call(tc.gather_tokens.default, root, columns[tuple(reps)], node.args[2])
         node.replace_all_uses_with(first)
         gm.graph.erase_node(node)
 
@@ -475,9 +482,11 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, removed_befor
     if mask is not None:  # each prompt's position 0 sits after its padding; its shift is its own
         origin = column(mask)
         columns = {}
-        shifts = {index: columns.setdefault(key_masks[analysis.cache_outputs[index][0]],
-                                            column(key_masks[analysis.cache_outputs[index][0]]))
-                  for index in shifts}
+        for index in shifts:
+            layer_mask = key_masks[analysis.cache_outputs[index][0]]
+            if layer_mask not in columns:
+                columns[layer_mask] = column(layer_mask)
+            shifts[index] = columns[layer_mask]
     else:
         origin = 0
     scale = row(cos, origin)  # cos(0) = 1: the tables' attention scaling, if any
@@ -644,6 +653,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     traced = trace_prefill(model, input_ids, extra_inputs)
     lm, ep, extra_inputs, extra, inputs, original, analysis = (
         traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
+    if padding and positions == "renumber" and len(analysis.rope_tables) != 2:
+        raise _unshiftable()
     span.check(analysis.tokens)
     check_token_count(analysis)
     if layer is None:  # fastv: the layer rule with a budget (the solver picks K), FastV's K=2 with keep
