@@ -662,6 +662,13 @@ def test_cli_generates_from_a_vipllava_folder(tmp_path):
                                     for row in out[:, batch.input_ids.shape[1]:])
     assert "span kept 16/64" in result.output
 
+    # without --image: text through the whole model (no causal-LM class is registered for VipLLaVA)
+    result = _cli("generate", tmp_path, "--prompt", "a short text prompt", "--keep", "0.5", "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
+    ids = processor.tokenizer("a short text prompt", return_tensors="pt").input_ids
+    out = generate(compile_decoder(model, ids, keep=0.5), ids, 4)[0, ids.shape[1]:]
+    assert result.stdout == processor.tokenizer.decode(out, skip_special_tokens=True) + "\n"
+
 
 @pytest.mark.slow
 def test_cli_exports_a_vlm_and_generates_from_the_export(vlm_folder, tmp_path):

@@ -54,26 +54,36 @@ def vision_language_kind(model_dir: str, gguf_file: str | None) -> str | None:
 
 def load_decoder_model(model_dir: str, gguf_file: str | None, tokenizer_dir: str | None, images: bool):
     """(model, tokenizer, processor or None) of MODEL_DIR: a vision-language model with its processor (from
-    ``tokenizer_dir`` if given) for a LLaVA folder or with --image, else a causal LM with its tokenizer.
+    ``tokenizer_dir`` if given; without --image a tokenizer will do), else a causal LM with its tokenizer.
     ``images``: --image was given."""
     import torch
 
     kind = vision_language_kind(model_dir, gguf_file)
     if images and kind is None:
         raise TokenCompileError(f"{model_dir} is not a vision-language model", "drop --image")
-    if kind != "llava" and not images:
+    if kind is None:
         model, tokenizer = load_causal_lm(model_dir, gguf_file)
         return model, _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else tokenizer, None
     from transformers import AutoModelForImageTextToText
 
-    processor = _load_processor(tokenizer_dir or model_dir)
+    try:
+        processor = _load_processor(tokenizer_dir or model_dir)
+    except TokenCompileError:
+        if images:
+            raise
+        processor = None  # text prompts: the tokenizer is enough
     try:
         model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa",
                                                             dtype=torch.float32).eval()
     except (OSError, ValueError) as error:
         raise TokenCompileError(f"cannot load the {kind} model in {model_dir}: {str(error).splitlines()[0]}",
                                 "give a Hugging Face image-text-to-text model folder with its weights") from None
-    return model, processor.tokenizer, processor
+    if processor is not None:
+        return model, processor.tokenizer, processor
+    try:
+        return model, _load_tokenizer(tokenizer_dir or model_dir, None), None
+    except TokenCompileError:
+        return model, None, None  # --prompt-ids needs none
 
 
 def _load_processor(folder: str):
