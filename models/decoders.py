@@ -68,23 +68,27 @@ def tiny_gpt2() -> CausalLMPrefill:
 LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKENS, LLAVA_TEXT_BEFORE = 255, 64, 4
 
 
+def _tiny_vlm_towers(image_token_id: int) -> tuple:
+    """The tiny VLMs' vision and text configs: a CLIP vision tower (3 layers, 64 wide, 64x64 images in 8x8
+    patches) and the tiny Llama (4 layers)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=64, patch_size=8, projection_dim=64)
+    text = LlamaConfig(vocab_size=max(256, image_token_id + 1), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return vision, text
+
+
 def llava_tiny(image_token_id: int = LLAVA_IMAGE_TOKEN) -> CausalLMPrefill:
     """LLaVA-style VLM, random weights: a CLIP vision tower (3 layers, 64 wide, 64x64 images in 8x8 patches:
     64 image tokens, CLS dropped, features of the second-to-last layer), a 2-layer MLP projector and the
     tiny Llama (4 layers). Image features replace the placeholder tokens (id 255; the vocabulary has 256
     ids, or ``image_token_id + 1`` for a larger id) by masked_scatter."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=64, patch_size=8, projection_dim=64)
-    text = LlamaConfig(vocab_size=max(256, image_token_id + 1), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    vision, text = _tiny_vlm_towers(image_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=LLAVA_IMAGE_TOKENS)
@@ -100,13 +104,10 @@ IMAGE_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['c
 def vipllava_tiny(image_token_id: int = LLAVA_IMAGE_TOKEN) -> torch.nn.Module:
     """The tiny LLaVA's shapes as a VipLLaVA (``VipLlavaForConditionalGeneration``, random weights): the
     projector reads the outputs of two vision layers concatenated (hidden states -3 and -1, CLS dropped)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig, VipLlavaForConditionalGeneration
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=64, patch_size=8, projection_dim=64)
-    text = LlamaConfig(vocab_size=max(256, image_token_id + 1), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    vision, text = _tiny_vlm_towers(image_token_id)
     config = VipLlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                             vision_feature_layers=[-3, -1], image_seq_length=LLAVA_IMAGE_TOKENS)
     config._attn_implementation = "sdpa"

@@ -469,14 +469,10 @@ def test_vision_methods_refuse_pooled_patches(method):
         compile_decoder(model, ids, keep=0.5, span=Span(token_id=299), method=method, extra_inputs=extra)
 
 
-@pytest.mark.parametrize("method, positions", [pytest.param("vtc-cls", "keep", marks=pytest.mark.slow),
-                                              ("visionzip", "renumber")])
-def test_padded_image_prompts_reduced_before_the_language_model(vlm, inputs, method, positions):
-    """vtc-cls / visionzip on image prompts of different lengths padded on the left: each prompt removes the
-    image tokens it removes alone and keeps its padding, masked, so each row gives what the prompt gives
-    alone (logits, the real cache slots, a teacher-forced continuation). With positions=renumber the
-    padded row's keys are rotated to decode from its own length (alone it decodes from the kept count),
-    so keys are compared under keep only."""
+def padded_image_batch(vlm, inputs) -> tuple:
+    """(the VLM with a loud padding embedding (id 0, x30: attention to padding would show), ids [2, 80] whose
+    second prompt has 6 text tokens fewer, left-padded, pixels, that shorter prompt, the mask, a 4-token
+    continuation)."""
     import copy
 
     loud = copy.deepcopy(vlm)
@@ -488,6 +484,18 @@ def test_padded_image_prompts_reduced_before_the_language_model(vlm, inputs, met
     mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - len(short)).long().expand(2, -1).clone()
     mask[0] = 1
     continuation = torch.randint(3, LLAVA_IMAGE_TOKEN, (2, 4), generator=torch.Generator().manual_seed(5))
+    return loud, ids, pixels, short, mask, continuation
+
+
+@pytest.mark.parametrize("method, positions", [pytest.param("vtc-cls", "keep", marks=pytest.mark.slow),
+                                              ("visionzip", "renumber")])
+def test_padded_image_prompts_reduced_before_the_language_model(vlm, inputs, method, positions):
+    """vtc-cls / visionzip on image prompts of different lengths padded on the left: each prompt removes the
+    image tokens it removes alone and keeps its padding, masked, so each row gives what the prompt gives
+    alone (logits, the real cache slots, a teacher-forced continuation). With positions=renumber the
+    padded row's keys are rotated to decode from its own length (alone it decodes from the kept count),
+    so keys are compared under keep only."""
+    loud, ids, pixels, short, mask, continuation = padded_image_batch(vlm, inputs)
     extra = {"pixel_values": pixels}
     padded = compile_decoder(loud, ids, keep=0.25, span=IMAGE, method=method, positions=positions, padding=True,
                              extra_inputs=extra)
@@ -722,17 +730,7 @@ def test_a_padded_image_prompt_gives_what_it_gives_alone(vlm, inputs):
     the same number of slots, padding first, so the padded row keeps 6 more image tokens (38 of 64) and
     gives what it gives alone when keeping 38 (logits, the real cache slots, a teacher-forced
     continuation); the padding id's embedding is loud, so attention to padding would show."""
-    import copy
-
-    loud = copy.deepcopy(vlm)
-    with torch.no_grad():
-        loud.model.get_input_embeddings().weight[0] *= 30
-    ids, pixels = inputs[0][:2].clone(), inputs[1][:2]
-    short = torch.cat([ids[1, :LLAVA_TEXT_BEFORE + 64], ids[1, -6:]])   # 6 text tokens fewer
-    ids[1] = torch.cat([torch.zeros(ids.shape[1] - len(short), dtype=ids.dtype), short])
-    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - len(short)).long().expand(2, -1).clone()
-    mask[0] = 1
-    continuation = torch.randint(3, LLAVA_IMAGE_TOKEN, (2, 4), generator=torch.Generator().manual_seed(5))
+    loud, ids, pixels, short, mask, continuation = padded_image_batch(vlm, inputs)
     padded = compile_decoder(loud, ids, keep=0.5, layer=2, span=IMAGE, padding=True,
                              extra_inputs={"pixel_values": pixels})
     assert padded.extra_inputs == ("attention_mask", "pixel_values")
