@@ -76,6 +76,7 @@ def test_auto_schedule_needs_data_and_a_budget(tiny_program):
         tokencompile.optimize(tiny_program, schedule="auto", calib_inputs=_calib(1))
 
 
+@pytest.mark.slow  # about 35 s: the default run keeps its 15-minute margin
 def test_cli_auto_schedule_from_a_text_file(recipe, tmp_path):
     import json
 
