@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch.fx import Graph, Node
 
 aten = torch.ops.aten
-FAKE_TENSOR_LOG = logging.getLogger("torch._subclasses.fake_tensor")
 
 SDPA = aten.scaled_dot_product_attention.default
 
@@ -108,16 +106,12 @@ class GraphBuilder:
         # be computable yet: leave it to the propagation then (methods take token counts from SiteInputs).
         inputs = [n for n in node.all_input_nodes]
         if all("val" in n.meta for n in inputs):
-            level = FAKE_TENSOR_LOG.level
-            FAKE_TENSOR_LOG.setLevel(logging.CRITICAL)  # torch logs the failure with a traceback before raising
             try:
                 with self.fake_mode:
                     node.meta["val"] = target(*map_arg(args, lambda n: n.meta["val"]),
                                               **map_arg(kwargs, lambda n: n.meta["val"]))
             except RuntimeError:
                 pass
-            finally:
-                FAKE_TENSOR_LOG.setLevel(level)
         if self.module_stack is not None:
             node.meta["nn_module_stack"] = dict(self.module_stack)
         self.cursor = node
