@@ -127,6 +127,7 @@ def test_eager_attention_is_refused_with_the_fix(prompts):
                                 "use SDPA, such as Gemma 2 with logit soft-capping, is not supported))")
 
 
+@pytest.mark.slow  # about 15 s: the default run keeps its 15-minute margin
 def test_sliding_window_bounds_the_prompt_and_decoding(prompts):
     ids = prompts[0]
     with pytest.raises(UnsupportedModelError, match=r"^the prompt \(24 tokens\) does not fit in the model's sliding "

@@ -97,6 +97,7 @@ def test_graphs_with_weights_in_side_files_equal_single_files(fastv_program, exp
     assert torch.equal(generate(side, prompts, 8), generate(single, prompts, 8))
 
 
+@pytest.mark.slow  # about 12 s: the default run keeps its 15-minute margin
 def test_renumbered_graphs_decode_like_torch(llama, prompts, tmp_path):
     renumbered = compile_decoder(llama, prompts[:1], keep=0.5, layer=(1, 3), span=(4, 16), positions="renumber")
     export_decoder_onnx(renumbered, str(tmp_path))

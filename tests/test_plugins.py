@@ -225,6 +225,7 @@ def test_cli_export_plugins_verify(optimized, tmp_path):
     assert "TcTomePlan" in out.output and "verify batch 8" in out.output and "FAILED" not in out.output
 
 
+@pytest.mark.slow  # about 13 s: the default run keeps its 15-minute margin
 def test_validation_kit_cpu_parts(recipe, optimized, tmp_path):
     case = gpu_validation.prepare_case("hf_bert", 1.0, recipe("hf_bert")[1])
     assert case.flops_ratio == 1.0 and case.skipped is None

@@ -2,10 +2,12 @@
 
 Both methods of ``VISION_METHODS`` need the vision tower's features to reach the prompt's image
 placeholders one for one (LLaVA: ``masked_scatter`` in placeholder order; the tower's prefix tokens
-dropped when the model drops them) and never remove text tokens. They prune where the language model's
-first block reads the merged embeddings, with the project's reduction pass, so every layer, cache,
-position table and mask downstream sees the kept tokens only (``first_reduced_layer`` = 0); with
-``positions="renumber"`` the language model sees exactly a shorter prompt.
+dropped when the model drops them; a model that pools or shuffles patches is refused) and never remove
+text tokens or padding. They prune where the language model's first block reads the merged embeddings,
+with the project's reduction pass, so every layer, cache, position table and mask downstream sees the
+kept tokens only (``first_reduced_layer`` = 0); with ``positions="renumber"`` the language model sees
+exactly a shorter prompt (left-padded prompts: each its own, its cached keys rotated to decode from its
+own length).
 
 vtc-cls (Wang et al., [CLS] Attention is All You Need for Training-Free Visual Token Pruning, 2024)
 scores each image patch by the attention the vision encoder's [CLS] token gives it, summed over the
