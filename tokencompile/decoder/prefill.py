@@ -440,8 +440,15 @@ def _renumbered_columns(builder: GraphBuilder, mask: Node, reps: list[Node], tok
     for rep in reps:  # the sites up to this one, earliest first
         kept = builder.call(tc.gather_tokens.default, kept, rep, 1)
     rank = builder.call(aten.sub.Tensor, builder.call(aten.cumsum.default, kept, 1), 1)
-    padding = builder.call(aten.rsub.Scalar, builder.call(aten.sum.dim_IntList, mask, [1], True), tokens)
+    padding = _column_after(builder, mask, tokens)
     return builder.call(aten.clamp_min.default, builder.call(aten.add.Tensor, rank, padding), 0)
+
+
+def _column_after(builder: GraphBuilder, flags: Node, tokens: int) -> Node:
+    """[B, 1]: N - (ones per row of ``flags`` [B, n]); for a padding mask, each prompt's padding, i.e. the
+    table column of its position 0; for a layer's key mask, the column of position (length - count)."""
+    count = builder.call(aten.sum.dim_IntList, builder.cast(flags, torch.int64), [1], True)
+    return builder.call(aten.rsub.Scalar, count, tokens)
 
 
 def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, removed_before: list[int]) -> bool:
@@ -467,10 +474,6 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, removed_befor
     key_masks = {layer: values[index] for index, (layer, role) in analysis.cache_outputs.items() if role == "mask"}
     builder = GraphBuilder(gm, latest(gm, cos, sin, *(values[index] for index in shifts), *key_masks.values()))
 
-    def column(tokens: Node) -> Node:  # [B, 1]: N - count, the column of position (length - count) of a prompt
-        count = builder.call(aten.sum.dim_IntList, builder.cast(tokens, torch.int64), [1], True)
-        return builder.call(aten.rsub.Scalar, count, analysis.tokens)
-
     def row(table: Node, at: int | Node) -> Node:  # [B or 1, 1, 1, D], over heads and tokens
         picked = builder.call(aten.slice.Tensor, table, 1, at, at + 1) if isinstance(at, int) else \
             builder.call(tc.gather_tokens.default, table, at, 1)
@@ -480,12 +483,12 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, removed_befor
         return builder.call(aten.slice.Tensor, x, -1, start, end)
 
     if mask is not None:  # each prompt's position 0 sits after its padding; its shift is its own
-        origin = column(mask)
+        origin = _column_after(builder, mask, analysis.tokens)
         columns = {}
         for index in shifts:
             layer_mask = key_masks[analysis.cache_outputs[index][0]]
             if layer_mask not in columns:
-                columns[layer_mask] = column(layer_mask)
+                columns[layer_mask] = _column_after(builder, layer_mask, analysis.tokens)
             shifts[index] = columns[layer_mask]
     else:
         origin = 0
