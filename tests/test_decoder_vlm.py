@@ -27,6 +27,7 @@ from tokencompile.decoder import (
 from tokencompile.decoder.generate import pair_caches
 from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 from tokencompile.decoder.prefill import cache_tensors, returned_cache
+from tokencompile.decoder.vlm import merged_embeddings
 from tokencompile.errors import TokenCompileError
 
 IMAGE = Span(token_id=LLAVA_IMAGE_TOKEN)
@@ -383,6 +384,43 @@ def test_visionzip_options_and_errors(vlm, llava, inputs):
         compile_decoder(vlm, ids, budget=0.1, span=IMAGE, method="visionzip", extra_inputs=extra)
 
 
+def test_merged_embeddings_give_what_pixel_values_give(llava, inputs, fastv_image):
+    """The same FastV on LLaVA through the model's merged embeddings (its vision code run eagerly, the
+    program taking inputs_embeds) equals the program that runs the vision tower itself."""
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    embeds = merged_embeddings(llava, ids, pixel_values=pixels)
+    program = compile_decoder(llava, ids, keep=0.25, layer=2, span=IMAGE, extra_inputs={"inputs_embeds": embeds})
+    assert program.report["tokens_per_layer"] == [80, 80, 32, 32]
+    logits, caches = prefill(program, ids, {"inputs_embeds": embeds})
+    expected, expected_caches = prefill(fastv_image, ids, {"pixel_values": pixels})
+    assert torch.allclose(logits, expected, atol=1e-5)
+    for layer, expected_layer in zip(caches, expected_caches):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(layer, expected_layer))
+    assert torch.equal(generate(program, ids, 6, extra={"inputs_embeds": embeds}),
+                       generate(fastv_image, ids, 6, extra={"pixel_values": pixels}))
+    with pytest.raises(TokenCompileError, match="^vtc-cls reads the vision tower, which merged embeddings"):
+        compile_decoder(llava, ids, keep=0.25, method="vtc-cls", span=IMAGE, extra_inputs={"inputs_embeds": embeds})
+
+
+def test_merged_embeddings_refuse_multimodal_rope():
+    """Qwen2-VL places image tokens on three rotary axes: a clear error, not a wrong program."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from tokencompile.errors import UnsupportedModelError
+
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_chans=3)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=299,
+                                                          vision_start_token_id=298, vision_end_token_id=297)).eval()
+    ids = torch.tensor([[1, 298, 299, 299, 299, 299, 297, 5]])
+    with pytest.raises(UnsupportedModelError, match="^Qwen2VLForConditionalGeneration gives its language model "
+                       "rotary positions on 3 axes"):
+        merged_embeddings(model, ids, pixel_values=torch.randn(16, 96), image_grid_thw=torch.tensor([[1, 4, 4]]),
+                          mm_token_type_ids=(ids == 299).long())
+
+
 @pytest.fixture(scope="module")
 def vlm_folder(tmp_path_factory):
     """A tiny LLaVA saved with its processor, as a user's model folder, and two photos of shared/data."""
@@ -610,12 +648,57 @@ def llava_next_folder(folder) -> None:
                               image_size=32, patch_size=8)
     text = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=1)
-    LlavaNextForConditionalGeneration(LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=256,
-                                                      image_grid_pinpoints=[[32, 32]])).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig(vision_config=vision, text_config=text,
+                                                              image_token_id=256, image_grid_pinpoints=[[32, 32]]))
+    with torch.no_grad():  # attention far from uniform: scores not tied within float noise
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    model.save_pretrained(folder)
     images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                      image_grid_pinpoints=[[32, 32]])
     LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, image_token="<image>",
+                       num_additional_image_tokens=1,
                        vision_feature_select_strategy="default").save_pretrained(folder)
+
+
+def test_cli_generates_from_a_llava_next_folder(tmp_path):
+    """LLaVA-NeXT (tiles chosen by each image's size: its vision path does not export) through the CLI: each
+    prompt's merged embeddings, padded on the left; budget 1.0 gives Hugging Face's tokens for each prompt
+    alone, and FastV the lines of the Python API."""
+    from conftest import SHARED
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    llava_next_folder(tmp_path)
+    photos = [os.path.join(SHARED, "data", "images", name) for name in ("n01440764_tench.JPEG",
+                                                                         "n01601694_water_ouzel.JPEG")]
+    prompts = ["what?", "name the thing you see"]
+    args = ["generate", tmp_path, "--prompt", prompts[0], "--image", photos[0], "--prompt", prompts[1], "--image",
+            photos[1], "--max-new-tokens", 5]
+    full, reduced = _cli(*args), _cli(*args, "--keep", "0.5", "--layer", "1")
+    assert full.exit_code == 0 and reduced.exit_code == 0, full.output + reduced.output
+    assert "span kept 18/36" in reduced.output
+
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    encoded = [processor(images=Image.open(photo).convert("RGB"), text=f"<image>\n{prompt}", return_tensors="pt")
+               for prompt, photo in zip(prompts, photos)]
+    expected = [model.generate(**e, max_new_tokens=5, do_sample=False)[0, e.input_ids.shape[1]:] for e in encoded]
+    assert full.stdout == "".join(processor.tokenizer.decode(row, skip_special_tokens=True) + "\n" for row in expected)
+    length = max(e.input_ids.shape[1] for e in encoded)
+    ids, mask = torch.zeros(2, length, dtype=torch.long), torch.zeros(2, length, dtype=torch.long)
+    embeds = torch.zeros(2, length, model.config.text_config.hidden_size)
+    for row, e in enumerate(encoded):
+        n = e.input_ids.shape[1]
+        ids[row, -n:], mask[row, -n:] = e.input_ids[0], 1
+        embeds[row, -n:] = merged_embeddings(model, e.input_ids, pixel_values=e.pixel_values,
+                                             image_sizes=e.image_sizes)[0]
+    program = compile_decoder(model, ids, keep=0.5, layer=1, span=Span(token_id=256), padding=True,
+                              extra_inputs={"inputs_embeds": embeds})
+    out = generate(program, ids, 5, attention_mask=mask, extra={"inputs_embeds": embeds})[:, length:]
+    assert reduced.stdout == "".join(processor.tokenizer.decode(row, skip_special_tokens=True) + "\n" for row in out)
 
 
 def test_cli_image_errors(vlm_folder, llama, tmp_path):
@@ -628,8 +711,8 @@ def test_cli_image_errors(vlm_folder, llama, tmp_path):
     (tmp_path / "unweighted" / "model.safetensors").unlink()
     (tmp_path / "broken.jpg").write_text("not an image")
     for args, message in [
-        ([tmp_path / "next", "--prompt", "a", "--image", photos[0]],
-         "error: the processor gives image_sizes besides pixel_values: the CLI passes an image as pixel_values"),
+        ([tmp_path / "next", "--prompt", "a", "--image", photos[0], "--method", "visionzip"],
+         "error: visionzip reads the vision tower, which merged embeddings"),
         ([tmp_path / "unweighted", "--prompt", "a", "--image", photos[0]], "error: cannot load the llava model in"),
         ([folder, "--prompt", "a", "--image", tmp_path / "broken.jpg"], "cannot read the image .*broken.jpg"),
         ([folder, "--prompt", "a", "--prompt", "b", "--image", photos[0]], "2 --prompt and 1 --image options"),
@@ -706,10 +789,10 @@ def test_cli_exports_a_vlm_and_generates_from_the_export(vlm_folder, tmp_path):
     runner = OnnxRunner(str(padded))
     from tokencompile.decoder.cli import _image_prompts, _load_processor
 
-    ids, mask, pixels = _image_prompts(_load_processor(str(folder)), tuple(two[1::4]), tuple(two[3::4]), False,
-                                       runner.prompt_tokens)
-    assert mask[0].tolist().count(0) == 14 and mask[1].tolist().count(0) == 8
-    out = generate(runner, ids, 6, extra={"pixel_values": pixels}, attention_mask=mask)[:, ids.shape[1]:]
+    ids, mask, extra = _image_prompts(_load_processor(str(folder)), tuple(two[1::4]), tuple(two[3::4]), False,
+                                      runner.prompt_tokens)
+    assert mask[0].tolist().count(0) == 14 and mask[1].tolist().count(0) == 8 and list(extra) == ["pixel_values"]
+    out = generate(runner, ids, 6, extra=extra, attention_mask=mask)[:, ids.shape[1]:]
     tokenizer = _load_processor(str(folder)).tokenizer
     assert from_onnx.stdout == "".join(tokenizer.decode(row, skip_special_tokens=True) + "\n" for row in out)
 
@@ -723,6 +806,26 @@ def test_cli_exports_a_vlm_and_generates_from_the_export(vlm_folder, tmp_path):
     in_torch = _cli("generate", folder, *two, *flags, "--max-new-tokens", 6)
     assert from_onnx.exit_code == 0 and in_torch.exit_code == 0, from_onnx.output + in_torch.output
     assert from_onnx.stdout == in_torch.stdout
+
+    # LLaVA-NeXT (merged embeddings, computed by the model folder's own code before the exported graphs)
+    llava_next_folder(tmp_path / "next")
+    flags = ["--keep", "0.5", "--layer", "1", "--positions", "renumber"]
+    result = _cli("export-decoder", tmp_path / "next", "--prompt", "what is it? tell me", "--image", photos[0],
+                  *flags, "-o", tmp_path / "next_onnx", "--padding", "--verify")
+    assert result.exit_code == 0 and "8 greedy tokens identical" in result.output, result.output
+    from_onnx = _cli("generate", tmp_path / "next_onnx", *two, "--tokenizer", tmp_path / "next",
+                     "--max-new-tokens", 6)
+    assert from_onnx.exit_code == 0, from_onnx.output
+    runner, processor = OnnxRunner(str(tmp_path / "next_onnx")), _load_processor(str(tmp_path / "next"))
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "next", attn_implementation="sdpa").eval()
+    ids, mask, extra = _image_prompts(processor, tuple(two[1::4]), tuple(two[3::4]), False, runner.prompt_tokens,
+                                      model)
+    assert list(extra) == ["inputs_embeds"] and runner.extra_inputs == ("attention_mask", "inputs_embeds")
+    out = generate(runner, ids, 6, extra=extra, attention_mask=mask)[:, ids.shape[1]:]
+    assert from_onnx.stdout == "".join(processor.tokenizer.decode(row, skip_special_tokens=True) + "\n"
+                                       for row in out)
 
 
 def test_a_padded_image_prompt_gives_what_it_gives_alone(vlm, inputs):

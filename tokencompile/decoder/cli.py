@@ -12,6 +12,7 @@ CLI_METHODS = ("fastv", "pyramiddrop", "dart", "divprune", "zipcache", "random")
 # the methods that reduce a VLM's image tokens before its language model (tokencompile.decoder.vision)
 IMAGE_METHODS = ("vtc-cls", "visionzip")
 PIXELS = "pixel_values"
+EMBEDS = "inputs_embeds"  # a VLM's prompt embeddings with its images merged in (tokencompile.decoder.vlm)
 
 
 def _number_list(text: str, option: str, convert=int) -> tuple:
@@ -100,11 +101,13 @@ def _load_processor(folder: str):
     return processor
 
 
-def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...], chat: bool, length: int | None = None):
-    """(input_ids [B, N], attention mask or None, pixel_values) of prompts, each with its image: the image
+def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...], chat: bool, length: int | None = None,
+                   model=None):
+    """(input_ids [B, N], attention mask or None, extra inputs) of prompts, each with its image: the image
     placeholders go first unless the prompt holds them (with ``chat``: the user turn of the chat
     template, image first). Prompts of different lengths (or shorter than ``length``) are padded on the
-    left."""
+    left. The extra inputs are the pixel_values, or, when the processor gives more (LLaVA-NeXT's
+    image_sizes), each prompt's embeddings with its image merged in by ``model`` (``merged_embeddings``)."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -130,17 +133,33 @@ def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...],
             text = prompt if placeholder in prompt else f"{placeholder}\n{prompt}"
         # a chat template writes its own special tokens (e.g. BOS)
         encoded.append(processor(images=picture, text=text, return_tensors="pt", add_special_tokens=not chat))
-        others = sorted(set(encoded[-1]) - {"input_ids", "attention_mask", PIXELS})
-        if others:
-            raise TokenCompileError(f"the processor gives {', '.join(others)} besides pixel_values: the CLI passes "
-                                    "an image as pixel_values only", "use the Python API: compile_decoder(..., "
-                                    "extra_inputs={...}) with every input the model takes")
-    pixels = torch.cat([e[PIXELS] for e in encoded])
     rows = [e.input_ids[0] for e in encoded]
     if len({len(row) for row in rows}) == 1 and length in (None, len(rows[0])):
-        return torch.stack(rows), None, pixels
-    ids, mask = _pad_left(rows, processor.tokenizer, length)
-    return ids, mask, pixels
+        ids, mask = torch.stack(rows), None
+    else:
+        ids, mask = _pad_left(rows, processor.tokenizer, length)
+    others = sorted(set(encoded[0]) - {"input_ids", "attention_mask", PIXELS})
+    if not others:
+        return ids, mask, {PIXELS: torch.cat([e[PIXELS] for e in encoded])}
+    if model is None:
+        raise TokenCompileError(f"the processor gives {', '.join(others)} besides pixel_values, which the "
+                                "exported graphs do not take", "give the processor of the model it was exported "
+                                "from (--tokenizer)")
+    return ids, mask, {EMBEDS: _embedded_prompts(model, encoded, ids.shape[1])}
+
+
+def _embedded_prompts(model, encoded: list, length: int):
+    """Each prompt's merged embeddings (its image in its placeholders, computed alone), padded on the left."""
+
+    from .vlm import merged_embeddings
+
+    rows = [merged_embeddings(model, e.input_ids, **{k: v for k, v in e.items() if k not in ("input_ids",
+                                                                                             "attention_mask")})[0]
+            for e in encoded]
+    embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    for index, row in enumerate(rows):
+        embeds[index, length - len(row):] = row
+    return embeds
 
 
 REDUCTION_DEFAULTS = {"method": "fastv", "method_options": (), "budget": None, "keep": None, "layer": None, "sinks": 0,
@@ -278,7 +297,8 @@ def _until_eos(tokens: list[int], eos) -> list[int]:
 def _left_padded(ids, count: int, keep_id: int | None) -> tuple:
     """A [1, N] prompt shortened by ``count`` tokens (the first after the first token that are not
     ``keep_id``, an image placeholder: each prompt holds all of them; at most half of those) and padded
-    on the left, with the mask of a batch of it after an unpadded prompt ([2, N])."""
+    on the left (with id 0), with the mask of a batch of it after an unpadded prompt ([2, N]) and, per
+    column, the index of the prompt token it holds (-1: padding)."""
     import torch
 
     row = ids[0]
@@ -289,7 +309,8 @@ def _left_padded(ids, count: int, keep_id: int | None) -> tuple:
     kept[dropped] = False
     mask = torch.ones(2, row.shape[0], dtype=torch.long)
     mask[1, :len(dropped)] = 0
-    return torch.cat([torch.zeros_like(dropped), row[kept]])[None], mask
+    columns = torch.cat([torch.full_like(dropped, -1), kept.nonzero()[:, 0]])
+    return torch.where(columns >= 0, row[columns.clamp(min=0)], 0)[None], mask, columns
 
 
 def _compile(model, ids, reduction: dict, padding: bool = False, extra: dict | None = None):
@@ -350,8 +371,8 @@ def _model_and_prompts(model_dir, gguf_file, tokenizer_dir, prompts, prompt_ids,
     if images:
         if not prompts:
             raise TokenCompileError("--image goes with --prompt text", "give --prompt with each --image")
-        ids, mask, pixels = _image_prompts(processor, prompts, images, chat)
-        return model, tokenizer, ids, mask, {PIXELS: pixels}
+        ids, mask, extra = _image_prompts(processor, prompts, images, chat, model=model)
+        return model, tokenizer, ids, mask, extra
     if len(prompts) > 1:
         ids, mask = _padded_prompts(tokenizer, prompts, model_dir, chat=chat)
     else:
@@ -391,7 +412,7 @@ def generate_command(command_class, debug_option):
         MODEL_DIR is a Hugging Face causal LM or vision-language model folder, or a folder written by
         `export-decoder` (then the reduction was chosen at export and prefill and decode run in ONNX
         Runtime). Several --prompt options make one batch, padded on the left (an exported folder: export
-        it with --padding). A vision-language model (its processor saved with it, giving pixel_values)
+        it with --padding). A vision-language model (its processor saved with it)
         takes one --image per --prompt."""
         import os
         import random
@@ -431,20 +452,23 @@ def generate_command(command_class, debug_option):
                                         f"{', '.join(given)} cannot change it", "drop them, or export again")
             source = OnnxRunner(model_dir)
             extra = None
-            if PIXELS in source.extra_inputs or images:
-                if PIXELS not in source.extra_inputs:
+            if {PIXELS, EMBEDS} & set(source.extra_inputs) or images:
+                if not {PIXELS, EMBEDS} & set(source.extra_inputs):
                     raise TokenCompileError(f"{model_dir} was exported from a text model", "drop --image")
                 if not images or not tokenizer_dir or not prompts:
                     raise TokenCompileError(f"{model_dir} is an exported vision-language model",
                                             "give --prompt, --image and --tokenizer MODEL_DIR (the folder with "
                                             "its processor)")
                 processor = _load_processor(tokenizer_dir)
-                ids, mask, pixels = _image_prompts(processor, prompts, images, chat,
-                                                   source.prompt_tokens if source.masked else None)
+                # merged embeddings: the model's own vision code runs (in torch) before the exported graphs
+                vision = load_decoder_model(tokenizer_dir, None, None, True)[0] if EMBEDS in source.extra_inputs \
+                    else None
+                ids, mask, extra = _image_prompts(processor, prompts, images, chat,
+                                                  source.prompt_tokens if source.masked else None, vision)
                 if mask is not None and not source.masked:
                     raise TokenCompileError(f"{model_dir} was exported for single prompts of {source.prompt_tokens} "
                                             "tokens", "export it with --padding to give prompts of other lengths")
-                tokenizer, extra = processor.tokenizer, {PIXELS: pixels}
+                tokenizer = processor.tokenizer
             else:
                 tokenizer = _load_tokenizer(tokenizer_dir, gguf_file) if tokenizer_dir else None
                 if source.masked and prompts:  # a padded export takes any prompt up to its length
@@ -559,10 +583,12 @@ def export_decoder_command(command_class, debug_option):
 
             runner = OnnxRunner(folder)
             second, mask = ids.flip(1), None
-            if extra is not None:  # the second image mirrored
-                extra = {PIXELS: torch.cat([extra[PIXELS], extra[PIXELS].flip(-1)])}
+            if extra is not None:  # the second image mirrored (merged embeddings: in the order of its ids)
+                extra = {name: torch.cat([t, t.flip(-1 if name == PIXELS else 1)]) for name, t in extra.items()}
             if padding:  # the second prompt a quarter shorter, padded on the left
-                second, mask = _left_padded(second, ids.shape[1] // 4, program.report.get("span_token_id"))
+                second, mask, columns = _left_padded(second, ids.shape[1] // 4, program.report.get("span_token_id"))
+                if EMBEDS in (extra or {}):
+                    extra[EMBEDS][1] = extra[EMBEDS][1, columns.clamp(min=0)] * (columns >= 0)[:, None]
                 extra = {**(extra or {}), "attention_mask": mask}
             batch = torch.cat([ids, second])
             expected_logits, expected_caches = prefill(program, batch, extra)

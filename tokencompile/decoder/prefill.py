@@ -41,7 +41,9 @@ def padded_positions(mask: torch.Tensor) -> torch.Tensor:
 class CausalLMPrefill(torch.nn.Module):
     """(input_ids [B, N], *extra) -> (logits of the last token [B, V], key_0, value_0, key_1, value_1, ...),
     each cache [B, H_kv, N, D] with RoPE applied (as the model caches them). ``extra_inputs``: the
-    keywords of further inputs, e.g. ("pixel_values",) for a VLM. With an ``attention_mask`` input
+    keywords of further inputs, e.g. ("pixel_values",) for a VLM, or ("inputs_embeds",): a VLM's embeddings
+    with its image features merged in (``tokencompile.decoder.vlm.merged_embeddings``), which the model
+    reads instead of input_ids (they still place a span of token ids). With an ``attention_mask`` input
     [B, N] (1: token, 0: padding on the left) positions follow it, and every layer's key mask follows
     the caches: (..., mask_0, mask_1, ...). A model whose own forward does not export (e.g. it fixes
     the batch) gets a subclass that overrides ``model_inputs`` and takes ``(model, extra_inputs)``, as
@@ -62,7 +64,10 @@ class CausalLMPrefill(torch.nn.Module):
         mask = named.get(MASK)
         if mask is not None:
             named["position_ids"] = padded_positions(mask)
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **self.model_inputs(named))
+        inputs = {"input_ids": input_ids, **self.model_inputs(named)}
+        if "inputs_embeds" in inputs:  # a VLM's merged embeddings: input_ids only place the span
+            del inputs["input_ids"]
+        out = self.model(use_cache=True, logits_to_keep=1, **inputs)
         caches = cache_tensors(returned_cache(out))
         masks = [mask] * (len(caches) // 2) if mask is not None else []
         return (out.logits[:, -1], *caches, *masks)
@@ -185,7 +190,9 @@ def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict 
                                     f"with inputs input_ids{''.join(', ' + name for name in extra)} and a symbolic "
                                     f"batch ({reason[:160]})", "wrap the model in a CausalLMPrefill subclass whose "
                                     "model_inputs computes what does not export (see "
-                                    "tokencompile.decoder.vlm.LlavaPrefill)") from error
+                                    "tokencompile.decoder.vlm.LlavaPrefill); a vision-language model: give "
+                                    "extra_inputs={'inputs_embeds': tokencompile.decoder.vlm.merged_embeddings(model, "
+                                    "input_ids, **processor_outputs)}") from error
 
 
 @dataclass
@@ -630,6 +637,10 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                                     "leave attention_mask out of extra_inputs")
         extra_inputs = {MASK: torch.ones_like(input_ids), **(extra_inputs or {})}
     if method in VISION_METHODS:
+        if "inputs_embeds" in (extra_inputs or {}):
+            raise TokenCompileError(f"{method} reads the vision tower, which merged embeddings (inputs_embeds) "
+                                    "leave out of the program", "give pixel_values (a model whose vision path "
+                                    "exports, e.g. LLaVA), or a language-model method on the image span (fastv)")
         shaping = [f"{key}={value}" for key, value, default in (("probes", probes, 1), ("sinks", sinks, 0),
                                                                  ("pool", pool, 1), ("lookup", lookup, 0),
                                                                  ("ahead", ahead, AHEAD)) if value != default]

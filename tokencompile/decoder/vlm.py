@@ -1,10 +1,15 @@
-"""Prefill modules of vision-language models whose own forward cannot be exported with a symbolic batch.
+"""Prefill inputs of vision-language models whose own forward cannot be exported with a symbolic batch.
 
 Hugging Face's LLaVA splits the image features per image in a Python loop, so ``torch.export`` fixes the
 batch size. ``LlavaPrefill`` computes the features itself (vision tower, feature layer(s), [CLS] dropped
 by the "default" strategy, projector) and hands them to the model as one [B * image tokens, C] tensor,
 which it scatters into the image placeholders as usual. ``prefill_module`` picks it for a LLaVA model
 given ``pixel_values``.
+
+Models whose vision path does not export at all (LLaVA-NeXT picks tiles by each image's size) hand the
+compiler their language model's input instead: ``merged_embeddings`` runs the model's own code up to its
+language model and returns the prompt embeddings with the image features merged in; the program takes
+them as ``inputs_embeds`` (the prefill FLOPs are then the language model's).
 """
 
 from __future__ import annotations
@@ -47,4 +52,51 @@ class LlavaPrefill(CausalLMPrefill):
         return {**named, "mm_encoder_outputs": {"image": image}}
 
 
-__all__ = ["LlavaPrefill", "is_llava"]
+EMBEDS = "inputs_embeds"
+
+
+class _Captured(Exception):
+    def __init__(self, inputs: dict):
+        super().__init__()
+        self.inputs = inputs
+
+
+def merged_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, **vision_inputs) -> torch.Tensor:
+    """The embeddings [B, N, C] a vision-language model hands its language model: the prompt's token
+    embeddings with the image features in the image placeholders, computed by the model's own code (its
+    forward runs, eagerly, up to the language model). For models whose vision path does not export
+    (LLaVA-NeXT's image_sizes, tiles): ``compile_decoder(model, ids, extra_inputs={"inputs_embeds":
+    merged_embeddings(model, ids, **processor_outputs)})`` reduces the language model's prompt, and
+    decoding reads the cache as usual. ``vision_inputs``: the processor's outputs but input_ids (an
+    ``attention_mask`` among them is used only here)."""
+    from ..errors import UnsupportedModelError
+
+    language_model = getattr(getattr(model, "model", None), "language_model", None)
+    if language_model is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no model.language_model to hand embeddings to",
+                                    "give a Hugging Face image-text-to-text model")
+
+    def capture(module, args, kwargs):
+        raise _Captured(kwargs)
+
+    hook = language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, **vision_inputs)
+    except _Captured as captured:
+        inputs = captured.inputs
+    else:
+        raise UnsupportedModelError(f"{type(model).__name__} did not call its language model",
+                                    "give a Hugging Face image-text-to-text model")
+    finally:
+        hook.remove()
+    positions = inputs.get("position_ids")
+    if positions is not None and positions.dim() == 3:
+        raise UnsupportedModelError(f"{type(model).__name__} gives its language model rotary positions on "
+                                    f"{positions.shape[0]} axes (multimodal RoPE): the compiler places tokens by "
+                                    "one position each", "use a model with one position per token (e.g. LLaVA, "
+                                    "LLaVA-NeXT)")
+    return inputs[EMBEDS].detach()
+
+
+__all__ = ["LlavaPrefill", "is_llava", "merged_embeddings"]
