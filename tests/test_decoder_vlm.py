@@ -27,7 +27,7 @@ from tokencompile.decoder import (
 from tokencompile.decoder.generate import pair_caches
 from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 from tokencompile.decoder.prefill import cache_tensors, returned_cache
-from tokencompile.decoder.vlm import merged_embeddings
+from tokencompile.decoder.vlm import language_model_inputs
 from tokencompile.errors import TokenCompileError
 
 IMAGE = Span(token_id=LLAVA_IMAGE_TOKEN)
@@ -388,37 +388,115 @@ def test_merged_embeddings_give_what_pixel_values_give(llava, inputs, fastv_imag
     """The same FastV on LLaVA through the model's merged embeddings (its vision code run eagerly, the
     program taking inputs_embeds) equals the program that runs the vision tower itself."""
     ids, pixels = inputs[0][:2], inputs[1][:2]
-    embeds = merged_embeddings(llava, ids, pixel_values=pixels)
-    program = compile_decoder(llava, ids, keep=0.25, layer=2, span=IMAGE, extra_inputs={"inputs_embeds": embeds})
+    merged = language_model_inputs(llava, ids, pixel_values=pixels)
+    assert list(merged) == ["inputs_embeds"]
+    program = compile_decoder(llava, ids, keep=0.25, layer=2, span=IMAGE, extra_inputs=merged)
     assert program.report["tokens_per_layer"] == [80, 80, 32, 32]
-    logits, caches = prefill(program, ids, {"inputs_embeds": embeds})
+    logits, caches = prefill(program, ids, merged)
     expected, expected_caches = prefill(fastv_image, ids, {"pixel_values": pixels})
     assert torch.allclose(logits, expected, atol=1e-5)
     for layer, expected_layer in zip(caches, expected_caches):
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(layer, expected_layer))
-    assert torch.equal(generate(program, ids, 6, extra={"inputs_embeds": embeds}),
+    assert torch.equal(generate(program, ids, 6, extra=merged),
                        generate(fastv_image, ids, 6, extra={"pixel_values": pixels}))
     with pytest.raises(TokenCompileError, match="^vtc-cls reads the vision tower, which merged embeddings"):
-        compile_decoder(llava, ids, keep=0.25, method="vtc-cls", span=IMAGE, extra_inputs={"inputs_embeds": embeds})
+        compile_decoder(llava, ids, keep=0.25, method="vtc-cls", span=IMAGE, extra_inputs=merged)
 
 
-def test_merged_embeddings_refuse_multimodal_rope():
-    """Qwen2-VL places image tokens on three rotary axes: a clear error, not a wrong program."""
+QWEN_IMAGE = 299
+
+
+def tiny_qwen2_vl(attention: str = "sdpa", image: int = QWEN_IMAGE, start: int = 298, end: int = 297):
+    """Qwen2-VL, random weights: multimodal RoPE (each image token has a time, row and column position);
+    ``image``, ``start``, ``end``: the ids of the image placeholder and of the tokens around an image."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from tokencompile.errors import UnsupportedModelError
-
-    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+    vision = dict(depth=1, embed_dim=16, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
                   temporal_patch_size=2, in_chans=3)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=299,
-                                                          vision_start_token_id=298, vision_end_token_id=297)).eval()
-    ids = torch.tensor([[1, 298, 299, 299, 299, 299, 297, 5]])
-    with pytest.raises(UnsupportedModelError, match="^Qwen2VLForConditionalGeneration gives its language model "
-                       "rotary positions on 3 axes"):
-        merged_embeddings(model, ids, pixel_values=torch.randn(16, 96), image_grid_thw=torch.tensor([[1, 4, 4]]),
-                          mm_token_type_ids=(ids == 299).long())
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=image, vision_start_token_id=start,
+                           vision_end_token_id=end)
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = attention
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def rows_from_layer(model, layer: int, rows: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """Logits of the model's own forward where the language model's layers >= ``layer`` see only ``rows``
+    [B, n] (pre-hooks gather the hidden states, the rotary tables and the positions)."""
+    def gather(name, value):
+        if name == "hidden_states" or name == "position_embeddings":
+            return tuple(gather(name, v) for v in value) if isinstance(value, tuple) else \
+                value.gather(-2, rows[..., None].expand(*value.shape[:-2], -1, value.shape[-1]))
+        if name == "position_ids" and value is not None:
+            return value.gather(-1, rows.expand(*value.shape[:-2], -1, -1))
+        assert name != "attention_mask" or value is None  # causal SDPA without a mask
+        return value
+
+    def hook(module, args, kwargs, first):
+        if first:
+            args = (gather("hidden_states", args[0]), *args[1:]) if args else args
+            if "hidden_states" in kwargs:
+                kwargs["hidden_states"] = gather("hidden_states", kwargs["hidden_states"])
+        return args, {k: v if k == "hidden_states" else gather(k, v) for k, v in kwargs.items()}
+
+    handles = [block.register_forward_pre_hook(lambda m, a, k, first=index == layer: hook(m, a, k, first),
+                                                with_kwargs=True)
+               for index, block in enumerate(model.model.language_model.layers) if index >= layer]
+    try:
+        with torch.no_grad():
+            return model(**inputs, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_multimodal_rope_through_language_model_inputs():
+    """Qwen2-VL (its image grid does not export): the language model's inputs hold each token's three
+    rotary positions. Budget 1.0 equals the model (teacher-forced logits, so decoding continues at its
+    rope deltas; greedy tokens); FastV on the image span equals the model's own forward with layers >= K
+    on the kept rows, chosen by its eager attention; renumbering is refused."""
+    from test_decoder import reference_kept
+
+    model, layer, kept = tiny_qwen2_vl(), 2, 6
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.tensor([[1, 2, 298] + [QWEN_IMAGE] * 16 + [297, 5, 6, 7, 8]] * 2)
+    continuation = torch.randint(0, 290, (2, 4), generator=generator)
+    images = dict(pixel_values=torch.randn(128, 96, generator=generator), image_grid_thw=torch.tensor([[1, 8, 8]] * 2))
+
+    def model_inputs(tokens):
+        return dict(input_ids=tokens, mm_token_type_ids=(tokens == QWEN_IMAGE).long(), **images)
+
+    extra = language_model_inputs(model, ids, **{k: v for k, v in model_inputs(ids).items() if k != "input_ids"})
+    assert {name: tuple(t.shape) for name, t in extra.items()} == {"inputs_embeds": (2, 24, 64),
+                                                                    "position_ids": (2, 3, 24)}
+    assert extra["position_ids"][0, :, -1].tolist() == [11, 11, 11]  # the 16 image tokens span 4 positions
+    whole = torch.cat([ids, continuation], 1)
+    span, tail = Span(token_id=QWEN_IMAGE), slice(-continuation.shape[1] - 1, -1)
+    program = compile_decoder(model, ids, budget=1.0, span=span, extra_inputs=extra)
+    with torch.no_grad():
+        expected = model(**model_inputs(whole)).logits[:, tail]
+    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation, extra), expected, atol=1e-5,
+                               rtol=1e-4)
+    assert torch.equal(generate(program, ids, 6, extra=extra),
+                       model.generate(**model_inputs(ids), max_new_tokens=6, do_sample=False))
+
+    eager = tiny_qwen2_vl("eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        scores = eager(**model_inputs(ids), output_attentions=True).attentions[layer - 1][:, :, -1].mean(1)
+    rows = reference_kept(scores, span.removable(ids), kept)
+    rows = torch.cat([rows, torch.arange(ids.shape[1], whole.shape[1]).expand(2, -1)], 1)
+    program = compile_decoder(model, ids, keep=kept / 16, layer=layer, span=span, extra_inputs=extra)
+    assert program.report["tokens_per_layer"] == [24, 24, 14]
+    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation, extra),
+                               rows_from_layer(model, layer, rows, model_inputs(whole))[:, tail], atol=1e-5,
+                               rtol=1e-4)
+    with pytest.raises(TokenCompileError, match="^positions=renumber gives kept tokens consecutive positions; "
+                       "with multimodal RoPE"):
+        compile_decoder(model, ids, keep=0.5, layer=layer, span=span, extra_inputs=extra, positions="renumber")
 
 
 @pytest.fixture(scope="module")
@@ -693,12 +771,65 @@ def test_cli_generates_from_a_llava_next_folder(tmp_path):
     for row, e in enumerate(encoded):
         n = e.input_ids.shape[1]
         ids[row, -n:], mask[row, -n:] = e.input_ids[0], 1
-        embeds[row, -n:] = merged_embeddings(model, e.input_ids, pixel_values=e.pixel_values,
-                                             image_sizes=e.image_sizes)[0]
+        embeds[row, -n:] = language_model_inputs(model, e.input_ids, pixel_values=e.pixel_values,
+                                                 image_sizes=e.image_sizes)["inputs_embeds"][0]
     program = compile_decoder(model, ids, keep=0.5, layer=1, span=Span(token_id=256), padding=True,
                               extra_inputs={"inputs_embeds": embeds})
     out = generate(program, ids, 5, attention_mask=mask, extra={"inputs_embeds": embeds})[:, length:]
     assert reduced.stdout == "".join(processor.tokenizer.decode(row, skip_special_tokens=True) + "\n" for row in out)
+
+
+def qwen2_vl_folder(folder) -> tuple:
+    """The tiny Qwen2-VL saved with its processor (byte tokenizer with Qwen's image tokens, 256..258; each
+    image resized to 32x32 pixels: 12 image tokens); returns (model, processor)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = models.decoders.byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image_pad|>", "<|vision_start|>",
+                                                                "<|vision_end|>"]})
+    model = tiny_qwen2_vl(image=256, start=257, end=258)
+    model.save_pretrained(folder)
+    grid = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=32 * 32, **grid),
+                                 tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(**grid))
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def test_cli_generates_from_a_qwen2_vl_folder(tmp_path):
+    """Qwen2-VL through the CLI: prompts of different lengths padded on the left with their rotary positions;
+    at budget 1.0 each line is what Hugging Face generates for the prompt alone."""
+    from conftest import SHARED
+    from PIL import Image
+
+    model, processor = qwen2_vl_folder(tmp_path)
+    tokenizer = processor.tokenizer
+    photos = [os.path.join(SHARED, "data", "images", name) for name in ("n01440764_tench.JPEG",
+                                                                         "n01601694_water_ouzel.JPEG")]
+    prompts = ["what?", "name the thing you see"]
+    args = ["generate", tmp_path, "--prompt", prompts[0], "--image", photos[0], "--prompt", prompts[1], "--image",
+            photos[1], "--max-new-tokens", 5]
+    full, reduced = _cli(*args), _cli(*args, "--keep", "0.5", "--layer", "2")
+    assert full.exit_code == 0 and reduced.exit_code == 0, full.output + reduced.output
+    assert "span kept 6/12" in reduced.output
+    expected = []
+    for prompt, photo in zip(prompts, photos):
+        encoded = processor(images=Image.open(photo).convert("RGB"), text=f"<|image_pad|>\n{prompt}",
+                            return_tensors="pt")
+        expected.append(model.generate(**encoded, max_new_tokens=5, do_sample=False)[0, encoded.input_ids.shape[1]:])
+    assert full.stdout == "".join(tokenizer.decode(row, skip_special_tokens=True) + "\n" for row in expected)
+    # the CLI's batch (positions padded with the embeddings) against each prompt alone, logits
+    from tokencompile.decoder.cli import _image_prompts
+
+    ids, mask, extra = _image_prompts(processor, tuple(prompts), tuple(photos), False, model=model)
+    assert mask[0].tolist().count(0) == 17 and list(extra) == ["inputs_embeds", "position_ids"]
+    program = compile_decoder(model, ids, budget=1.0, padding=True, span=Span(token_id=256), extra_inputs=extra)
+    logits, _ = prefill(program, ids, {**extra, "attention_mask": mask})
+    for row, (prompt, photo) in enumerate(zip(prompts, photos)):
+        encoded = processor(images=Image.open(photo).convert("RGB"), text=f"<|image_pad|>\n{prompt}",
+                            return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(logits[row], model(**encoded).logits[0, -1], atol=1e-5, rtol=1e-4)
 
 
 def test_cli_image_errors(vlm_folder, llama, tmp_path):
@@ -807,22 +938,18 @@ def test_cli_exports_a_vlm_and_generates_from_the_export(vlm_folder, tmp_path):
     assert from_onnx.exit_code == 0 and in_torch.exit_code == 0, from_onnx.output + in_torch.output
     assert from_onnx.stdout == in_torch.stdout
 
-    # LLaVA-NeXT (merged embeddings, computed by the model folder's own code before the exported graphs)
-    llava_next_folder(tmp_path / "next")
-    flags = ["--keep", "0.5", "--layer", "1", "--positions", "renumber"]
-    result = _cli("export-decoder", tmp_path / "next", "--prompt", "what is it? tell me", "--image", photos[0],
-                  *flags, "-o", tmp_path / "next_onnx", "--padding", "--verify")
+    # Qwen2-VL (its language model's inputs, computed by the model folder's own code before the exported graphs)
+    model, processor = qwen2_vl_folder(tmp_path / "qwen")
+    result = _cli("export-decoder", tmp_path / "qwen", "--prompt", "what is it? tell me now", "--image", photos[0],
+                  "--keep", "0.5", "--layer", "2", "-o", tmp_path / "qwen_onnx", "--padding", "--verify")
     assert result.exit_code == 0 and "8 greedy tokens identical" in result.output, result.output
-    from_onnx = _cli("generate", tmp_path / "next_onnx", *two, "--tokenizer", tmp_path / "next",
+    from_onnx = _cli("generate", tmp_path / "qwen_onnx", *two, "--tokenizer", tmp_path / "qwen",
                      "--max-new-tokens", 6)
     assert from_onnx.exit_code == 0, from_onnx.output
-    runner, processor = OnnxRunner(str(tmp_path / "next_onnx")), _load_processor(str(tmp_path / "next"))
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "next", attn_implementation="sdpa").eval()
+    runner = OnnxRunner(str(tmp_path / "qwen_onnx"))
     ids, mask, extra = _image_prompts(processor, tuple(two[1::4]), tuple(two[3::4]), False, runner.prompt_tokens,
                                       model)
-    assert list(extra) == ["inputs_embeds"] and runner.extra_inputs == ("attention_mask", "inputs_embeds")
+    assert runner.extra_inputs == ("attention_mask", "inputs_embeds", "position_ids")
     out = generate(runner, ids, 6, extra=extra, attention_mask=mask)[:, ids.shape[1]:]
     assert from_onnx.stdout == "".join(processor.tokenizer.decode(row, skip_special_tokens=True) + "\n"
                                        for row in out)

@@ -13,6 +13,8 @@ CLI_METHODS = ("fastv", "pyramiddrop", "dart", "divprune", "zipcache", "random")
 IMAGE_METHODS = ("vtc-cls", "visionzip")
 PIXELS = "pixel_values"
 EMBEDS = "inputs_embeds"  # a VLM's prompt embeddings with its images merged in (tokencompile.decoder.vlm)
+# the token axis of a VLM's language-model inputs ([B, N, C] embeddings, [B, axes, N] rotary positions)
+TOKEN_AXIS = {EMBEDS: -2, "position_ids": -1}
 
 
 def _number_list(text: str, option: str, convert=int) -> tuple:
@@ -107,7 +109,8 @@ def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...],
     placeholders go first unless the prompt holds them (with ``chat``: the user turn of the chat
     template, image first). Prompts of different lengths (or shorter than ``length``) are padded on the
     left. The extra inputs are the pixel_values, or, when the processor gives more (LLaVA-NeXT's
-    image_sizes), each prompt's embeddings with its image merged in by ``model`` (``merged_embeddings``)."""
+    image_sizes), each prompt's language-model inputs, its image merged in by ``model`` (embeddings, and
+    the positions of multimodal RoPE; ``tokencompile.decoder.vlm.language_model_inputs``)."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -145,21 +148,27 @@ def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...],
         raise TokenCompileError(f"the processor gives {', '.join(others)} besides pixel_values, which the "
                                 "exported graphs do not take", "give the processor of the model it was exported "
                                 "from (--tokenizer)")
-    return ids, mask, {EMBEDS: _embedded_prompts(model, encoded, ids.shape[1])}
+    return ids, mask, _embedded_prompts(model, encoded, ids.shape[1])
 
 
-def _embedded_prompts(model, encoded: list, length: int):
-    """Each prompt's merged embeddings (its image in its placeholders, computed alone), padded on the left."""
+def _embedded_prompts(model, encoded: list, length: int) -> dict:
+    """Each prompt's language-model inputs (its image merged in, computed alone; ``language_model_inputs``),
+    padded on the left to ``length`` (the token axis: -2 of the embeddings, -1 of the positions)."""
+    from .vlm import language_model_inputs
 
-    from .vlm import merged_embeddings
-
-    rows = [merged_embeddings(model, e.input_ids, **{k: v for k, v in e.items() if k not in ("input_ids",
-                                                                                             "attention_mask")})[0]
+    rows = [language_model_inputs(model, e.input_ids, **{k: v for k, v in e.items() if k not in ("input_ids",
+                                                                                                 "attention_mask")})
             for e in encoded]
-    embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
-    for index, row in enumerate(rows):
-        embeds[index, length - len(row):] = row
-    return embeds
+    batch = {}
+    for name in rows[0]:
+        axis = TOKEN_AXIS[name]
+        shape = [len(rows), *rows[0][name].shape[1:]]
+        shape[axis] = length
+        batch[name] = rows[0][name].new_zeros(shape)
+        for index, row in enumerate(rows):
+            tokens = row[name].shape[axis]
+            batch[name][index].narrow(axis, length - tokens, tokens).copy_(row[name][0])
+    return batch
 
 
 REDUCTION_DEFAULTS = {"method": "fastv", "method_options": (), "budget": None, "keep": None, "layer": None, "sinks": 0,
@@ -583,12 +592,14 @@ def export_decoder_command(command_class, debug_option):
 
             runner = OnnxRunner(folder)
             second, mask = ids.flip(1), None
-            if extra is not None:  # the second image mirrored (merged embeddings: in the order of its ids)
-                extra = {name: torch.cat([t, t.flip(-1 if name == PIXELS else 1)]) for name, t in extra.items()}
+            if extra is not None:  # the second image mirrored (language-model inputs: in the order of its ids)
+                extra = {name: torch.cat([t, t.flip(TOKEN_AXIS.get(name, -1))]) for name, t in extra.items()}
             if padding:  # the second prompt a quarter shorter, padded on the left
                 second, mask, columns = _left_padded(second, ids.shape[1] // 4, program.report.get("span_token_id"))
-                if EMBEDS in (extra or {}):
-                    extra[EMBEDS][1] = extra[EMBEDS][1, columns.clamp(min=0)] * (columns >= 0)[:, None]
+                for name, axis in TOKEN_AXIS.items():
+                    if name in (extra or {}):
+                        moved = extra[name][1].index_select(axis, columns.clamp(min=0))
+                        extra[name][1] = moved * (columns >= 0).view(-1, *[1] * (-axis - 1))
                 extra = {**(extra or {}), "attention_mask": mask}
             batch = torch.cat([ids, second])
             expected_logits, expected_caches = prefill(program, batch, extra)

@@ -22,6 +22,7 @@ from .prefill import (
     cache_argument,
     cache_tensors,
     decode_position,
+    multimodal_positions,
     prefill_module,
     sliding_window,
 )
@@ -185,7 +186,11 @@ class TorchRunner:
 
 
 def start_position(position: int, extra: dict | None) -> int | torch.Tensor:
-    """``position``, or for left-padded prompts (kept positions) each prompt's own length [B, 1]."""
+    """``position``, or for left-padded prompts (kept positions) each prompt's own length [B, 1]; with
+    multimodal RoPE positions each prompt's largest position + 1 (as Hugging Face's rope deltas)."""
+    rotary = multimodal_positions(extra)
+    if rotary is not None:  # the three rotary axes are the last three (a fourth, first, holds text positions)
+        return rotary[:, -3:].amax((1, 2))[:, None].long() + 1
     mask = (extra or {}).get(MASK)
     return position if mask is None else mask.long().sum(1, keepdim=True)
 

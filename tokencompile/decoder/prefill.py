@@ -42,8 +42,9 @@ class CausalLMPrefill(torch.nn.Module):
     """(input_ids [B, N], *extra) -> (logits of the last token [B, V], key_0, value_0, key_1, value_1, ...),
     each cache [B, H_kv, N, D] with RoPE applied (as the model caches them). ``extra_inputs``: the
     keywords of further inputs, e.g. ("pixel_values",) for a VLM, or ("inputs_embeds",): a VLM's embeddings
-    with its image features merged in (``tokencompile.decoder.vlm.merged_embeddings``), which the model
-    reads instead of input_ids (they still place a span of token ids). With an ``attention_mask`` input
+    with its image features merged in (``tokencompile.decoder.vlm.language_model_inputs``), which the model
+    reads instead of input_ids (they still place a span of token ids), with ("position_ids",) [B, axes, N]
+    for multimodal RoPE. With an ``attention_mask`` input
     [B, N] (1: token, 0: padding on the left) positions follow it, and every layer's key mask follows
     the caches: (..., mask_0, mask_1, ...). A model whose own forward does not export (e.g. it fixes
     the batch) gets a subclass that overrides ``model_inputs`` and takes ``(model, extra_inputs)``, as
@@ -62,7 +63,10 @@ class CausalLMPrefill(torch.nn.Module):
     def forward(self, input_ids, *extra):
         named = dict(zip(self.extra_inputs, extra))
         mask = named.get(MASK)
-        if mask is not None:
+        positions = multimodal_positions(named)
+        if positions is not None:  # [B, axes, N] (batch first, so that its export axis 0 is the batch)
+            named["position_ids"] = positions.transpose(0, 1)
+        elif mask is not None:
             named["position_ids"] = padded_positions(mask)
         inputs = {"input_ids": input_ids, **self.model_inputs(named)}
         if "inputs_embeds" in inputs:  # a VLM's merged embeddings: input_ids only place the span
@@ -71,6 +75,12 @@ class CausalLMPrefill(torch.nn.Module):
         caches = cache_tensors(returned_cache(out))
         masks = [mask] * (len(caches) // 2) if mask is not None else []
         return (out.logits[:, -1], *caches, *masks)
+
+
+def multimodal_positions(extra: dict | None) -> torch.Tensor | None:
+    """The extra input ``position_ids`` [B, axes, N] of multimodal RoPE (Qwen2-VL), if given."""
+    positions = (extra or {}).get("position_ids")
+    return positions if positions is not None and positions.dim() == 3 else None
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:
@@ -191,8 +201,8 @@ def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict 
                                     f"batch ({reason[:160]})", "wrap the model in a CausalLMPrefill subclass whose "
                                     "model_inputs computes what does not export (see "
                                     "tokencompile.decoder.vlm.LlavaPrefill); a vision-language model: give "
-                                    "extra_inputs={'inputs_embeds': tokencompile.decoder.vlm.merged_embeddings(model, "
-                                    "input_ids, **processor_outputs)}") from error
+                                    "extra_inputs=tokencompile.decoder.vlm.language_model_inputs(model, input_ids, "
+                                    "**processor_outputs)") from error
 
 
 @dataclass
@@ -669,6 +679,10 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
         traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
     if padding and positions == "renumber" and len(analysis.rope_tables) != 2:
         raise _unshiftable()
+    if positions == "renumber" and multimodal_positions(extra_inputs) is not None:
+        raise TokenCompileError("positions=renumber gives kept tokens consecutive positions; with multimodal RoPE "
+                                "each token has a position on every rotary axis (an image's rows and columns)",
+                                "compile with positions='keep'")
     span.check(analysis.tokens)
     check_token_count(analysis)
     if layer is None:  # fastv: the layer rule with a budget (the solver picks K), FastV's K=2 with keep

@@ -7,9 +7,10 @@ which it scatters into the image placeholders as usual. ``prefill_module`` picks
 given ``pixel_values``.
 
 Models whose vision path does not export at all (LLaVA-NeXT picks tiles by each image's size) hand the
-compiler their language model's input instead: ``merged_embeddings`` runs the model's own code up to its
-language model and returns the prompt embeddings with the image features merged in; the program takes
-them as ``inputs_embeds`` (the prefill FLOPs are then the language model's).
+compiler their language model's input instead: ``language_model_inputs`` runs the model's own code up to
+its language model and returns the prompt embeddings with the image features merged in (and, for
+multimodal RoPE, each token's positions on the rotary axes); the program takes them as ``inputs_embeds``
+(and ``position_ids``); the prefill FLOPs are then the language model's.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class LlavaPrefill(CausalLMPrefill):
 
 
 EMBEDS = "inputs_embeds"
+POSITIONS = "position_ids"
 
 
 class _Captured(Exception):
@@ -61,14 +63,16 @@ class _Captured(Exception):
         self.inputs = inputs
 
 
-def merged_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, **vision_inputs) -> torch.Tensor:
-    """The embeddings [B, N, C] a vision-language model hands its language model: the prompt's token
-    embeddings with the image features in the image placeholders, computed by the model's own code (its
-    forward runs, eagerly, up to the language model). For models whose vision path does not export
-    (LLaVA-NeXT's image_sizes, tiles): ``compile_decoder(model, ids, extra_inputs={"inputs_embeds":
-    merged_embeddings(model, ids, **processor_outputs)})`` reduces the language model's prompt, and
-    decoding reads the cache as usual. ``vision_inputs``: the processor's outputs but input_ids (an
-    ``attention_mask`` among them is used only here)."""
+def language_model_inputs(model: torch.nn.Module, input_ids: torch.Tensor, **processor_outputs) -> dict:
+    """What a vision-language model hands its language model, as a program's extra inputs:
+    ``inputs_embeds`` [B, N, C], the prompt's token embeddings with the image features in the image
+    placeholders, and for multimodal RoPE (Qwen2-VL) ``position_ids`` [B, axes, N], each token's position
+    on every rotary axis (batch first; the program hands them on in the model's layout). Computed by the
+    model's own code: its forward runs, eagerly, up to the language model. For models whose vision path
+    does not export (LLaVA-NeXT's image_sizes, tiles; Qwen2-VL's image grids):
+    ``compile_decoder(model, ids, extra_inputs=language_model_inputs(model, ids, **processor_outputs))``
+    reduces the language model's prompt, and decoding reads the cache as usual. ``processor_outputs``: the
+    processor's outputs but input_ids (an ``attention_mask`` among them is used only here)."""
     from ..errors import UnsupportedModelError
 
     language_model = getattr(getattr(model, "model", None), "language_model", None)
@@ -82,7 +86,7 @@ def merged_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, **vision_
     hook = language_model.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(input_ids=input_ids, **vision_inputs)
+            model(input_ids=input_ids, **processor_outputs)
     except _Captured as captured:
         inputs = captured.inputs
     else:
@@ -90,13 +94,11 @@ def merged_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, **vision_
                                     "give a Hugging Face image-text-to-text model")
     finally:
         hook.remove()
+    extra = {EMBEDS: inputs[EMBEDS].detach()}
     positions = inputs.get("position_ids")
     if positions is not None and positions.dim() == 3:
-        raise UnsupportedModelError(f"{type(model).__name__} gives its language model rotary positions on "
-                                    f"{positions.shape[0]} axes (multimodal RoPE): the compiler places tokens by "
-                                    "one position each", "use a model with one position per token (e.g. LLaVA, "
-                                    "LLaVA-NeXT)")
-    return inputs[EMBEDS].detach()
+        extra[POSITIONS] = positions.transpose(0, 1).contiguous()
+    return extra
 
 
-__all__ = ["LlavaPrefill", "is_llava", "merged_embeddings"]
+__all__ = ["LlavaPrefill", "is_llava", "language_model_inputs"]
