@@ -30,6 +30,13 @@ def recipe():
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (real weights, its prefill wrapper; .model is the Hugging Face model): the GGUF
+    is dequantised once per session."""
+    return models.build("smollm2")[0]
+
+
+@pytest.fixture(scope="session")
 def optimized(recipe):
     """optimized(name, budget) -> OptimizeResult; built once per session."""
     import tokencompile

@@ -330,9 +330,9 @@ def test_prompt_length_must_match_program(fastv_half):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_64_tokens_equals_hugging_face():
+def test_smollm2_greedy_64_tokens_equals_hugging_face(smollm2):
     """Real weights: the exported prefill + decode loop reproduces Hugging Face's greedy generation."""
-    model = models.build("smollm2")[0].model
+    model = smollm2.model
     tokenizer = models.decoders.smollm2_tokenizer()
     prompt = tokenizer("The Apache License grants every contributor's users a license to", return_tensors="pt")
     ids = prompt.input_ids

@@ -165,10 +165,10 @@ def test_cli_generate_from_graphs_refuses_a_budget(exported):
 
 
 @pytest.mark.slow
-def test_smollm2_reduced_graphs_generate_like_torch(tmp_path):
+def test_smollm2_reduced_graphs_generate_like_torch(smollm2, tmp_path):
     """Real weights: FastV at prefill FLOPs 0.6 with the recommended text settings (sinks, pooling, the
     prompt-lookup prior) exported; ONNX Runtime's greedy tokens equal torch's."""
-    model = models.build("smollm2")[0]
+    model = smollm2
     tokenizer = models.decoders.smollm2_tokenizer()
     text = ("Licensed under the Apache License, Version 2.0 (the License); you may not use this file except in "
             "compliance with the License. You may obtain a copy of the License at the Apache web site. Unless "

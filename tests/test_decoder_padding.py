@@ -265,10 +265,10 @@ def test_cli_generates_a_padded_batch(llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_padded_batch():
+def test_smollm2_padded_batch(smollm2):
     """Real weights: budget 1.0 on a padded batch generates Hugging Face's 32 tokens with the attention mask,
     and a reduced padded prompt gives its logits alone (relative to the largest logit)."""
-    model = models.build("smollm2")[0].model
+    model = smollm2.model
     tokenizer = models.decoders.smollm2_tokenizer()
     tokenizer.padding_side = "left"
     texts = ["The Apache License grants every contributor's users a perpetual, worldwide, non-exclusive, "
