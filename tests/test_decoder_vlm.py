@@ -741,22 +741,30 @@ def llava_next_folder(folder) -> None:
                        vision_feature_select_strategy="default").save_pretrained(folder)
 
 
+def two_image_prompts(folder, layer: str) -> tuple:
+    """(prompts, photos, full, reduced): two prompts of different lengths with two photos through `generate`
+    on ``folder`` at budget 1.0 and with FastV keeping half the image from ``layer`` on (CLI results)."""
+    from conftest import SHARED
+
+    photos = [os.path.join(SHARED, "data", "images", name) for name in ("n01440764_tench.JPEG",
+                                                                         "n01601694_water_ouzel.JPEG")]
+    prompts = ["what?", "name the thing you see"]
+    args = ["generate", folder, "--prompt", prompts[0], "--image", photos[0], "--prompt", prompts[1], "--image",
+            photos[1], "--max-new-tokens", 5]
+    full, reduced = _cli(*args), _cli(*args, "--keep", "0.5", "--layer", layer)
+    assert full.exit_code == 0 and reduced.exit_code == 0, full.output + reduced.output
+    return prompts, photos, full, reduced
+
+
 def test_cli_generates_from_a_llava_next_folder(tmp_path):
     """LLaVA-NeXT (tiles chosen by each image's size: its vision path does not export) through the CLI: each
     prompt's merged embeddings, padded on the left; budget 1.0 gives Hugging Face's tokens for each prompt
     alone, and FastV the lines of the Python API."""
-    from conftest import SHARED
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     llava_next_folder(tmp_path)
-    photos = [os.path.join(SHARED, "data", "images", name) for name in ("n01440764_tench.JPEG",
-                                                                         "n01601694_water_ouzel.JPEG")]
-    prompts = ["what?", "name the thing you see"]
-    args = ["generate", tmp_path, "--prompt", prompts[0], "--image", photos[0], "--prompt", prompts[1], "--image",
-            photos[1], "--max-new-tokens", 5]
-    full, reduced = _cli(*args), _cli(*args, "--keep", "0.5", "--layer", "1")
-    assert full.exit_code == 0 and reduced.exit_code == 0, full.output + reduced.output
+    prompts, photos, full, reduced = two_image_prompts(tmp_path, "1")
     assert "span kept 18/36" in reduced.output
 
     processor = AutoProcessor.from_pretrained(tmp_path)
@@ -799,18 +807,11 @@ def qwen2_vl_folder(folder) -> tuple:
 def test_cli_generates_from_a_qwen2_vl_folder(tmp_path):
     """Qwen2-VL through the CLI: prompts of different lengths padded on the left with their rotary positions;
     at budget 1.0 each line is what Hugging Face generates for the prompt alone."""
-    from conftest import SHARED
     from PIL import Image
 
     model, processor = qwen2_vl_folder(tmp_path)
     tokenizer = processor.tokenizer
-    photos = [os.path.join(SHARED, "data", "images", name) for name in ("n01440764_tench.JPEG",
-                                                                         "n01601694_water_ouzel.JPEG")]
-    prompts = ["what?", "name the thing you see"]
-    args = ["generate", tmp_path, "--prompt", prompts[0], "--image", photos[0], "--prompt", prompts[1], "--image",
-            photos[1], "--max-new-tokens", 5]
-    full, reduced = _cli(*args), _cli(*args, "--keep", "0.5", "--layer", "2")
-    assert full.exit_code == 0 and reduced.exit_code == 0, full.output + reduced.output
+    prompts, photos, full, reduced = two_image_prompts(tmp_path, "2")
     assert "span kept 6/12" in reduced.output
     expected = []
     for prompt, photo in zip(prompts, photos):
