@@ -473,6 +473,7 @@ def test_multimodal_rope_through_language_model_inputs():
     assert {name: tuple(t.shape) for name, t in extra.items()} == {"inputs_embeds": (2, 24, 64),
                                                                     "position_ids": (2, 3, 24)}
     assert extra["position_ids"][0, :, -1].tolist() == [11, 11, 11]  # the 16 image tokens span 4 positions
+    assert model.model.rope_deltas is None  # the call's own state was undone
     whole = torch.cat([ids, continuation], 1)
     span, tail = Span(token_id=QWEN_IMAGE), slice(-continuation.shape[1] - 1, -1)
     program = compile_decoder(model, ids, budget=1.0, span=span, extra_inputs=extra)
@@ -497,6 +498,30 @@ def test_multimodal_rope_through_language_model_inputs():
     with pytest.raises(TokenCompileError, match="^positions=renumber gives kept tokens consecutive positions; "
                        "with multimodal RoPE"):
         compile_decoder(model, ids, keep=0.5, layer=layer, span=span, extra_inputs=extra, positions="renumber")
+
+
+def test_language_model_inputs_refuse_what_a_causal_prefill_cannot_reproduce():
+    """Gemma 3 lets an image's tokens see each other both ways (its own mask for the language model): refused,
+    not compiled as a causal prefill; a model that rejects the processor outputs is a one-line error."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from tokencompile.errors import UnsupportedModelError
+
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                        image_token_index=299, boi_token_index=298,
+                                                        eoi_token_index=297)).eval()
+    ids = torch.tensor([[2, 298, 299, 299, 299, 299, 297, 5, 6]])
+    with pytest.raises(UnsupportedModelError, match="^Gemma3ForConditionalGeneration hands its language model more "
+                       "than embeddings and positions \\(an attention mask of its own"):
+        language_model_inputs(model, ids, pixel_values=torch.randn(1, 3, 32, 32), token_type_ids=(ids == 299).long())
+    with pytest.raises(TokenCompileError, match="^Qwen2VLForConditionalGeneration did not take the prompt and its "
+                       "processor outputs \\(pixel_values, image_grid_thw\\)"):
+        language_model_inputs(tiny_qwen2_vl(), ids, pixel_values=torch.randn(16, 96),
+                              image_grid_thw=torch.tensor([[1, 4, 4]]))
 
 
 @pytest.fixture(scope="module")
@@ -826,6 +851,9 @@ def test_cli_generates_from_a_qwen2_vl_folder(tmp_path):
     assert mask[0].tolist().count(0) == 17 and list(extra) == ["inputs_embeds", "position_ids"]
     program = compile_decoder(model, ids, budget=1.0, padding=True, span=Span(token_id=256), extra_inputs=extra)
     logits, _ = prefill(program, ids, {**extra, "attention_mask": mask})
+    fastv = compile_decoder(model, ids, keep=0.5, layer=2, padding=True, span=Span(token_id=256), extra_inputs=extra)
+    out = generate(fastv, ids, 5, attention_mask=mask, extra=extra)[:, ids.shape[1]:]
+    assert reduced.stdout == "".join(tokenizer.decode(row, skip_special_tokens=True) + "\n" for row in out)
     for row, (prompt, photo) in enumerate(zip(prompts, photos)):
         encoded = processor(images=Image.open(photo).convert("RGB"), text=f"<|image_pad|>\n{prompt}",
                             return_tensors="pt")

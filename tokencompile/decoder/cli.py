@@ -104,13 +104,13 @@ def _load_processor(folder: str):
 
 
 def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...], chat: bool, length: int | None = None,
-                   model=None):
+                   model=None, merged: bool = False):
     """(input_ids [B, N], attention mask or None, extra inputs) of prompts, each with its image: the image
     placeholders go first unless the prompt holds them (with ``chat``: the user turn of the chat
     template, image first). Prompts of different lengths (or shorter than ``length``) are padded on the
     left. The extra inputs are the pixel_values, or, when the processor gives more (LLaVA-NeXT's
-    image_sizes), each prompt's language-model inputs, its image merged in by ``model`` (embeddings, and
-    the positions of multimodal RoPE; ``tokencompile.decoder.vlm.language_model_inputs``)."""
+    image_sizes) or with ``merged``, each prompt's language-model inputs, its image merged in by ``model``
+    (embeddings, and the positions of multimodal RoPE; ``tokencompile.decoder.vlm.language_model_inputs``)."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -142,7 +142,7 @@ def _image_prompts(processor, prompts: tuple[str, ...], images: tuple[str, ...],
     else:
         ids, mask = _pad_left(rows, processor.tokenizer, length)
     others = sorted(set(encoded[0]) - {"input_ids", "attention_mask", PIXELS})
-    if not others:
+    if not others and not merged:
         return ids, mask, {PIXELS: torch.cat([e[PIXELS] for e in encoded])}
     if model is None:
         raise TokenCompileError(f"the processor gives {', '.join(others)} besides pixel_values, which the "
@@ -398,7 +398,8 @@ def generate_command(command_class, debug_option):
                   "--tokenizer); repeat it for a batch, padded on the left.")
     @click.option("--prompt-ids", help="Prompt as comma-separated token ids (instead of --prompt).")
     @click.option("--tokenizer", "tokenizer_dir", help="Tokenizer folder (for an exported decoder folder; an "
-                  "exported VLM: the model folder with its processor).")
+                  "exported VLM: the model folder with its processor, and its weights when the export takes "
+                  "inputs_embeds).")
     @click.option("--image", "images", multiple=True, help="The image of a --prompt (a vision-language model: one per "
                   "prompt; its placeholders go first unless the prompt holds them).")
     @_compile_options
@@ -466,14 +467,15 @@ def generate_command(command_class, debug_option):
                     raise TokenCompileError(f"{model_dir} was exported from a text model", "drop --image")
                 if not images or not tokenizer_dir or not prompts:
                     raise TokenCompileError(f"{model_dir} is an exported vision-language model",
-                                            "give --prompt, --image and --tokenizer MODEL_DIR (the folder with "
-                                            "its processor)")
+                                            "give --prompt, --image and --tokenizer MODEL_DIR (the model folder "
+                                            "with its processor)")
                 processor = _load_processor(tokenizer_dir)
                 # merged embeddings: the model's own vision code runs (in torch) before the exported graphs
                 vision = load_decoder_model(tokenizer_dir, None, None, True)[0] if EMBEDS in source.extra_inputs \
                     else None
                 ids, mask, extra = _image_prompts(processor, prompts, images, chat,
-                                                  source.prompt_tokens if source.masked else None, vision)
+                                                  source.prompt_tokens if source.masked else None, vision,
+                                                  merged=vision is not None)
                 if mask is not None and not source.masked:
                     raise TokenCompileError(f"{model_dir} was exported for single prompts of {source.prompt_tokens} "
                                             "tokens", "export it with --padding to give prompts of other lengths")

@@ -674,15 +674,15 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     else:
         raise TokenCompileError(f"method {method!r} is not a decoder method",
                                 f"give one of: {', '.join([*METHODS, *SPAN_SCORES, *VISION_METHODS])}")
+    if positions == "renumber" and multimodal_positions(extra_inputs) is not None:
+        raise TokenCompileError("positions=renumber gives kept tokens consecutive positions; with multimodal RoPE "
+                                "each token has a position on every rotary axis (an image's rows and columns)",
+                                "compile with positions='keep'")
     traced = trace_prefill(model, input_ids, extra_inputs)
     lm, ep, extra_inputs, extra, inputs, original, analysis = (
         traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
     if padding and positions == "renumber" and len(analysis.rope_tables) != 2:
         raise _unshiftable()
-    if positions == "renumber" and multimodal_positions(extra_inputs) is not None:
-        raise TokenCompileError("positions=renumber gives kept tokens consecutive positions; with multimodal RoPE "
-                                "each token has a position on every rotary axis (an image's rows and columns)",
-                                "compile with positions='keep'")
     span.check(analysis.tokens)
     check_token_count(analysis)
     if layer is None:  # fastv: the layer rule with a budget (the solver picks K), FastV's K=2 with keep
@@ -695,7 +695,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     removable_per_sample = (span.removable(input_ids) & (torch.arange(analysis.tokens) >= sinks)).sum(1)
     if len(set(removable_per_sample.tolist())) != 1:
         raise TokenCompileError("the samples hold different numbers of span tokens",
-                                "every prompt of a batch needs the same number of image tokens")
+                                "every prompt of a batch needs the same number of image tokens (images of one "
+                                "size, for models whose token count follows the image size)")
     removable = int(removable_per_sample[0])
     cost = build_cost_model(original, analysis.base, inputs)
     original_flops = count_flops(original, inputs)

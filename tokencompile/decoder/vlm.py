@@ -55,6 +55,10 @@ class LlavaPrefill(CausalLMPrefill):
 
 EMBEDS = "inputs_embeds"
 POSITIONS = "position_ids"
+# what a language model may be handed besides its embeddings and positions: a padding mask [B, N] (used only
+# while computing them), the cache and output switches
+HANDED_ON = {EMBEDS, POSITIONS, "attention_mask", "input_ids", "cache", "past_key_values", "use_cache",
+             "cache_position", "return_dict", "output_attentions", "output_hidden_states"}
 
 
 class _Captured(Exception):
@@ -73,27 +77,47 @@ def language_model_inputs(model: torch.nn.Module, input_ids: torch.Tensor, **pro
     ``compile_decoder(model, ids, extra_inputs=language_model_inputs(model, ids, **processor_outputs))``
     reduces the language model's prompt, and decoding reads the cache as usual. ``processor_outputs``: the
     processor's outputs but input_ids (an ``attention_mask`` among them is used only here)."""
-    from ..errors import UnsupportedModelError
+    from ..errors import TokenCompileError, UnsupportedModelError
 
     language_model = getattr(getattr(model, "model", None), "language_model", None)
     if language_model is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no model.language_model to hand embeddings to",
                                     "give a Hugging Face image-text-to-text model")
+    name = type(model).__name__
+    processor_outputs = {k: v for k, v in processor_outputs.items() if k != "input_ids"}
 
     def capture(module, args, kwargs):
-        raise _Captured(kwargs)
+        raise _Captured({**dict(zip(("input_ids",), args)), **kwargs})
 
     hook = language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    state = dict(vars(model.model))  # the call's own attributes (Qwen2-VL keeps its rope deltas) are undone
     try:
         with torch.no_grad():
             model(input_ids=input_ids, **processor_outputs)
     except _Captured as captured:
         inputs = captured.inputs
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TokenCompileError(f"{name} did not take the prompt and its processor outputs "
+                                f"({', '.join(processor_outputs) or 'none'}): {str(error).splitlines()[0]}",
+                                "give the processor's outputs for these input_ids") from None
     else:
-        raise UnsupportedModelError(f"{type(model).__name__} did not call its language model",
+        raise UnsupportedModelError(f"{name} did not call its language model",
                                     "give a Hugging Face image-text-to-text model")
     finally:
         hook.remove()
+        for key in set(vars(model.model)) - set(state):
+            delattr(model.model, key)
+        vars(model.model).update(state)
+    mask = inputs.get("attention_mask")
+    others = sorted(key for key, value in inputs.items() if value is not None and key not in HANDED_ON)
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        others.append("an attention mask of its own")
+    if others or not isinstance(inputs.get(EMBEDS), torch.Tensor):
+        raise UnsupportedModelError(f"{name} hands its language model more than embeddings and positions "
+                                    f"({', '.join(others) or 'no inputs_embeds'}: e.g. image tokens that see each "
+                                    "other both ways, or cross-attention states); the program would run a plain "
+                                    "causal prefill", "use a model whose language model takes the embeddings "
+                                    "causally (e.g. LLaVA-NeXT, Qwen2-VL)")
     extra = {EMBEDS: inputs[EMBEDS].detach()}
     positions = inputs.get("position_ids")
     if positions is not None and positions.dim() == 3:
