@@ -12,9 +12,10 @@ CLI_METHODS = ("fastv", "pyramiddrop", "dart", "divprune", "zipcache", "random")
 # the methods that reduce a VLM's image tokens before its language model (tokencompile.decoder.vision)
 IMAGE_METHODS = ("vtc-cls", "visionzip")
 PIXELS = "pixel_values"
-EMBEDS = "inputs_embeds"  # a VLM's prompt embeddings with its images merged in (tokencompile.decoder.vlm)
-# the token axis of a VLM's language-model inputs ([B, N, C] embeddings, [B, axes, N] rotary positions)
-TOKEN_AXIS = {EMBEDS: -2, "position_ids": -1}
+# a VLM's language-model inputs (tokencompile.decoder.vlm.EMBEDS / POSITIONS, named here to keep torch out
+# of the CLI's start-up): embeddings with its images merged in [B, N, C], multimodal rotary positions [B, axes, N]
+EMBEDS, POSITIONS = "inputs_embeds", "position_ids"
+TOKEN_AXIS = {EMBEDS: -2, POSITIONS: -1}  # their token axes
 
 
 def _number_list(text: str, option: str, convert=int) -> tuple:
@@ -156,9 +157,7 @@ def _embedded_prompts(model, encoded: list, length: int) -> dict:
     padded on the left to ``length`` (the token axis: -2 of the embeddings, -1 of the positions)."""
     from .vlm import language_model_inputs
 
-    rows = [language_model_inputs(model, e.input_ids, **{k: v for k, v in e.items() if k not in ("input_ids",
-                                                                                                 "attention_mask")})
-            for e in encoded]
+    rows = [language_model_inputs(model, e.input_ids, **e) for e in encoded]
     batch = {}
     for name in rows[0]:
         axis = TOKEN_AXIS[name]
