@@ -157,7 +157,8 @@ def _embedded_prompts(model, encoded: list, length: int) -> dict:
     padded on the left to ``length`` (the token axis: -2 of the embeddings, -1 of the positions)."""
     from .vlm import language_model_inputs
 
-    rows = [language_model_inputs(model, e.input_ids, **e) for e in encoded]
+    rows = [language_model_inputs(model, e.input_ids, **{k: v for k, v in e.items() if k != "input_ids"})
+            for e in encoded]
     batch = {}
     for name in rows[0]:
         axis = TOKEN_AXIS[name]

@@ -84,7 +84,6 @@ def language_model_inputs(model: torch.nn.Module, input_ids: torch.Tensor, **pro
         raise UnsupportedModelError(f"{type(model).__name__} has no model.language_model to hand embeddings to",
                                     "give a Hugging Face image-text-to-text model")
     name = type(model).__name__
-    processor_outputs = {k: v for k, v in processor_outputs.items() if k != "input_ids"}
 
     def capture(module, args, kwargs):
         raise _Captured({**dict(zip(("input_ids",), args)), **kwargs})
