@@ -27,7 +27,7 @@ from tokencompile.decoder import (
 from tokencompile.decoder.generate import pair_caches
 from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 from tokencompile.decoder.prefill import cache_tensors, returned_cache
-from tokencompile.decoder.vlm import language_model_inputs
+from tokencompile.decoder.vlm import language_model_inputs, language_model_of
 from tokencompile.errors import TokenCompileError
 
 IMAGE = Span(token_id=LLAVA_IMAGE_TOKEN)
@@ -428,9 +428,12 @@ def rows_from_layer(model, layer: int, rows: torch.Tensor, inputs: dict) -> torc
     [B, n] (pre-hooks gather the hidden states, the rotary tables and the positions)."""
     def gather(name, value):
         if name == "hidden_states" or name == "position_embeddings":
-            return tuple(gather(name, v) for v in value) if isinstance(value, tuple) else \
-                value.gather(-2, rows[..., None].expand(*value.shape[:-2], -1, value.shape[-1]))
+            if isinstance(value, tuple):
+                return tuple(gather(name, v) for v in value)
+            value = value.expand(*value.shape[:-3], len(rows), *value.shape[-2:])  # Llama's rotary tables: batch 1
+            return value.gather(-2, rows[..., None].expand(*value.shape[:-2], -1, value.shape[-1]))
         if name == "position_ids" and value is not None:
+            value = value.expand(*value.shape[:-2], len(rows), value.shape[-1])
             return value.gather(-1, rows.expand(*value.shape[:-2], -1, -1))
         assert name != "attention_mask" or value is None  # causal SDPA without a mask
         return value
@@ -444,7 +447,7 @@ def rows_from_layer(model, layer: int, rows: torch.Tensor, inputs: dict) -> torc
 
     handles = [block.register_forward_pre_hook(lambda m, a, k, first=index == layer: hook(m, a, k, first),
                                                 with_kwargs=True)
-               for index, block in enumerate(model.model.language_model.layers) if index >= layer]
+               for index, block in enumerate(language_model_of(model).layers) if index >= layer]
     try:
         with torch.no_grad():
             return model(**inputs, use_cache=False).logits
@@ -500,9 +503,73 @@ def test_multimodal_rope_through_language_model_inputs():
         compile_decoder(model, ids, keep=0.5, layer=layer, span=span, extra_inputs=extra, positions="renumber")
 
 
-def test_language_model_inputs_refuse_what_a_causal_prefill_cannot_reproduce():
+IDEFICS_IMAGE = 257
+
+
+def tiny_idefics3(family: str = "idefics3", attention: str = "sdpa"):
+    """Idefics3 / SmolVLM, random weights: a SigLIP-style tower, pixel shuffle and projector (4 tokens per
+    32x32 image), and a Llama that is the model's ``text_model``; image placeholder id 257."""
+    import transformers
+
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[family]
+    text = dict(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                num_key_value_heads=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, scale_factor=2,
+                                                      image_token_id=IDEFICS_IMAGE)
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = attention
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+    with torch.no_grad():  # attention far from uniform: scores not tied within float noise
+        for block in model.model.text_model.layers:
+            block.self_attn.q_proj.weight.mul_(4)
+            block.self_attn.k_proj.weight.mul_(4)
+    return model
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_text_model_vlms_through_language_model_inputs(family):
+    """Idefics3 / SmolVLM keep their language model as ``text_model`` (found by Hugging Face's get_decoder):
+    budget 1.0 equals the model (teacher-forced logits, greedy tokens); FastV on the two images' span equals
+    the model's own forward whose layers >= K see the rows its eager attention keeps."""
+    from test_decoder import reference_kept
+
+    model, layer, kept = tiny_idefics3(family), 2, 3
+    assert language_model_of(model) is model.model.text_model
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[1, 2] + [IDEFICS_IMAGE] * 4 + [3] + [IDEFICS_IMAGE] * 4 + [5, 6, 7]] * 2)
+    pixels = torch.randn(2, 2, 3, 32, 32, generator=generator)  # two images per prompt
+    continuation = torch.randint(0, 250, (2, 4), generator=generator)
+    whole, span, tail = torch.cat([ids, continuation], 1), Span(token_id=IDEFICS_IMAGE), slice(-5, -1)
+    extra = language_model_inputs(model, ids, pixel_values=pixels)
+    assert list(extra) == ["inputs_embeds"] and extra["inputs_embeds"].shape == (2, 14, 32)
+
+    program = compile_decoder(model, ids, budget=1.0, span=span, extra_inputs=extra)
+    with torch.no_grad():
+        expected = model(input_ids=whole, pixel_values=pixels).logits[:, tail]
+    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation, extra), expected, atol=1e-5,
+                               rtol=1e-4)
+    assert torch.equal(generate(program, ids, 6, extra=extra),
+                       model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False))
+
+    eager = tiny_idefics3(family, "eager")
+    with torch.no_grad():
+        scores = eager(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions[layer - 1]
+    rows = reference_kept(scores[:, :, -1].mean(1), span.removable(ids), kept)
+    rows = torch.cat([rows, torch.arange(ids.shape[1], whole.shape[1]).expand(2, -1)], 1)
+    program = compile_decoder(model, ids, keep=kept / 8, layer=layer, span=span, extra_inputs=extra)
+    assert program.report["tokens_per_layer"] == [14, 14, 9]
+    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation, extra),
+                               rows_from_layer(model, layer, rows, dict(input_ids=whole, pixel_values=pixels))[:, tail],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_language_model_inputs_refuse_what_a_causal_prefill_cannot_reproduce(llama):
     """Gemma 3 lets an image's tokens see each other both ways (its own mask for the language model): refused,
-    not compiled as a causal prefill; a model that rejects the processor outputs is a one-line error."""
+    not compiled as a causal prefill; a model that rejects the processor outputs is a one-line error; a
+    text-only model has no language model inside to hand embeddings to."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     from tokencompile.errors import UnsupportedModelError
@@ -522,6 +589,9 @@ def test_language_model_inputs_refuse_what_a_causal_prefill_cannot_reproduce():
                        "processor outputs \\(pixel_values, image_grid_thw\\)"):
         language_model_inputs(tiny_qwen2_vl(), ids, pixel_values=torch.randn(16, 96),
                               image_grid_thw=torch.tensor([[1, 4, 4]]))
+    with pytest.raises(UnsupportedModelError, match="^LlamaForCausalLM has no language model of its own to hand "
+                       "embeddings to \\(give a Hugging Face image-text-to-text model\\)$"):
+        language_model_inputs(llama, ids)
 
 
 @pytest.fixture(scope="module")
@@ -781,16 +851,34 @@ def two_image_prompts(folder, layer: str) -> tuple:
     return prompts, photos, full, reduced
 
 
-def test_cli_generates_from_a_llava_next_folder(tmp_path):
-    """LLaVA-NeXT (tiles chosen by each image's size: its vision path does not export) through the CLI: each
-    prompt's merged embeddings, padded on the left; budget 1.0 gives Hugging Face's tokens for each prompt
-    alone, and FastV the lines of the Python API."""
+def idefics3_folder(folder) -> None:
+    """The tiny Idefics3 with its processor (byte tokenizer with Idefics3's image tokens, 256..259; each image
+    resized to 32x32 pixels, not split into tiles: 4 image tokens), which gives pixel_attention_mask besides
+    pixel_values."""
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+    tokenizer = models.decoders.byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
+                                                                "<end_of_utterance>", "<global-img>"]})
+    tiny_idefics3().save_pretrained(folder)
+    images = Idefics3ImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                                    do_image_splitting=False)
+    Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("make_folder, image, layer, kept", [(llava_next_folder, 256, 1, "18/36"),
+                                                              (idefics3_folder, IDEFICS_IMAGE, 2, "2/4")])
+def test_cli_generates_from_folders_whose_processor_gives_more(tmp_path, make_folder, image, layer, kept):
+    """LLaVA-NeXT (tiles chosen by each image's size: its vision path does not export) and Idefics3 (its
+    pixel_attention_mask; the language model is its text_model) through the CLI: each prompt's merged
+    embeddings, padded on the left; budget 1.0 gives Hugging Face's tokens for each prompt alone, and FastV
+    the lines of the Python API."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    llava_next_folder(tmp_path)
-    prompts, photos, full, reduced = two_image_prompts(tmp_path, "1")
-    assert "span kept 18/36" in reduced.output
+    make_folder(tmp_path)
+    prompts, photos, full, reduced = two_image_prompts(tmp_path, str(layer))
+    assert f"span kept {kept}" in reduced.output
 
     processor = AutoProcessor.from_pretrained(tmp_path)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
@@ -804,9 +892,9 @@ def test_cli_generates_from_a_llava_next_folder(tmp_path):
     for row, e in enumerate(encoded):
         n = e.input_ids.shape[1]
         ids[row, -n:], mask[row, -n:] = e.input_ids[0], 1
-        embeds[row, -n:] = language_model_inputs(model, e.input_ids, pixel_values=e.pixel_values,
-                                                 image_sizes=e.image_sizes)["inputs_embeds"][0]
-    program = compile_decoder(model, ids, keep=0.5, layer=1, span=Span(token_id=256), padding=True,
+        outputs = {name: value for name, value in e.items() if name != "input_ids"}
+        embeds[row, -n:] = language_model_inputs(model, e.input_ids, **outputs)["inputs_embeds"][0]
+    program = compile_decoder(model, ids, keep=0.5, layer=layer, span=Span(token_id=image), padding=True,
                               extra_inputs={"inputs_embeds": embeds})
     out = generate(program, ids, 5, attention_mask=mask, extra={"inputs_embeds": embeds})[:, length:]
     assert reduced.stdout == "".join(processor.tokenizer.decode(row, skip_special_tokens=True) + "\n" for row in out)

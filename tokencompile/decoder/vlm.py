@@ -61,6 +61,20 @@ HANDED_ON = {EMBEDS, POSITIONS, "attention_mask", "input_ids", "cache", "past_ke
              "cache_position", "return_dict", "output_attentions", "output_hidden_states"}
 
 
+def language_model_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The language model inside a Hugging Face vision-language model (``model.model.language_model``, or
+    ``text_model`` for Idefics3 / SmolVLM: Hugging Face's ``get_decoder``); None for a text-only model, whose
+    decoder is its ``model`` itself."""
+    inner = getattr(model, "model", None)
+    find = getattr(model, "get_decoder", None)
+    try:
+        decoder = find() if callable(find) else None
+    except (AttributeError, ValueError):
+        decoder = None
+    return decoder if isinstance(decoder, torch.nn.Module) and inner is not None and decoder is not inner and any(
+        part is decoder for part in inner.children()) else None
+
+
 class _Captured(Exception):
     def __init__(self, inputs: dict):
         super().__init__()
@@ -79,9 +93,9 @@ def language_model_inputs(model: torch.nn.Module, input_ids: torch.Tensor, **pro
     processor's outputs but input_ids (an ``attention_mask`` among them is used only here)."""
     from ..errors import TokenCompileError, UnsupportedModelError
 
-    language_model = getattr(getattr(model, "model", None), "language_model", None)
+    language_model = language_model_of(model)
     if language_model is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no model.language_model to hand embeddings to",
+        raise UnsupportedModelError(f"{type(model).__name__} has no language model of its own to hand embeddings to",
                                     "give a Hugging Face image-text-to-text model")
     name = type(model).__name__
 
