@@ -72,7 +72,7 @@ def language_model_of(model: torch.nn.Module) -> torch.nn.Module | None:
     except (AttributeError, ValueError):
         decoder = None
     return decoder if isinstance(decoder, torch.nn.Module) and inner is not None and decoder is not inner and any(
-        part is decoder for part in inner.children()) else None
+        part is decoder for part in inner.modules()) else None
 
 
 class _Captured(Exception):
