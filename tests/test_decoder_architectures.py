@@ -127,6 +127,25 @@ def test_eager_attention_is_refused_with_the_fix(prompts):
                                 "use SDPA, such as Gemma 2 with logit soft-capping, is not supported))")
 
 
+def test_decoders_that_are_not_causal_attention_caches_are_refused(prompts):
+    """A prompt attended both ways (Gemma with use_bidirectional_attention, as PaliGemma's prefix and
+    EmbeddingGemma use it) and a hybrid whose cache holds convolution states (LFM2) are refused in one line:
+    the first would otherwise be compiled as a causal prefill, silently different from the model."""
+    with pytest.raises(UnsupportedModelError) as error:
+        compile_decoder(build("gemma", use_bidirectional_attention=True), prompts[0], budget=1.0)
+    assert str(error.value) == ("GemmaForCausalLM's language model lets the prompt's tokens attend both ways "
+                                "(is_causal=False, e.g. PaliGemma's prefix over the image and the prompt); prompt "
+                                "reduction and decoding on the reduced cache need causal attention (use a causal "
+                                "decoder)")
+    hybrid = transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
+        **{**COMMON, "num_hidden_layers": 2}, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False,
+        attn_implementation="sdpa")).eval()
+    with pytest.raises(UnsupportedModelError) as error:
+        compile_decoder(hybrid, prompts[0], budget=1.0)
+    assert str(error.value).startswith("the model's cache holds LinearAttentionLayer layers besides key / value "
+                                       "attention (a hybrid of attention and convolution or state-space layers)")
+
+
 @pytest.mark.slow  # about 15 s: the default run keeps its 15-minute margin
 def test_sliding_window_bounds_the_prompt_and_decoding(prompts):
     ids = prompts[0]

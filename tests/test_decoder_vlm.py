@@ -128,10 +128,14 @@ def test_a_prefill_that_fixes_the_batch_is_a_clear_error(llava, inputs):
     from tokencompile.errors import UnsupportedModelError
 
     ids, pixels = inputs[0][:2], inputs[1][:2]
-    with pytest.raises(UnsupportedModelError, match="^torch.export cannot trace the prefill of "
-                       "LlavaForConditionalGeneration with inputs input_ids, pixel_values and a symbolic batch .*"
-                       "specialized it to be a constant.*CausalLMPrefill subclass"):
+    with pytest.raises(UnsupportedModelError) as error:
         export_prefill(CausalLMPrefill(llava, ("pixel_values",)), ids, {"pixel_values": pixels})
+    assert str(error.value) == (
+        "torch.export cannot trace the prefill of LlavaForConditionalGeneration with inputs input_ids, pixel_values "
+        "and a symbolic batch (You marked batch as dynamic but your code specialized it to be a constant (2)) (wrap "
+        "the model in a CausalLMPrefill subclass whose model_inputs computes what does not export (see "
+        "tokencompile.decoder.vlm.LlavaPrefill); a vision-language model: give extra_inputs="
+        "tokencompile.decoder.vlm.language_model_inputs(model, input_ids, **processor_outputs))")
 
 
 def check_onnx_parity(program, inputs, folder, cache_lengths: list[int]) -> None:
@@ -566,10 +570,88 @@ def test_text_model_vlms_through_language_model_inputs(family):
                                atol=1e-5, rtol=1e-4)
 
 
+def tiny_llava_onevision():
+    """LLaVA-OneVision, random weights: SigLIP tower, any-resolution tiles with newline tokens, Qwen2 (which its
+    forward hands ``logits_to_keep``); a 32x64 image: a base view and two tiles, 52 image tokens."""
+    import transformers as hf
+
+    text = hf.Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          num_attention_heads=2, num_key_value_heads=1)
+    vision = hf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=8)
+    config = hf.LlavaOnevisionConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=299,
+                                     image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], vision_feature_layer=-1,
+                                     vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    model = hf.LlavaOnevisionForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.tensor([[1, 2] + [299] * 52 + [5, 6, 7, 8]] * 2)
+    return model, ids, dict(pixel_values=torch.randn(2, 3, 3, 32, 32, generator=generator),
+                            image_sizes=torch.tensor([[32, 64]] * 2))
+
+
+def tiny_mistral3():
+    """Mistral 3, random weights: Pixtral tower, patch merger (a 32x64 image: 8 image tokens), Mistral."""
+    import transformers as hf
+
+    text = hf.MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    vision = hf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=64, patch_size=8, head_dim=16)
+    config = hf.Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=299,
+                               spatial_merge_size=2, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = hf.Mistral3ForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.tensor([[1, 2] + [299] * 8 + [5, 6, 7, 8], [1, 9] + [299] * 8 + [4, 6, 7, 3]])
+    return model, ids, dict(pixel_values=torch.randn(2, 3, 32, 64, generator=generator),
+                            image_sizes=torch.tensor([[32, 64]] * 2))
+
+
+@pytest.mark.parametrize("family", [tiny_llava_onevision, tiny_mistral3])
+def test_any_resolution_vlms_at_budget_one_equal_the_model(family):
+    """LLaVA-OneVision and Mistral 3 (their image token counts follow each image's size): through
+    language_model_inputs, budget 1.0 equals the model (teacher-forced logits, greedy tokens) and FastV on
+    the image span removes what it was asked to."""
+    model, ids, images = family()
+    for config in (model.config, model.config.text_config, model.config.vision_config):
+        config._attn_implementation = "sdpa"
+    model.generation_config.eos_token_id = None  # six tokens on both sides
+    continuation = torch.randint(3, 250, (2, 4), generator=torch.Generator().manual_seed(5))
+    whole, span = torch.cat([ids, continuation], 1), Span(token_id=299)
+    extra = language_model_inputs(model, ids, **images)
+    program = compile_decoder(model, ids, budget=1.0, span=span, extra_inputs=extra)
+    with torch.no_grad():
+        expected = model(input_ids=whole, **images).logits[:, -5:-1]
+    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation, extra), expected, atol=1e-5,
+                               rtol=1e-4)
+    assert torch.equal(generate(program, ids, 6, extra=extra),
+                       model.generate(input_ids=ids, **images, max_new_tokens=6, do_sample=False))
+    images_kept = int((ids[0] == 299).sum()) // 2
+    fastv = compile_decoder(model, ids, keep=0.5, layer=2, span=span, extra_inputs=extra)
+    assert fastv.report["tokens_per_layer"][2] == ids.shape[1] - images_kept
+
+
+def tiny_paligemma():
+    """PaliGemma, random weights (SigLIP tower, Gemma with use_bidirectional_attention): 16 image tokens."""
+    import transformers as hf
+
+    text = hf.GemmaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    vision = hf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=32, patch_size=8)
+    config = hf.PaliGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=299,
+                                projection_dim=32, hidden_size=32)
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = "sdpa"
+    return hf.PaliGemmaForConditionalGeneration(config).eval()
+
+
 def test_language_model_inputs_refuse_what_a_causal_prefill_cannot_reproduce(llama):
     """Gemma 3 lets an image's tokens see each other both ways (its own mask for the language model): refused,
-    not compiled as a causal prefill; a model that rejects the processor outputs is a one-line error; a
-    text-only model has no language model inside to hand embeddings to."""
+    not compiled as a causal prefill; so is PaliGemma, whose prompt attends both ways even without its
+    token_type_ids; a model that rejects the processor outputs is a one-line error; a text-only model has
+    no language model inside to hand embeddings to."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     from tokencompile.errors import UnsupportedModelError
@@ -589,6 +671,12 @@ def test_language_model_inputs_refuse_what_a_causal_prefill_cannot_reproduce(lla
                        "processor outputs \\(pixel_values, image_grid_thw\\)"):
         language_model_inputs(tiny_qwen2_vl(), ids, pixel_values=torch.randn(16, 96),
                               image_grid_thw=torch.tensor([[1, 4, 4]]))
+    paligemma = tiny_paligemma()
+    with pytest.raises(UnsupportedModelError, match="^PaliGemmaForConditionalGeneration's language model lets the "
+                       "prompt's tokens attend both ways"):
+        ids = torch.tensor([[299] * 16 + [2, 5, 6, 1]])
+        compile_decoder(paligemma, ids, budget=1.0, extra_inputs=language_model_inputs(
+            paligemma, ids, pixel_values=torch.randn(1, 3, 32, 32)))
     with pytest.raises(UnsupportedModelError, match="^LlamaForCausalLM has no language model of its own to hand "
                        "embeddings to \\(give a Hugging Face image-text-to-text model\\)$"):
         language_model_inputs(llama, ids)

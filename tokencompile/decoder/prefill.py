@@ -85,6 +85,11 @@ def multimodal_positions(extra: dict | None) -> torch.Tensor | None:
 
 def cache_tensors(cache) -> list[torch.Tensor]:
     """key_0, value_0, key_1, value_1, ... of a Hugging Face cache."""
+    other = next((type(layer).__name__ for layer in cache.layers if not hasattr(layer, "keys")), None)
+    if other is not None:
+        raise UnsupportedModelError(f"the model's cache holds {other} layers besides key / value attention (a "
+                                    "hybrid of attention and convolution or state-space layers)", "use a decoder "
+                                    "whose every layer is attention with a key / value cache")
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
@@ -193,16 +198,23 @@ def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict 
     except TokenCompileError:
         raise
     except Exception as error:  # noqa: BLE001 - torch.export fails in many ways; the user needs which model and why
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
         reason = next((line for line in lines if "specialized it to be a constant" in line), lines[0] if lines else
                       type(error).__name__)
+        fix = ("wrap the model in a CausalLMPrefill subclass whose model_inputs computes what does not export (see "
+               "tokencompile.decoder.vlm.LlavaPrefill)")
+        if set(extra) - {MASK, "inputs_embeds", "position_ids"}:
+            fix += ("; a vision-language model: give extra_inputs=tokencompile.decoder.vlm.language_model_inputs("
+                    "model, input_ids, **processor_outputs)")
         raise UnsupportedModelError(f"torch.export cannot trace the prefill of {type(as_causal_lm(model)).__name__} "
                                     f"with inputs input_ids{''.join(', ' + name for name in extra)} and a symbolic "
-                                    f"batch ({reason[:160]})", "wrap the model in a CausalLMPrefill subclass whose "
-                                    "model_inputs computes what does not export (see "
-                                    "tokencompile.decoder.vlm.LlavaPrefill); a vision-language model: give "
-                                    "extra_inputs=tokencompile.decoder.vlm.language_model_inputs(model, input_ids, "
-                                    "**processor_outputs)") from error
+                                    f"batch ({first_sentence(reason)})", fix) from error
+
+
+def first_sentence(text: str, limit: int = 160) -> str:
+    """The text up to its first full stop, cut at a word (with "...") past ``limit`` characters."""
+    sentence = text.split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + "..."
 
 
 @dataclass
@@ -256,11 +268,29 @@ def check_model_attention(lm: torch.nn.Module, prompt_tokens: int) -> None:
         raise UnsupportedModelError(f"the language model computes attention with {used!r}; prompt reduction reads "
                                     "causal SDPA from the graph", "load it with attn_implementation='sdpa' (a model "
                                     "that cannot use SDPA, such as Gemma 2 with logit soft-capping, is not supported)")
+    both_ways = getattr(text_config(lm), "use_bidirectional_attention", False) or any(
+        getattr(module, "is_causal", True) is False for module in language_model_modules(lm))
+    if both_ways:
+        raise UnsupportedModelError(f"{type(lm).__name__}'s language model lets the prompt's tokens attend both ways "
+                                    "(is_causal=False, e.g. PaliGemma's prefix over the image and the prompt); "
+                                    "prompt reduction and decoding on the reduced cache need causal attention",
+                                    "use a causal decoder")
     window = sliding_window(lm)
     if window is not None and prompt_tokens >= window:  # its layers cache the last window - 1 tokens
         raise UnsupportedModelError(f"the prompt ({prompt_tokens} tokens) does not fit in the model's sliding "
                                     f"attention window ({window} tokens)", f"give prompts of at most {window - 1} "
                                     "tokens (reducing a prompt across a sliding window is not supported)")
+
+
+def language_model_modules(lm: torch.nn.Module):
+    """The modules of the language model (a VLM's ``get_decoder``, not its vision tower, whose attention is
+    not causal); every module of a model without one."""
+    find = getattr(lm, "get_decoder", None)
+    try:
+        decoder = find() if callable(find) else lm
+    except (AttributeError, ValueError):
+        decoder = lm
+    return (decoder if isinstance(decoder, torch.nn.Module) else lm).modules()
 
 
 def trace_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra_inputs: dict | None) -> TracedPrefill:

@@ -58,7 +58,8 @@ POSITIONS = "position_ids"
 # what a language model may be handed besides its embeddings and positions: a padding mask [B, N] (used only
 # while computing them), the cache and output switches
 HANDED_ON = {EMBEDS, POSITIONS, "attention_mask", "input_ids", "cache", "past_key_values", "use_cache",
-             "cache_position", "return_dict", "output_attentions", "output_hidden_states"}
+             "cache_position", "return_dict", "output_attentions", "output_hidden_states", "output_router_logits",
+             "logits_to_keep"}
 
 
 def language_model_of(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -128,9 +129,10 @@ def language_model_inputs(model: torch.nn.Module, input_ids: torch.Tensor, **pro
     if others or not isinstance(inputs.get(EMBEDS), torch.Tensor):
         raise UnsupportedModelError(f"{name} hands its language model more than embeddings and positions "
                                     f"({', '.join(others) or 'no inputs_embeds'}: e.g. image tokens that see each "
-                                    "other both ways, or cross-attention states); the program would run a plain "
-                                    "causal prefill", "use a model whose language model takes the embeddings "
-                                    "causally (e.g. LLaVA-NeXT, Qwen2-VL)")
+                                    "other both ways, image features added inside its layers (Qwen3-VL's "
+                                    "deepstack), or cross-attention states); the program would run a plain causal "
+                                    "prefill", "use a model whose language model takes the embeddings causally "
+                                    "(e.g. LLaVA-NeXT, Qwen2-VL, Idefics3)")
     extra = {EMBEDS: inputs[EMBEDS].detach()}
     positions = inputs.get("position_ids")
     if positions is not None and positions.dim() == 3:
