@@ -1,9 +1,9 @@
-"""Prompt reduction across Hugging Face decoder families (random weights): the graph analysis finds causal
-SDPA, RoPE (full or partial) and the caches from the graph alone, so FastV must equal a reference built
-from each model's own code, with both position policies; and models it cannot serve are refused in one
-line. The reference never re-implements a layer: FastV's score comes from the model's eager attention
-probabilities, and the reduced forward is the model's own forward with hooks that keep the chosen rows
-from layer K on."""
+"""Prompt reduction across Hugging Face decoder families (random weights, mixtures of experts among them):
+the graph analysis finds causal SDPA, RoPE (full or partial) and the caches from the graph alone, so
+FastV must equal a reference built from each model's own code, with both position policies; and models
+it cannot serve are refused in one line. The reference never re-implements a layer: FastV's score comes
+from the model's eager attention probabilities, and the reduced forward is the model's own forward with
+hooks that keep the chosen rows from layer K on."""
 
 from __future__ import annotations
 
@@ -31,8 +31,13 @@ FAMILIES = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", {}),                        # attention multiplier
     "phi": ("PhiConfig", "PhiForCausalLM", {}),                                    # partial rotary, parallel
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),                     # partial rotary
+    # mixtures of experts: [B*N*k] token-expert pairs sorted by expert (Hugging Face's grouped experts)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,  # + shared
+                                                            "moe_intermediate_size": 32,
+                                                            "shared_expert_intermediate_size": 64}),
 }
-DEFAULT_RUN = {"phi"}  # partial rotary and a parallel block; the rest in the slow set
+DEFAULT_RUN = {"phi", "mixtral"}  # partial rotary and a parallel block; experts; the rest in the slow set
 
 
 def build(family: str, attention: str = "sdpa", **changes) -> torch.nn.Module:

@@ -169,3 +169,53 @@ def test_per_token_outputs_are_refused():
     program = export_module(TinyDense().eval(), (torch.randn(2, 15, 32),))
     with pytest.raises(tokencompile.TokenCompileError, match="output 0 of the model is per-token"):
         tokencompile.optimize(program, schedule=[2])
+
+
+class RoutedBlock(Block):
+    """Block whose MLP is a mixture of experts dispatched as Hugging Face's grouped experts do: the [B*N*k]
+    token-expert pairs sorted by expert, and put back with the inverse permutation arange(B*N*k), whose size
+    the export writes as a constant times the batch. ``sorted_dispatch=False``: the same routing, dense."""
+
+    def __init__(self, dim, heads, experts=4, top_k=2, sorted_dispatch=True):
+        super().__init__(dim, heads)
+        self.router = torch.nn.Linear(dim, experts, bias=False)
+        self.experts = torch.nn.Parameter(torch.randn(experts, dim, dim) / dim ** 0.5)
+        self.top_k, self.sorted_dispatch = top_k, sorted_dispatch
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm1(x).reshape(b * n, c)).reshape(b, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, c)).reshape(b, n, c)
+        flat = self.norm2(x).reshape(-1, c)
+        weights, chosen = self.router(flat).softmax(-1).topk(self.top_k)
+        if not self.sorted_dispatch:
+            out = sum(w[:, None] * torch.einsum("tc,tcd->td", flat, self.experts[e])
+                      for w, e in zip(weights.unbind(1), chosen.unbind(1)))
+            return x + out.view(b, n, c)
+        experts, order = chosen.reshape(-1).sort()
+        rows = flat[order // self.top_k]
+        out = torch.einsum("tc,tcd->td", rows, self.experts[experts]) * weights.reshape(-1)[order][:, None]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.size(0))
+        return x + out[inverse].view(-1, self.top_k, c).sum(1).view(b, n, c)
+
+
+@pytest.mark.parametrize("schedule", [[3, 0, 0], [0, 4, 2]])
+def test_sorted_expert_dispatch_follows_the_new_count(schedule):
+    """After a reduction the routed pairs' arange(B*N*k), the sort's outputs (read through getitem) and the
+    [B*N, k, C] view carry the new token count: the program equals the dense routing reduced the same way."""
+    torch.manual_seed(0)
+    routed = Tiny().eval()
+    routed.blocks = torch.nn.ModuleList(RoutedBlock(32, 2) for _ in range(3))
+    dense = Tiny().eval()
+    dense.blocks = torch.nn.ModuleList(RoutedBlock(32, 2, sorted_dispatch=False) for _ in range(3))
+    dense.load_state_dict(routed.state_dict())
+    x = torch.randn(2, 15, 32)
+    results = [tokencompile.optimize(export_module(model, (x,)), schedule=schedule) for model in (routed, dense)]
+    arange = _calls(results[0].program.graph_module, aten.arange.default)
+    pairs = [2 * (16 - sum(schedule[:block + 1])) for block in range(3)]  # a block's MLP runs after its site
+    assert [int(n.meta["val"].shape[0].node.expr.as_coeff_Mul()[0]) for n in arange] == pairs  # pairs * batch
+    y = torch.randn(3, 15, 32)
+    for got, want in zip(results[0].program.module()(y), results[1].program.module()(y)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -72,6 +72,19 @@ def _group(inputs: list[tuple[sympy.Expr, sympy.Expr]], outputs: list[sympy.Expr
     return groups
 
 
+def _tensor_inputs(node: Node) -> list[Node]:
+    """The tensor inputs of ``node``, looking through an input that holds several tensors (``topk`` or
+    ``sort`` read by ``getitem``) to that node's own tensor inputs."""
+    inputs = []
+    for arg in node.all_input_nodes:
+        value = arg.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            inputs.append(arg)
+        elif isinstance(value, (tuple, list)):
+            inputs.extend(a for a in arg.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor))
+    return inputs
+
+
 class _Propagation:
     def __init__(self, gm: GraphModule, num_prefix: int):
         self.gm = gm
@@ -91,10 +104,9 @@ class _Propagation:
     def inherit_dims(self, node: Node, old_value, new_value) -> None:
         """Changed output dims take the factors of an input dim that changed the same way."""
         candidates = {}
-        for arg in node.all_input_nodes:
-            if isinstance(arg.meta.get("val"), torch.Tensor):
-                for factors in self.dims(arg):
-                    candidates.setdefault((_product(factors, 0), _product(factors, 1)), factors)
+        for arg in _tensor_inputs(node):
+            for factors in self.dims(arg):
+                candidates.setdefault((_product(factors, 0), _product(factors, 1)), factors)
         dims = []
         for o, n in zip(old_value.shape, new_value.shape):
             pair = (_expr(o), _expr(n))
@@ -160,6 +172,23 @@ class _Propagation:
                 sizes[j] = self.size_arg(size, _expr(old_in[d]), _expr(new_in[d]), node)
         node.args = (source, sizes, *node.args[2:])
 
+    def rewrite_arange(self, node: Node) -> None:
+        """``arange(n)`` combined with a tensor whose dim of old size ``n`` changed (the inverse permutation of
+        a sort of a mixture of experts' [B*N*k] token-expert pairs: ``index_put_(empty, [order], arange(n))``)
+        follows that dim; ``n`` is a size expression that the export wrote as constants times the batch."""
+        end = node.args[-1] if node.target == aten.arange.default else None
+        if not isinstance(end, Node) or not isinstance(end.meta.get("val"), torch.SymInt):
+            return
+        old = _expr(end.meta["val"])
+        partners = [arg for user in node.users for arg in _tensor_inputs(user) if arg is not node]
+        news = {_product(factors, 1) for arg in partners if arg in self.factors for factors in self.factors[arg]
+                if _product(factors, 0) == old}
+        if len(news) > 1:
+            raise UnsupportedModelError(f"node {node.name!r}: arange({old}) is combined with token axes that "
+                                        "changed differently", "reduce in later blocks only")
+        if news and news != {old}:
+            node.args = (*node.args[:-1], self.size_arg(end, old, news.pop(), node))
+
     def check_index(self, node: Node) -> None:
         source = node.args[0]
         dim = node_arg(node, 1, "dim", 0)
@@ -201,6 +230,8 @@ class _Propagation:
                 self.rewrite_expand(node)
             elif node.target in (aten.select.int, aten.slice.Tensor):
                 self.check_index(node)
+            elif node.target == aten.arange.default:
+                self.rewrite_arange(node)
             args = map_arg(node.args, lambda n: n.meta["val"])
             kwargs = map_arg(node.kwargs, lambda n: n.meta["val"])
             try:
