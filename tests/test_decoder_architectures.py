@@ -36,8 +36,11 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,  # + shared
                                                             "moe_intermediate_size": 32,
                                                             "shared_expert_intermediate_size": 64}),
+    # layers without positions (NoPE) among RoPE layers: renumbering must leave their cached keys as they are
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"pad_token_id": 0}),       # layer 3 of 4 NoPE
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {"sliding_window": 64}),    # global layers NoPE
 }
-DEFAULT_RUN = {"phi", "mixtral"}  # partial rotary and a parallel block; experts; the rest in the slow set
+DEFAULT_RUN = {"phi", "mixtral", "smollm3"}  # partial rotary, a parallel block; experts; NoPE; the rest slow
 
 
 def build(family: str, attention: str = "sdpa", **changes) -> torch.nn.Module:
@@ -134,14 +137,20 @@ def test_eager_attention_is_refused_with_the_fix(prompts):
 
 def test_decoders_that_are_not_causal_attention_caches_are_refused(prompts):
     """A prompt attended both ways (Gemma with use_bidirectional_attention, as PaliGemma's prefix and
-    EmbeddingGemma use it) and a hybrid whose cache holds convolution states (LFM2) are refused in one line:
-    the first would otherwise be compiled as a causal prefill, silently different from the model."""
+    EmbeddingGemma use it) and hybrids whose cache holds convolution or state-space states (Falcon-H1, LFM2)
+    are refused in one line: the first would otherwise be compiled as a causal prefill, silently different
+    from the model, and Falcon-H1's Mamba states would be dropped from its cache."""
     with pytest.raises(UnsupportedModelError) as error:
         compile_decoder(build("gemma", use_bidirectional_attention=True), prompts[0], budget=1.0)
     assert str(error.value) == ("GemmaForCausalLM's language model lets the prompt's tokens attend both ways "
                                 "(is_causal=False, e.g. PaliGemma's prefix over the image and the prompt); prompt "
                                 "reduction and decoding on the reduced cache need causal attention (use a causal "
                                 "decoder)")
+    falcon_h1 = transformers.FalconH1ForCausalLM(transformers.FalconH1Config(
+        **{**COMMON, "num_hidden_layers": 2}, attn_implementation="sdpa")).eval()  # attention and Mamba in a layer
+    with pytest.raises(UnsupportedModelError, match="^the model's cache holds LinearAttentionAndFullAttentionLayer "
+                                                    "layers besides key / value attention"):
+        compile_decoder(falcon_h1, prompts[0], budget=1.0)
     hybrid = transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
         **{**COMMON, "num_hidden_layers": 2}, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False,
         attn_implementation="sdpa")).eval()
@@ -149,6 +158,16 @@ def test_decoders_that_are_not_causal_attention_caches_are_refused(prompts):
         compile_decoder(hybrid, prompts[0], budget=1.0)
     assert str(error.value).startswith("the model's cache holds LinearAttentionLayer layers besides key / value "
                                        "attention (a hybrid of attention and convolution or state-space layers)")
+
+
+def test_renumbering_needs_the_rotary_tables(prompts):
+    """GPT-J rotates interleaved channel pairs from its own sin / cos table: the graph has no cos / sin pair to
+    renumber, so positions=renumber is refused when compiling, and positions=keep equals the model's code."""
+    gptj = transformers.GPTJForCausalLM(transformers.GPTJConfig(
+        vocab_size=256, n_embd=64, n_layer=4, n_head=4, rotary_dim=8, attn_implementation="sdpa")).eval()
+    with pytest.raises(TokenCompileError, match="^positions=renumber gives kept tokens new rotary positions, but "
+                                                "the graph has no rotary tables"):
+        compile_decoder(gptj, prompts[0], keep=0.5, layer=LAYER, span=SPAN, positions="renumber")
 
 
 @pytest.mark.slow  # about 15 s: the default run keeps its 15-minute margin

@@ -85,7 +85,9 @@ def multimodal_positions(extra: dict | None) -> torch.Tensor | None:
 
 def cache_tensors(cache) -> list[torch.Tensor]:
     """key_0, value_0, key_1, value_1, ... of a Hugging Face cache."""
-    other = next((type(layer).__name__ for layer in cache.layers if not hasattr(layer, "keys")), None)
+    other = next((type(layer).__name__ for layer in cache.layers
+                  if not hasattr(layer, "keys") or hasattr(layer, "conv_states") or hasattr(layer, "recurrent_states")),
+                 None)
     if other is not None:
         raise UnsupportedModelError(f"the model's cache holds {other} layers besides key / value attention (a "
                                     "hybrid of attention and convolution or state-space layers)", "use a decoder "
@@ -498,6 +500,20 @@ def _column_after(builder: GraphBuilder, flags: Node, tokens: int) -> Node:
     return builder.call(aten.rsub.Scalar, count, tokens)
 
 
+def _rotated_by(gm: GraphModule, tables: set[Node]) -> set[Node]:
+    """Nodes computed from the rotary tables within a layer (no attention in between): a layer's cached keys
+    are among them when it applies RoPE, and not for a layer without positions (NoPE: SmolLM3, EXAONE 4)."""
+    rotated = set(tables)
+    for node in gm.graph.nodes:
+        if node.target == aten.scaled_dot_product_attention.default:
+            continue
+        # a reduction's ops carry the data of their first input; their plan (scored with RoPE) only picks rows
+        data = node.args[:1] if getattr(node.target, "namespace", None) == "tokencompile" else node.all_input_nodes
+        if any(arg in rotated for arg in data if isinstance(arg, Node)):
+            rotated.add(node)
+    return rotated
+
+
 def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, removed_before: list[int]) -> bool:
     """positions=renumber: layer l's cached keys sit at positions 0..T_l - 1, and its next token belongs at
     T_l, which differs per layer (``removed_before[l]``: prompt tokens removed before layer l). Rotate
@@ -510,8 +526,9 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, removed_befor
     cos, sin = analysis.rope_tables
     output = next(node for node in gm.graph.nodes if node.op == "output")
     values = list(output.args[0])
+    rotated = _rotated_by(gm, {cos, sin})
     shifts = {index: removed_before[layer] for index, (layer, role) in analysis.cache_outputs.items()
-              if role == "key" and removed_before[layer]}
+              if role == "key" and removed_before[layer] and values[index] in rotated}
     if not shifts:
         return True
     rotary = shape_of(cos)[-1]
@@ -711,8 +728,11 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     traced = trace_prefill(model, input_ids, extra_inputs)
     lm, ep, extra_inputs, extra, inputs, original, analysis = (
         traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
-    if padding and positions == "renumber" and len(analysis.rope_tables) != 2:
-        raise _unshiftable()
+    if positions == "renumber" and len(analysis.rope_tables) != 2:
+        raise TokenCompileError("positions=renumber gives kept tokens new rotary positions, but the graph has no "
+                                "rotary tables (one cos / sin pair) to renumber: learned positions are added before "
+                                "the first layer, and interleaved rotary embeddings (GPT-J, Cohere, GLM) are not "
+                                "recognised", "compile with positions='keep'")
     span.check(analysis.tokens)
     check_token_count(analysis)
     if layer is None:  # fastv: the layer rule with a budget (the solver picks K), FastV's K=2 with keep
