@@ -143,9 +143,9 @@ def test_decoders_that_are_not_causal_attention_caches_are_refused(prompts):
     with pytest.raises(UnsupportedModelError) as error:
         compile_decoder(build("gemma", use_bidirectional_attention=True), prompts[0], budget=1.0)
     assert str(error.value) == ("GemmaForCausalLM's language model lets the prompt's tokens attend both ways "
-                                "(is_causal=False, e.g. PaliGemma's prefix over the image and the prompt); prompt "
-                                "reduction and decoding on the reduced cache need causal attention (use a causal "
-                                "decoder)")
+                                "(use_bidirectional_attention, e.g. PaliGemma's prefix over the image and the "
+                                "prompt); prompt reduction and decoding on the reduced cache need causal attention "
+                                "(use a causal decoder)")
     falcon_h1 = transformers.FalconH1ForCausalLM(transformers.FalconH1Config(
         **{**COMMON, "num_hidden_layers": 2}, attn_implementation="sdpa")).eval()  # attention and Mamba in a layer
     with pytest.raises(UnsupportedModelError, match="^the model's cache holds LinearAttentionAndFullAttentionLayer "
@@ -162,7 +162,7 @@ def test_decoders_that_are_not_causal_attention_caches_are_refused(prompts):
 
 def test_renumbering_needs_the_rotary_tables(prompts):
     """GPT-J rotates interleaved channel pairs from its own sin / cos table: the graph has no cos / sin pair to
-    renumber, so positions=renumber is refused when compiling, and positions=keep equals the model's code."""
+    renumber, so positions=renumber is refused when compiling (it was compiled as keep under its name)."""
     gptj = transformers.GPTJForCausalLM(transformers.GPTJConfig(
         vocab_size=256, n_embd=64, n_layer=4, n_head=4, rotary_dim=8, attn_implementation="sdpa")).eval()
     with pytest.raises(TokenCompileError, match="^positions=renumber gives kept tokens new rotary positions, but "
@@ -186,3 +186,13 @@ def test_sliding_window_bounds_the_prompt_and_decoding(prompts):
                                                 r"attention window \(30 tokens\).*at most 7 tokens after this "
                                                 r"prompt\)$"):
         generate(program, ids, 8)
+
+
+def test_export_errors_quote_the_first_sentence_of_the_reason():
+    from tokencompile.decoder.prefill import first_sentence
+
+    assert first_sentence("You marked batch as dynamic but it became a constant (2). If you're using mark_dynamic") \
+        == "You marked batch as dynamic but it became a constant (2)"
+    assert first_sentence("e.g. the batch was fixed. More") == "e.g. the batch was fixed"
+    assert first_sentence("Shapes (2, 3) vs. (3, 2) differ") == "Shapes (2, 3) vs. (3, 2) differ"
+    assert first_sentence("word " * 40) == ("word " * 32).strip() + "..."

@@ -559,6 +559,7 @@ def test_text_model_vlms_through_language_model_inputs(family):
                        model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False))
 
     eager = tiny_idefics3(family, "eager")
+    eager.load_state_dict(model.state_dict())
     with torch.no_grad():
         scores = eager(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions[layer - 1]
     rows = reference_kept(scores[:, :, -1].mean(1), span.removable(ids), kept)

@@ -11,6 +11,7 @@ the first stage every token, layers between stages the survivors of the earlier 
 from __future__ import annotations
 
 import inspect
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import TokenCompileError, UnsupportedModelError
 from ..flops import CostModel, build_cost_model, count_flops
-from ..graph_utils import GraphBuilder, aten, latest, shape_of
+from ..graph_utils import SDPA, GraphBuilder, aten, latest, shape_of
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
 from .fastv import AHEAD, POSITION_POLICIES, FastV, PyramidDrop, pyramid_layers
@@ -215,7 +216,7 @@ def export_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra: dict 
 
 def first_sentence(text: str, limit: int = 160) -> str:
     """The text up to its first full stop, cut at a word (with "...") past ``limit`` characters."""
-    sentence = text.split(". ")[0].rstrip(".")
+    sentence = re.split(r"\.\s+(?=[A-Z])", text)[0].rstrip(".")  # not at "e.g. the", "vs. (3, 2)"
     return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + "..."
 
 
@@ -270,11 +271,10 @@ def check_model_attention(lm: torch.nn.Module, prompt_tokens: int) -> None:
         raise UnsupportedModelError(f"the language model computes attention with {used!r}; prompt reduction reads "
                                     "causal SDPA from the graph", "load it with attn_implementation='sdpa' (a model "
                                     "that cannot use SDPA, such as Gemma 2 with logit soft-capping, is not supported)")
-    both_ways = getattr(text_config(lm), "use_bidirectional_attention", False) or any(
-        getattr(module, "is_causal", True) is False for module in language_model_modules(lm))
-    if both_ways:
+    if getattr(text_config(lm), "use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{type(lm).__name__}'s language model lets the prompt's tokens attend both ways "
-                                    "(is_causal=False, e.g. PaliGemma's prefix over the image and the prompt); "
+                                    "(use_bidirectional_attention, e.g. PaliGemma's prefix over the image and the "
+                                    "prompt); "
                                     "prompt reduction and decoding on the reduced cache need causal attention",
                                     "use a causal decoder")
     window = sliding_window(lm)
@@ -282,17 +282,6 @@ def check_model_attention(lm: torch.nn.Module, prompt_tokens: int) -> None:
         raise UnsupportedModelError(f"the prompt ({prompt_tokens} tokens) does not fit in the model's sliding "
                                     f"attention window ({window} tokens)", f"give prompts of at most {window - 1} "
                                     "tokens (reducing a prompt across a sliding window is not supported)")
-
-
-def language_model_modules(lm: torch.nn.Module):
-    """The modules of the language model (a VLM's ``get_decoder``, not its vision tower, whose attention is
-    not causal); every module of a model without one."""
-    find = getattr(lm, "get_decoder", None)
-    try:
-        decoder = find() if callable(find) else lm
-    except (AttributeError, ValueError):
-        decoder = lm
-    return (decoder if isinstance(decoder, torch.nn.Module) else lm).modules()
 
 
 def trace_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra_inputs: dict | None) -> TracedPrefill:
@@ -505,9 +494,10 @@ def _rotated_by(gm: GraphModule, tables: set[Node]) -> set[Node]:
     are among them when it applies RoPE, and not for a layer without positions (NoPE: SmolLM3, EXAONE 4)."""
     rotated = set(tables)
     for node in gm.graph.nodes:
-        if node.target == aten.scaled_dot_product_attention.default:
+        if node.target == SDPA:
             continue
-        # a reduction's ops carry the data of their first input; their plan (scored with RoPE) only picks rows
+        # a reduction's ops (every data movement after a site) carry the data of their first input; their plan
+        # (scored with RoPE) only picks rows
         data = node.args[:1] if getattr(node.target, "namespace", None) == "tokencompile" else node.all_input_nodes
         if any(arg in rotated for arg in data if isinstance(arg, Node)):
             rotated.add(node)
@@ -527,8 +517,11 @@ def _shift_cached_keys(gm: GraphModule, analysis: DecoderAnalysis, removed_befor
     output = next(node for node in gm.graph.nodes if node.op == "output")
     values = list(output.args[0])
     rotated = _rotated_by(gm, {cos, sin})
-    shifts = {index: removed_before[layer] for index, (layer, role) in analysis.cache_outputs.items()
-              if role == "key" and removed_before[layer] and values[index] in rotated}
+    reduced = {index: removed_before[layer] for index, (layer, role) in analysis.cache_outputs.items()
+               if role == "key" and removed_before[layer]}
+    shifts = {index: shift for index, shift in reduced.items() if values[index] in rotated}
+    if reduced and not shifts:
+        return False  # the tables rotate no cached key (e.g. a vision tower's): not the keys' rotary embedding
     if not shifts:
         return True
     rotary = shape_of(cos)[-1]
@@ -728,11 +721,13 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
     traced = trace_prefill(model, input_ids, extra_inputs)
     lm, ep, extra_inputs, extra, inputs, original, analysis = (
         traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
-    if positions == "renumber" and len(analysis.rope_tables) != 2:
+    if positions == "renumber" and not analysis.rope_tables:
         raise TokenCompileError("positions=renumber gives kept tokens new rotary positions, but the graph has no "
                                 "rotary tables (one cos / sin pair) to renumber: learned positions are added before "
                                 "the first layer, and interleaved rotary embeddings (GPT-J, Cohere, GLM) are not "
                                 "recognised", "compile with positions='keep'")
+    if padding and positions == "renumber" and len(analysis.rope_tables) != 2:
+        raise _unshiftable()
     span.check(analysis.tokens)
     check_token_count(analysis)
     if layer is None:  # fastv: the layer rule with a budget (the solver picks K), FastV's K=2 with keep
