@@ -460,6 +460,18 @@ def rows_from_layer(model, layer: int, rows: torch.Tensor, inputs: dict) -> torc
             handle.remove()
 
 
+def check_budget_one_equals_the_model(model, ids, continuation, extra, span, model_inputs) -> None:
+    """Budget 1.0 through ``extra`` (language_model_inputs) equals the model fed ``model_inputs(tokens)``:
+    teacher-forced logits of ``continuation``, and six greedy tokens."""
+    program = compile_decoder(model, ids, budget=1.0, span=span, extra_inputs=extra)
+    with torch.no_grad():
+        expected = model(**model_inputs(torch.cat([ids, continuation], 1))).logits[:, -continuation.shape[1] - 1:-1]
+    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation, extra), expected, atol=1e-5,
+                               rtol=1e-4)
+    assert torch.equal(generate(program, ids, 6, extra=extra),
+                       model.generate(**model_inputs(ids), max_new_tokens=6, do_sample=False))
+
+
 def test_multimodal_rope_through_language_model_inputs():
     """Qwen2-VL (its image grid does not export): the language model's inputs hold each token's three
     rotary positions. Budget 1.0 equals the model (teacher-forced logits, so decoding continues at its
@@ -483,13 +495,7 @@ def test_multimodal_rope_through_language_model_inputs():
     assert model.model.rope_deltas is None  # the call's own state was undone
     whole = torch.cat([ids, continuation], 1)
     span, tail = Span(token_id=QWEN_IMAGE), slice(-continuation.shape[1] - 1, -1)
-    program = compile_decoder(model, ids, budget=1.0, span=span, extra_inputs=extra)
-    with torch.no_grad():
-        expected = model(**model_inputs(whole)).logits[:, tail]
-    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation, extra), expected, atol=1e-5,
-                               rtol=1e-4)
-    assert torch.equal(generate(program, ids, 6, extra=extra),
-                       model.generate(**model_inputs(ids), max_new_tokens=6, do_sample=False))
+    check_budget_one_equals_the_model(model, ids, continuation, extra, span, model_inputs)
 
     eager = tiny_qwen2_vl("eager")
     eager.load_state_dict(model.state_dict())
@@ -550,13 +556,8 @@ def test_text_model_vlms_through_language_model_inputs(family):
     extra = language_model_inputs(model, ids, pixel_values=pixels)
     assert list(extra) == ["inputs_embeds"] and extra["inputs_embeds"].shape == (2, 14, 32)
 
-    program = compile_decoder(model, ids, budget=1.0, span=span, extra_inputs=extra)
-    with torch.no_grad():
-        expected = model(input_ids=whole, pixel_values=pixels).logits[:, tail]
-    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation, extra), expected, atol=1e-5,
-                               rtol=1e-4)
-    assert torch.equal(generate(program, ids, 6, extra=extra),
-                       model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False))
+    check_budget_one_equals_the_model(model, ids, continuation, extra, span,
+                                      lambda tokens: dict(input_ids=tokens, pixel_values=pixels))
 
     eager = tiny_idefics3(family, "eager")
     eager.load_state_dict(model.state_dict())
@@ -619,15 +620,10 @@ def test_any_resolution_vlms_at_budget_one_equal_the_model(family):
         config._attn_implementation = "sdpa"
     model.generation_config.eos_token_id = None  # six tokens on both sides
     continuation = torch.randint(3, 250, (2, 4), generator=torch.Generator().manual_seed(5))
-    whole, span = torch.cat([ids, continuation], 1), Span(token_id=299)
+    span = Span(token_id=299)
     extra = language_model_inputs(model, ids, **images)
-    program = compile_decoder(model, ids, budget=1.0, span=span, extra_inputs=extra)
-    with torch.no_grad():
-        expected = model(input_ids=whole, **images).logits[:, -5:-1]
-    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation, extra), expected, atol=1e-5,
-                               rtol=1e-4)
-    assert torch.equal(generate(program, ids, 6, extra=extra),
-                       model.generate(input_ids=ids, **images, max_new_tokens=6, do_sample=False))
+    check_budget_one_equals_the_model(model, ids, continuation, extra, span,
+                                      lambda tokens: dict(input_ids=tokens, **images))
     images_kept = int((ids[0] == 299).sum()) // 2
     fastv = compile_decoder(model, ids, keep=0.5, layer=2, span=span, extra_inputs=extra)
     assert fastv.report["tokens_per_layer"][2] == ids.shape[1] - images_kept
