@@ -410,6 +410,12 @@ def test_merged_embeddings_give_what_pixel_values_give(llava, inputs, fastv_imag
 QWEN_IMAGE = 299
 
 
+def set_attention(config, attention: str) -> None:
+    """The attention implementation of a VLM config and of its text and vision configs."""
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = attention
+
+
 def tiny_qwen2_vl(attention: str = "sdpa", image: int = QWEN_IMAGE, start: int = 298, end: int = 297):
     """Qwen2-VL, random weights: multimodal RoPE (each image token has a time, row and column position);
     ``image``, ``start``, ``end``: the ids of the image placeholder and of the tokens around an image."""
@@ -421,8 +427,7 @@ def tiny_qwen2_vl(attention: str = "sdpa", image: int = QWEN_IMAGE, start: int =
                   temporal_patch_size=2, in_chans=3)
     config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=image, vision_start_token_id=start,
                            vision_end_token_id=end)
-    for part in (config, config.text_config, config.vision_config):
-        part._attn_implementation = attention
+    set_attention(config, attention)
     torch.manual_seed(0)
     return Qwen2VLForConditionalGeneration(config).eval()
 
@@ -528,8 +533,7 @@ def tiny_idefics3(family: str = "idefics3", attention: str = "sdpa"):
                   patch_size=8)
     config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, scale_factor=2,
                                                       image_token_id=IDEFICS_IMAGE)
-    for part in (config, config.text_config, config.vision_config):
-        part._attn_implementation = attention
+    set_attention(config, attention)
     torch.manual_seed(0)
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
     with torch.no_grad():  # attention far from uniform: scores not tied within float noise
@@ -616,8 +620,7 @@ def test_any_resolution_vlms_at_budget_one_equal_the_model(family):
     language_model_inputs, budget 1.0 equals the model (teacher-forced logits, greedy tokens) and FastV on
     the image span removes what it was asked to."""
     model, ids, images = family()
-    for config in (model.config, model.config.text_config, model.config.vision_config):
-        config._attn_implementation = "sdpa"
+    set_attention(model.config, "sdpa")
     model.generation_config.eos_token_id = None  # six tokens on both sides
     continuation = torch.randint(3, 250, (2, 4), generator=torch.Generator().manual_seed(5))
     span = Span(token_id=299)
@@ -639,8 +642,7 @@ def tiny_paligemma():
                                    image_size=32, patch_size=8)
     config = hf.PaliGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=299,
                                 projection_dim=32, hidden_size=32)
-    for part in (config, config.text_config, config.vision_config):
-        part._attn_implementation = "sdpa"
+    set_attention(config, "sdpa")
     return hf.PaliGemmaForConditionalGeneration(config).eval()
 
 

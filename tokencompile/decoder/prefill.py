@@ -274,8 +274,7 @@ def check_model_attention(lm: torch.nn.Module, prompt_tokens: int) -> None:
     if getattr(text_config(lm), "use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{type(lm).__name__}'s language model lets the prompt's tokens attend both ways "
                                     "(use_bidirectional_attention, e.g. PaliGemma's prefix over the image and the "
-                                    "prompt); "
-                                    "prompt reduction and decoding on the reduced cache need causal attention",
+                                    "prompt); prompt reduction and decoding on the reduced cache need causal attention",
                                     "use a causal decoder")
     window = sliding_window(lm)
     if window is not None and prompt_tokens >= window:  # its layers cache the last window - 1 tokens

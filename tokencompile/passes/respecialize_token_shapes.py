@@ -176,7 +176,7 @@ class _Propagation:
         """``arange(n)`` combined with a tensor whose dim of old size ``n`` changed (the inverse permutation of
         a sort of a mixture of experts' [B*N*k] token-expert pairs: ``index_put_(empty, [order], arange(n))``)
         follows that dim; ``n`` is a size expression that the export wrote as constants times the batch."""
-        end = node.args[-1] if node.target == aten.arange.default else None
+        end = node.args[0]
         if not isinstance(end, Node) or not isinstance(end.meta.get("val"), torch.SymInt):
             return
         old = _expr(end.meta["val"])
@@ -187,7 +187,7 @@ class _Propagation:
             raise UnsupportedModelError(f"node {node.name!r}: arange({old}) is combined with token axes that "
                                         "changed differently", "reduce in later blocks only")
         if news and news != {old}:
-            node.args = (*node.args[:-1], self.size_arg(end, old, news.pop(), node))
+            node.args = (self.size_arg(end, old, news.pop(), node), *node.args[1:])
 
     def check_index(self, node: Node) -> None:
         source = node.args[0]
