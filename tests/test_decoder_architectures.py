@@ -19,6 +19,8 @@ from tokencompile.errors import TokenCompileError, UnsupportedModelError
 TOKENS, CONTINUATION, LAYER, SPAN, KEPT = 24, 5, 2, (4, 16), 8
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+           v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1)
 # family: (config, model, config options); head_dim given where a family derives it otherwise
 FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
@@ -39,8 +41,18 @@ FAMILIES = {
     # layers without positions (NoPE) among RoPE layers: renumbering must leave their cached keys as they are
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"pad_token_id": 0}),       # layer 3 of 4 NoPE
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {"sliding_window": 64}),    # global layers NoPE
+    # parallel blocks (attention and MLP read the same input): reduced at the block's output
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"use_parallel_residual": True}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": False, "parallel_attn": True}),
+    "falcon_new": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    # positions=keep only: learned positions added before the first layer (OPT); interleaved rotary pairs and
+    # multi-head latent attention, whose keys are filled in place by two copy_ (DeepSeek V2 / V3)
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", MLA | {"n_group": 1, "topk_group": 1}),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", MLA),
 }
-DEFAULT_RUN = {"phi", "mixtral", "smollm3"}  # partial rotary, a parallel block; experts; NoPE; the rest slow
+DEFAULT_RUN = {"phi", "mixtral", "smollm3", "gpt_neox"}  # partial rotary; experts; NoPE; parallel; the rest slow
+KEEP_ONLY = {"opt", "deepseek_v3", "deepseek_v2"}
 
 
 def build(family: str, attention: str = "sdpa", **changes) -> torch.nn.Module:
@@ -95,13 +107,18 @@ def reference_logits(model, ids: torch.Tensor, rows: torch.Tensor, renumber: boo
 
     handles = [layer.register_forward_pre_hook(lambda m, a, k, first=index == LAYER: hook(m, a, k, first),
                                                with_kwargs=True)
-               for index, layer in enumerate(model.model.layers) if index >= LAYER]
+               for index, layer in enumerate(decoder_layers(model)) if index >= LAYER]
     try:
         with torch.no_grad():
             return model(input_ids=ids, use_cache=False).logits
     finally:
         for handle in handles:
             handle.remove()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
+                and len(m) == model.config.num_hidden_layers)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +134,7 @@ def test_fastv_equals_the_models_own_code(family, prompts):
     ids, continuation = prompts
     kept = kept_rows(model, family, ids)
     rows = torch.cat([kept, torch.arange(TOKENS, TOKENS + CONTINUATION).expand(2, -1)], 1)
-    for positions in ("keep", "renumber"):
+    for positions in ("keep",) if family in KEEP_ONLY else ("keep", "renumber"):
         program = compile_decoder(model, ids, keep=KEPT / SPAN[1], layer=LAYER, span=SPAN, positions=positions)
         assert program.tokens_per_layer == [24, 24, 16, 16]
         expected = reference_logits(model, torch.cat([ids, continuation], 1), rows, positions == "renumber")

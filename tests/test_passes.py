@@ -219,3 +219,80 @@ def test_sorted_expert_dispatch_follows_the_new_count(schedule):
     y = torch.randn(3, 15, 32)
     for got, want in zip(results[0].program.module()(y), results[1].program.module()(y)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class ParallelBlock(Block):
+    """Attention and MLP both read the block's input (GPT-NeoX, Falcon, Phi), a tanh GELU written out."""
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = self.proj(F.scaled_dot_product_attention(*qkv.unbind(0)).transpose(1, 2).reshape(b, n, c))
+        h = self.fc1(self.norm2(x))
+        h = 0.5 * h * (1 + torch.tanh(0.79788456 * (h + 0.044715 * h ** 3)))  # fans out inside the MLP
+        return x + attn + self.fc2(h)
+
+
+def test_parallel_blocks_reduce_at_their_output():
+    """A parallel block has no residual stream between attention and MLP: its site is the block's output
+    (the MLP still sees every token), in the last block too, and the program equals merging there by hand."""
+    torch.manual_seed(0)
+    module = Tiny().eval()
+    module.blocks = torch.nn.ModuleList(ParallelBlock(32, 2) for _ in range(3))
+    program = export_module(module, (torch.randn(2, 15, 32),))
+    analysis = analyse(program.module())
+    assert [b.site is b.nodes[-1] for b in analysis.blocks] == [True] * 3
+    result = tokencompile.optimize(program, schedule=[0, 0, 4], proportional_attention=False)
+    x = torch.randn(2, 15, 32)
+    with torch.no_grad():
+        h = torch.cat([module.cls.expand(2, -1, -1), x], dim=1)
+        keys = module.blocks[2].qkv(module.blocks[2].norm1(module.blocks[1](module.blocks[0](h))))
+        for block in module.blocks:
+            h = block(h)
+        plan = tc.tome_plan(keys.reshape(2, 16, 3, 2, 16)[:, :, 1].mean(2), None, 4, 1, False)
+        ones = torch.ones(2, 16)
+        merged, sizes = tc.merge_tokens(h, ones, *plan), tc.sum_tokens(ones, *plan)
+    cls_logits, pooled = result.program.module()(x)
+    torch.testing.assert_close(cls_logits, module.head(merged[:, 0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, (merged * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True),
+                               atol=1e-5, rtol=1e-5)
+
+
+class FilledKeysBlock(Block):
+    """Keys assembled in place as DeepSeek's latent attention does (``new_empty`` + ``copy_`` of two halves
+    of the head dim); ``filled=False``: the same keys from ``cat``."""
+
+    def __init__(self, dim, heads, filled=True):
+        super().__init__(dim, heads)
+        self.filled = filled
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        half = k.shape[-1] // 2
+        if self.filled:
+            keys = k.new_empty(*k.shape[:-1], 2 * half)
+            keys[..., :half].copy_(k[..., half:])
+            keys[..., half:].copy_(k[..., :half])
+        else:
+            keys = torch.cat([k[..., half:], k[..., :half]], -1)
+        x = x + self.proj(F.scaled_dot_product_attention(q, keys, v).transpose(1, 2).reshape(b, n, c))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+def test_keys_filled_in_place_follow_the_new_count():
+    """``new_empty``'s sizes repeat its source's shape: after a reduction they take the new token count,
+    and the program equals the same keys built with ``cat``."""
+    torch.manual_seed(0)
+    filled = Tiny().eval()
+    filled.blocks = torch.nn.ModuleList(FilledKeysBlock(32, 2) for _ in range(3))
+    built = Tiny().eval()
+    built.blocks = torch.nn.ModuleList(FilledKeysBlock(32, 2, filled=False) for _ in range(3))
+    built.load_state_dict(filled.state_dict())
+    x = torch.randn(2, 15, 32)
+    results = [tokencompile.optimize(export_module(model, (x,)), schedule=[3, 0, 2]) for model in (filled, built)]
+    assert [n.meta["val"].shape[2] for n in _calls(results[0].program.graph_module, aten.new_empty.default)] \
+        == [16, 13, 13]
+    y = torch.randn(3, 15, 32)
+    for got, want in zip(results[0].program.module()(y), results[1].program.module()(y)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -87,16 +87,19 @@ def _in_block(node: Node, name: str) -> bool:
 
 
 def _find_site(attention: Attention, block_nodes: list[Node], tokens: int) -> Node:
-    """The residual stream right after the attention: the first [B, N, C] node after the attention
-    that fans out (to the MLP branch and to the skip connection)."""
+    """The residual stream right after the attention: the first [B, N, C] node after the attention that
+    fans out (to the MLP branch and to the skip connection), C the block's output width. A parallel block
+    (attention and MLP both read the block's input: GPT-NeoX, Falcon, Phi) has none before its output, so
+    there it is the block's output: its MLP still sees every token."""
     start = block_nodes.index(attention.quadratic[-1])
-    for node in block_nodes[start + 1:]:
-        shape = shape_of(node)
-        if shape is not None and len(shape) == 3 and shape[1] == tokens and len(node.users) >= 2:
-            return node
-    raise UnsupportedModelError(
-        f"block {_block_name(attention.node)!r}: no residual stream found after its attention",
-        "tokencompile expects attention, a residual add, then an MLP in every block")
+    after = [node for node in block_nodes[start + 1:] if (shape := shape_of(node)) is not None
+             and len(shape) == 3 and shape[1] == tokens]
+    if not after:
+        raise UnsupportedModelError(
+            f"block {_block_name(attention.node)!r}: no residual stream found after its attention",
+            "tokencompile expects attention, then a residual add or an MLP, in every block")
+    width = shape_of(after[-1])[-1]
+    return next((node for node in after if shape_of(node)[-1] == width and len(node.users) >= 2), after[-1])
 
 
 def _prefix_from_concat(first_block: Block, tokens: int, model_inputs: set[Node]) -> int:

@@ -36,15 +36,35 @@ def input_nodes(node: Node) -> list[Node]:
     return list(dict.fromkeys(node.all_input_nodes))
 
 
-def ancestors(node: Node) -> set[Node]:
+def ancestors(node: Node, writes: dict[Node, list[Node]] | None = None) -> set[Node]:
+    """Nodes ``node`` depends on; with ``writes`` (see ``in_place_writes``) also the values copied into
+    the tensors it reads."""
+    writes = writes or {}
     seen: set[Node] = set()
-    todo = list(node.all_input_nodes)
+    todo = [*node.all_input_nodes, *writes.get(node, ())]
     while todo:
         current = todo.pop()
         if current not in seen:
             seen.add(current)
             todo.extend(current.all_input_nodes)
+            todo.extend(writes.get(current, ()))
     return seen
+
+
+_VIEW_OPS = {aten.slice.Tensor, aten.select.int, aten.view.default, aten.alias.default, aten.as_strided.default}
+
+
+def in_place_writes(graph: Graph) -> dict[Node, list[Node]]:
+    """Tensor -> the values written into it in place (``copy_`` into a slice of it), which fx's data
+    flow does not show: e.g. DeepSeek's attention fills its keys with ``new_empty`` + two ``copy_``."""
+    writes: dict[Node, list[Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == aten.copy_.default:
+            target = node.args[0]
+            while target.op == "call_function" and target.target in _VIEW_OPS:
+                target = target.args[0]
+            writes.setdefault(target, []).append(node.args[1])
+    return writes
 
 
 def descendants(nodes: Iterable[Node]) -> set[Node]:

@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from ..analysis import ModelAnalysis, analyse, block_stacks
 from ..attention import Attention
 from ..errors import TokenCompileError, UnsupportedModelError
-from ..graph_utils import ancestors, aten, node_arg, shape_of
+from ..graph_utils import ancestors, aten, in_place_writes, node_arg, shape_of
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,9 @@ def _cache_outputs(gm: GraphModule, attentions: list[Attention],
     """Output index -> (layer, role) of the key and value caches and, with padding, of the layers' key masks
     (the attention mask itself, once per layer in layer order)."""
     output = next(node for node in gm.graph.nodes if node.op == "output")
+    writes = in_place_writes(gm.graph)
     # an output feeds its own layer's attention first (and, through the residual stream, every later one)
-    reads = [(layer, role, ancestors(source) | {source}) for layer, attention in enumerate(attentions)
+    reads = [(layer, role, ancestors(source, writes) | {source}) for layer, attention in enumerate(attentions)
              for role, source in (("key", attention.keys), ("value", attention.node.args[2]))]
     found = {}
     for index, arg in enumerate(output.args[0]):
@@ -217,7 +218,14 @@ def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tu
                                     "causal", "prompt reduction needs a causal decoder exported with SDPA")
     rope = list(dict.fromkeys(table for node in gm.graph.nodes for table in _rope_tables(node)))
     scales = [node_arg(a.node, 6, "scale", None) or shape_of(a.query)[-1] ** -0.5 for a in attentions]
-    return DecoderAnalysis(base, ids[0], causal, rope, _cache_outputs(gm, attentions, mask_node), scales)
+    caches = _cache_outputs(gm, attentions, mask_node)
+    outputs = next(node for node in gm.graph.nodes if node.op == "output").args[0]
+    unknown = [index for index in range(1, len(outputs)) if index not in caches]
+    if unknown:  # a reduction would gather them like the last layer's cache, silently wrong for earlier layers
+        raise UnsupportedModelError(f"outputs {unknown} of the prefill program are not a layer's key / value cache "
+                                    "that the graph's attention reads", "export through "
+                                    "tokencompile.decoder.CausalLMPrefill (logits, then each layer's cache)")
+    return DecoderAnalysis(base, ids[0], causal, rope, caches, scales)
 
 
 __all__ = ["DecoderAnalysis", "Span", "analyse_decoder", "rope_table"]

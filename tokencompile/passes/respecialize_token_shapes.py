@@ -24,6 +24,11 @@ from ..graph_utils import aten, node_arg, set_node_arg
 Factors = list[tuple[sympy.Expr, sympy.Expr]]  # (old, new) size of each factor of one dimension
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# ops whose size list repeats their source's shape, changed in some dims (DeepSeek's MLA builds its keys
+# with ``kv.new_empty(*kv.shape[:-1], d)`` and copies the two halves in)
+_SIZED_LIKE_SOURCE = {aten.expand.default, aten.broadcast_to.default, aten.new_empty.default,
+                      aten.new_zeros.default, aten.new_ones.default, aten.new_full.default}
+_NEW = {aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default}
 _PROBE = 1_000_003  # value given to symbolic sizes when sizes must be ordered
 
 
@@ -163,8 +168,11 @@ class _Propagation:
         self.factors[node] = out_factors
 
     def rewrite_expand(self, node: Node) -> None:
+        """Sizes given with the source's dims (aligned from the right, as broadcasting does) follow them."""
         source, sizes = node.args[0], list(node.args[1])
         old_in, new_in = self.old.get(source, source.meta["val"]).shape, source.meta["val"].shape
+        if node.target in _NEW and len(sizes) != len(old_in):
+            return  # a new tensor of another rank: its sizes are not the source's
         offset = len(sizes) - len(old_in)
         for j, size in enumerate(sizes):
             d = j - offset
@@ -226,7 +234,7 @@ class _Propagation:
                 pass
             elif node.target in _VIEWS:
                 self.rewrite_view(node)
-            elif node.target == aten.expand.default:
+            elif node.target in _SIZED_LIKE_SOURCE:
                 self.rewrite_expand(node)
             elif node.target in (aten.select.int, aten.slice.Tensor):
                 self.check_index(node)
