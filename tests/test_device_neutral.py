@@ -83,7 +83,8 @@ def test_cast_programs_run(optimized_method, method, dtype):
     assert torch.nn.functional.cosine_similarity(got.float(), want, dim=-1).min() > 0.8
 
 
-@pytest.mark.parametrize("name", ["vit_small", "hf_bert"])
+# vit_small in the slow set: about 35 s, and hf_bert already checks the default run
+@pytest.mark.parametrize("name", [pytest.param("vit_small", marks=pytest.mark.slow), "hf_bert"])
 def test_torch_compile_equals_eager(optimized, name):
     result = optimized(name, 0.5)
     inputs = text_inputs(3, 64, seed=2) if name == "hf_bert" else (torch.randn(3, 3, 224, 224),)
