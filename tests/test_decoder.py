@@ -14,6 +14,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 import models
 from tokencompile.attention import find_attention
 from tokencompile.decoder import (
+    CausalLMPrefill,
     Span,
     analyse_decoder,
     compile_decoder,
@@ -22,7 +23,7 @@ from tokencompile.decoder import (
     prefill,
     teacher_forced_logits,
 )
-from tokencompile.errors import TokenCompileError
+from tokencompile.errors import TokenCompileError, UnsupportedModelError
 
 TOKENS = 24
 
@@ -168,6 +169,19 @@ def test_analysis_finds_causal_rope_and_caches(llama, prompts):
     assert analysis.cache_outputs == {1 + 2 * i + j: (i, role) for i in range(4) for j, role in
                                       enumerate(("key", "value"))}
     assert analysis.scales == [pytest.approx(16 ** -0.5)] * 4
+
+
+def test_prefill_outputs_that_are_no_layers_cache_are_refused(llama, prompts):
+    """A wrapper that also returns a per-token tensor: a reduction would gather it like the last layer's cache."""
+    class WithHidden(CausalLMPrefill):
+        def forward(self, input_ids):
+            return (*super().forward(input_ids), self.model.model.embed_tokens(input_ids))
+
+    ep = export_prefill(WithHidden(llama), prompts)
+    with pytest.raises(UnsupportedModelError, match=r"^outputs \[9\] of the prefill program are not a layer's key / "
+                                                    r"value cache that the graph's attention reads \(cache tensors "
+                                                    r"per layer: \[2, 2, 2, 2\]\)"):
+        analyse_decoder(ep.module(), prompts)
 
 
 def test_span_removable_tokens():

@@ -213,3 +213,14 @@ def test_export_errors_quote_the_first_sentence_of_the_reason():
     assert first_sentence("e.g. the batch was fixed. More") == "e.g. the batch was fixed"
     assert first_sentence("Shapes (2, 3) vs. (3, 2) differ") == "Shapes (2, 3) vs. (3, 2) differ"
     assert first_sentence("word " * 40) == ("word " * 32).strip() + "..."
+
+
+@pytest.mark.slow  # an ONNX export attempt: about 10 s
+def test_onnx_export_names_the_op_it_cannot_translate(prompts, tmp_path):
+    """Hugging Face's grouped experts run through its own op, which torch.onnx cannot translate: the error names it."""
+    from tokencompile.decoder.onnx_export import export_decoder_onnx
+
+    program = compile_decoder(build("mixtral"), prompts[0], keep=KEPT / SPAN[1], layer=LAYER, span=SPAN)
+    with pytest.raises(TokenCompileError, match=r"^ONNX export of the prefill failed: torch.onnx has no ONNX "
+                                                r"translation for the model's op transformers.grouped_mm_fallback"):
+        export_decoder_onnx(program, str(tmp_path))

@@ -224,6 +224,10 @@ def test_sorted_expert_dispatch_follows_the_new_count(schedule):
 class ParallelBlock(Block):
     """Attention and MLP both read the block's input (GPT-NeoX, Falcon, Phi), a tanh GELU written out."""
 
+    def __init__(self, dim, heads, mlp_width):
+        super().__init__(dim, heads)
+        self.fc1, self.fc2 = torch.nn.Linear(dim, mlp_width), torch.nn.Linear(mlp_width, dim)
+
     def forward(self, x):
         b, n, c = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
@@ -233,12 +237,14 @@ class ParallelBlock(Block):
         return x + attn + self.fc2(h)
 
 
-def test_parallel_blocks_reduce_at_their_output():
+@pytest.mark.parametrize("mlp_width", [64, 32])  # 32: the GELU's input fans out at the model's width
+def test_parallel_blocks_reduce_at_their_output(mlp_width):
     """A parallel block has no residual stream between attention and MLP: its site is the block's output
-    (the MLP still sees every token), in the last block too, and the program equals merging there by hand."""
+    (the MLP still sees every token), not a node of the MLP that fans out, and the program equals merging
+    there by hand."""
     torch.manual_seed(0)
     module = Tiny().eval()
-    module.blocks = torch.nn.ModuleList(ParallelBlock(32, 2) for _ in range(3))
+    module.blocks = torch.nn.ModuleList(ParallelBlock(32, 2, mlp_width) for _ in range(3))
     program = export_module(module, (torch.randn(2, 15, 32),))
     analysis = analyse(program.module())
     assert [b.site is b.nodes[-1] for b in analysis.blocks] == [True] * 3
@@ -296,3 +302,24 @@ def test_keys_filled_in_place_follow_the_new_count():
     y = torch.randn(3, 15, 32)
     for got, want in zip(results[0].program.module()(y), results[1].program.module()(y)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_writes_into_an_allocated_tensor_count_as_its_inputs():
+    """fx does not show ``copy_`` into a slice of a ``new_empty`` as an input of the tensor: ``in_place_writes``
+    does (DeepSeek's keys), and only for tensors allocated in the graph, not for inputs every reader shares."""
+    from tokencompile.graph_utils import ancestors, in_place_writes
+
+    class Fill(torch.nn.Module):
+        def forward(self, a, b, shared):
+            keys = a.new_empty(*a.shape[:-1], 2 * a.shape[-1])
+            keys[..., :4].copy_(a)
+            keys[..., 4:].copy_(b)
+            shared[..., :4].copy_(a * 2)
+            return keys + 1, shared + 1
+
+    gm = torch.export.export(Fill(), (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 8))).module()
+    writes = in_place_writes(gm.graph)
+    keys, shared_read = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    a, b, shared = [n for n in gm.graph.nodes if n.op == "placeholder"][:3]
+    assert b in ancestors(keys, writes) and b not in ancestors(keys)
+    assert a not in ancestors(shared_read, writes)

@@ -87,19 +87,27 @@ def _in_block(node: Node, name: str) -> bool:
 
 
 def _find_site(attention: Attention, block_nodes: list[Node], tokens: int) -> Node:
-    """The residual stream right after the attention: the first [B, N, C] node after the attention that
-    fans out (to the MLP branch and to the skip connection), C the block's output width. A parallel block
-    (attention and MLP both read the block's input: GPT-NeoX, Falcon, Phi) has none before its output, so
-    there it is the block's output: its MLP still sees every token."""
-    start = block_nodes.index(attention.quadratic[-1])
-    after = [node for node in block_nodes[start + 1:] if (shape := shape_of(node)) is not None
-             and len(shape) == 3 and shape[1] == tokens]
-    if not after:
+    """The residual stream right after the attention: the first [B, N, C] node computed from the attention's
+    output that fans out (to the MLP branch and to the skip connection), C the width of the block's output.
+    A parallel block (attention and MLP both read the block's input: GPT-NeoX, Falcon, Phi) has none before
+    its output, so there it is the block's output: its MLP still sees every token."""
+    inside = set(block_nodes)
+    outputs = [node for node in block_nodes if _is_tokens(node, tokens) and any(u not in inside for u in node.users)]
+    if not outputs:
         raise UnsupportedModelError(
             f"block {_block_name(attention.node)!r}: no residual stream found after its attention",
             "tokencompile expects attention, then a residual add or an MLP, in every block")
-    width = shape_of(after[-1])[-1]
-    return next((node for node in after if shape_of(node)[-1] == width and len(node.users) >= 2), after[-1])
+    output = max(reversed(outputs), key=lambda node: shape_of(node)[-1])  # the widest: not a side output
+    width = shape_of(output)[-1]
+    after_attention = descendants([attention.quadratic[-1]])
+    start = block_nodes.index(attention.quadratic[-1])
+    return next((node for node in block_nodes[start + 1:] if node in after_attention and _is_tokens(node, tokens)
+                 and shape_of(node)[-1] == width and len(node.users) >= 2), output)
+
+
+def _is_tokens(node: Node, tokens: int) -> bool:
+    shape = shape_of(node)
+    return shape is not None and len(shape) == 3 and shape[1] == tokens
 
 
 def _prefix_from_concat(first_block: Block, tokens: int, model_inputs: set[Node]) -> int:

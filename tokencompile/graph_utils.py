@@ -54,16 +54,22 @@ def ancestors(node: Node, writes: dict[Node, list[Node]] | None = None) -> set[N
 _VIEW_OPS = {aten.slice.Tensor, aten.select.int, aten.view.default, aten.alias.default, aten.as_strided.default}
 
 
+_ALLOCATIONS = {aten.new_empty.default, aten.new_zeros.default, aten.empty.memory_format, aten.zeros.default,
+                aten.empty_like.default, aten.zeros_like.default}
+
+
 def in_place_writes(graph: Graph) -> dict[Node, list[Node]]:
-    """Tensor -> the values written into it in place (``copy_`` into a slice of it), which fx's data
-    flow does not show: e.g. DeepSeek's attention fills its keys with ``new_empty`` + two ``copy_``."""
+    """Tensor allocated in the graph -> the values written into it in place (``copy_`` into a slice of
+    it), which fx's data flow does not show: e.g. DeepSeek's attention fills its keys with ``new_empty``
+    + two ``copy_``. Writes into inputs or buffers (shared by every reader) are left out."""
     writes: dict[Node, list[Node]] = {}
     for node in graph.nodes:
         if node.op == "call_function" and node.target == aten.copy_.default:
             target = node.args[0]
             while target.op == "call_function" and target.target in _VIEW_OPS:
                 target = target.args[0]
-            writes.setdefault(target, []).append(node.args[1])
+            if target.op == "call_function" and target.target in _ALLOCATIONS:
+                writes.setdefault(target, []).append(node.args[1])
     return writes
 
 

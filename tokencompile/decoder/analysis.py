@@ -221,9 +221,13 @@ def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tu
     caches = _cache_outputs(gm, attentions, mask_node)
     outputs = next(node for node in gm.graph.nodes if node.op == "output").args[0]
     unknown = [index for index in range(1, len(outputs)) if index not in caches]
-    if unknown:  # a reduction would gather them like the last layer's cache, silently wrong for earlier layers
+    per_layer = [sum(layer == owner and role != "mask" for owner, role in caches.values())
+                 for layer in range(len(attentions))]
+    # a reduction would gather such outputs like the last layer's cache: silently wrong for earlier layers
+    if unknown or set(per_layer) != {2}:
         raise UnsupportedModelError(f"outputs {unknown} of the prefill program are not a layer's key / value cache "
-                                    "that the graph's attention reads", "export through "
+                                    f"that the graph's attention reads (cache tensors per layer: {per_layer})",
+                                    "export through "
                                     "tokencompile.decoder.CausalLMPrefill (logits, then each layer's cache)")
     return DecoderAnalysis(base, ids[0], causal, rope, caches, scales)
 

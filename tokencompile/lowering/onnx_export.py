@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -49,6 +50,16 @@ def _readable_names(model) -> int:
     return token_nodes
 
 
+def _untranslated_op(error: BaseException) -> str | None:
+    """The op torch.onnx found no translation for, from the chain of causes of its error (None: another error)."""
+    while error is not None:
+        found = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", str(error))
+        if found:
+            return f"{found[1]}.{found[2]}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def run_torch_onnx_export(program: ExportedProgram, example_inputs: tuple, opset: int, table: dict,
                           what: str = "ONNX export"):
     """torch.onnx's dynamo export with ``table`` for the tokencompile ops; the batch axis named "batch" and
@@ -60,6 +71,11 @@ def run_torch_onnx_export(program: ExportedProgram, example_inputs: tuple, opset
         exported = torch.onnx.export(program, tuple(example_inputs), dynamo=True, opset_version=opset,
                                      custom_translation_table=table, verbose=False)
     except Exception as error:
+        missing = _untranslated_op(error)
+        if missing is not None:
+            raise TokenCompileError(f"{what} failed: torch.onnx has no ONNX translation for the model's op {missing}",
+                                    "export a model without it (e.g. Hugging Face's grouped experts of a mixture "
+                                    "of experts have none; the torch program itself runs)") from error
         raise TokenCompileError(f"{what} failed: {str(error).splitlines()[0]}",
                                 "rerun with --debug and report the model") from error
     finally:

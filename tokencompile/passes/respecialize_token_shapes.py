@@ -176,6 +176,9 @@ class _Propagation:
         offset = len(sizes) - len(old_in)
         for j, size in enumerate(sizes):
             d = j - offset
+            if node.target in _NEW and _expr(size.meta["val"] if isinstance(size, Node) else size) \
+                    != _expr(old_in[d]):
+                continue  # a size of its own (another layout, an extra token): not the source's dim
             if d >= 0 and old_in[d] != new_in[d]:
                 sizes[j] = self.size_arg(size, _expr(old_in[d]), _expr(new_in[d]), node)
         node.args = (source, sizes, *node.args[2:])
