@@ -201,24 +201,34 @@ class RoutedBlock(Block):
         return x + out[inverse].view(-1, self.top_k, c).sum(1).view(b, n, c)
 
 
+def _reduced_twins(block, twin_block, schedule):
+    """Tiny with three blocks of each kind, the same weights, both optimized with ``schedule``."""
+    torch.manual_seed(0)
+    models = []
+    for make in (block, twin_block):
+        model = Tiny().eval()
+        model.blocks = torch.nn.ModuleList(make() for _ in range(3))
+        models.append(model)
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(2, 15, 32)
+    return [tokencompile.optimize(export_module(model, (x,)), schedule=schedule) for model in models]
+
+
+def _assert_same_outputs(results):
+    y = torch.randn(3, 15, 32)
+    for got, want in zip(results[0].program.module()(y), results[1].program.module()(y)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("schedule", [[3, 0, 0], [0, 4, 2]])
 def test_sorted_expert_dispatch_follows_the_new_count(schedule):
     """After a reduction the routed pairs' arange(B*N*k), the sort's outputs (read through getitem) and the
     [B*N, k, C] view carry the new token count: the program equals the dense routing reduced the same way."""
-    torch.manual_seed(0)
-    routed = Tiny().eval()
-    routed.blocks = torch.nn.ModuleList(RoutedBlock(32, 2) for _ in range(3))
-    dense = Tiny().eval()
-    dense.blocks = torch.nn.ModuleList(RoutedBlock(32, 2, sorted_dispatch=False) for _ in range(3))
-    dense.load_state_dict(routed.state_dict())
-    x = torch.randn(2, 15, 32)
-    results = [tokencompile.optimize(export_module(model, (x,)), schedule=schedule) for model in (routed, dense)]
+    results = _reduced_twins(lambda: RoutedBlock(32, 2), lambda: RoutedBlock(32, 2, sorted_dispatch=False), schedule)
     arange = _calls(results[0].program.graph_module, aten.arange.default)
     pairs = [2 * (16 - sum(schedule[:block + 1])) for block in range(3)]  # a block's MLP runs after its site
     assert [int(n.meta["val"].shape[0].node.expr.as_coeff_Mul()[0]) for n in arange] == pairs  # pairs * batch
-    y = torch.randn(3, 15, 32)
-    for got, want in zip(results[0].program.module()(y), results[1].program.module()(y)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_outputs(results)
 
 
 class ParallelBlock(Block):
@@ -289,19 +299,10 @@ class FilledKeysBlock(Block):
 def test_keys_filled_in_place_follow_the_new_count():
     """``new_empty``'s sizes repeat its source's shape: after a reduction they take the new token count,
     and the program equals the same keys built with ``cat``."""
-    torch.manual_seed(0)
-    filled = Tiny().eval()
-    filled.blocks = torch.nn.ModuleList(FilledKeysBlock(32, 2) for _ in range(3))
-    built = Tiny().eval()
-    built.blocks = torch.nn.ModuleList(FilledKeysBlock(32, 2, filled=False) for _ in range(3))
-    built.load_state_dict(filled.state_dict())
-    x = torch.randn(2, 15, 32)
-    results = [tokencompile.optimize(export_module(model, (x,)), schedule=[3, 0, 2]) for model in (filled, built)]
+    results = _reduced_twins(lambda: FilledKeysBlock(32, 2), lambda: FilledKeysBlock(32, 2, filled=False), [3, 0, 2])
     assert [n.meta["val"].shape[2] for n in _calls(results[0].program.graph_module, aten.new_empty.default)] \
         == [16, 13, 13]
-    y = torch.randn(3, 15, 32)
-    for got, want in zip(results[0].program.module()(y), results[1].program.module()(y)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_outputs(results)
 
 
 def test_writes_into_an_allocated_tensor_count_as_its_inputs():
