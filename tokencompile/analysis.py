@@ -112,8 +112,8 @@ def _is_tokens(node: Node, tokens: int) -> bool:
 
 def _prefix_from_concat(first_block: Block, tokens: int, model_inputs: set[Node]) -> int:
     """Tokens concatenated in front of the input-derived ones (CLS, distillation, registers)."""
-    entry = [arg for arg in first_block.nodes[0].all_input_nodes if shape_of(arg) and len(shape_of(arg)) == 3
-             and shape_of(arg)[1] == tokens and not _in_block(arg, first_block.name)]
+    entry = [arg for arg in first_block.nodes[0].all_input_nodes
+             if _is_tokens(arg, tokens) and not _in_block(arg, first_block.name)]
     node = entry[0] if entry else None
     while node is not None and node.op == "call_function":
         if node.target == aten.cat.default and node_arg(node, 1, "dim", 0) in (1, -2):

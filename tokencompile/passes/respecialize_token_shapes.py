@@ -26,9 +26,8 @@ Factors = list[tuple[sympy.Expr, sympy.Expr]]  # (old, new) size of each factor 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # ops whose size list repeats their source's shape, changed in some dims (DeepSeek's MLA builds its keys
 # with ``kv.new_empty(*kv.shape[:-1], d)`` and copies the two halves in)
-_SIZED_LIKE_SOURCE = {aten.expand.default, aten.broadcast_to.default, aten.new_empty.default,
-                      aten.new_zeros.default, aten.new_ones.default, aten.new_full.default}
 _NEW = {aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default}
+_SIZED_LIKE_SOURCE = {aten.expand.default, aten.broadcast_to.default} | _NEW
 _PROBE = 1_000_003  # value given to symbolic sizes when sizes must be ordered
 
 
