@@ -50,13 +50,19 @@ FAMILIES = {
     "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", MLA | {"n_group": 1, "topk_group": 1}),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", MLA),
+    # eager attention only (no SDPA): soft-capped logits, a cap that bites on random weights (a q / k probe
+    # without it keeps other tokens), so FastV must read the model's own probabilities
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 64,
+                                                     "attn_logit_softcapping": 0.02}),
 }
-DEFAULT_RUN = {"phi", "mixtral", "smollm3", "gpt_neox"}  # partial rotary; experts; NoPE; parallel; the rest slow
+DEFAULT_RUN = {"phi", "mixtral", "smollm3", "gpt_neox", "gemma2"}  # partial rotary; experts; NoPE; parallel; eager
 KEEP_ONLY = {"opt", "deepseek_v3", "deepseek_v2"}
+EAGER_ONLY = {"gemma2"}
 
 
-def build(family: str, attention: str = "sdpa", **changes) -> torch.nn.Module:
+def build(family: str, attention: str | None = None, **changes) -> torch.nn.Module:
     config_name, model_name, options = FAMILIES[family]
+    attention = attention or ("eager" if family in EAGER_ONLY else "sdpa")
     config = getattr(transformers, config_name)(**{**COMMON, **options, **changes}, attn_implementation=attention)
     torch.manual_seed(0)
     return getattr(transformers, model_name)(config).eval()
@@ -144,12 +150,56 @@ def test_fastv_equals_the_models_own_code(family, prompts):
     assert torch.equal(generate(full, ids, 8), model.generate(ids, max_new_tokens=8, do_sample=False))
 
 
-def test_eager_attention_is_refused_with_the_fix(prompts):
+def test_attention_prompt_reduction_cannot_serve_is_refused(prompts):
+    """Attention outside the graph (flex attention), eager attention with extra logit columns (GPT-OSS's
+    sinks), ALiBi biases (Falcon's option) and sparse attention over an indexer's top-k keys (DeepSeek V3.2,
+    which kept its own indexer cache and crashed in decoding) are refused in one line."""
     with pytest.raises(UnsupportedModelError) as error:
-        compile_decoder(build("qwen3", "eager"), prompts[0], keep=0.5)
-    assert str(error.value) == ("the language model computes attention with 'eager'; prompt reduction reads causal "
-                                "SDPA from the graph (load it with attn_implementation='sdpa' (a model that cannot "
-                                "use SDPA, such as Gemma 2 with logit soft-capping, is not supported))")
+        compile_decoder(build("qwen3", "flex_attention"), prompts[0], keep=0.5)
+    assert str(error.value) == ("the language model computes attention with 'flex_attention'; prompt reduction reads "
+                                "causal attention from the graph (load it with attn_implementation='sdpa' (or "
+                                "'eager' where the model has no SDPA))")
+    gpt_oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **{**COMMON, "num_hidden_layers": 2}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=64, layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")).eval()
+    with pytest.raises(UnsupportedModelError, match=r"^no attention found in the language model's graph: prompt "
+                                                    r"reduction reads SDPA, or eager attention as matmul -> softmax "
+                                                    r"-> matmul with an additive mask \(load the model with "):
+        compile_decoder(gpt_oss, prompts[0], budget=1.0)
+    with pytest.raises(UnsupportedModelError, match=r"^FalconForCausalLM adds ALiBi position biases to its attention "
+                                                    r"\(config.alibi\), which prompt reduction does not support"):
+        compile_decoder(build("falcon", alibi=True), prompts[0], budget=1.0)
+    sparse = transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config(
+        **{**COMMON, **MLA, "num_hidden_layers": 2}, n_group=1, topk_group=1, index_topk=64, index_n_heads=2,
+        index_head_dim=16, attn_implementation="sdpa")).eval()
+    with pytest.raises(UnsupportedModelError, match=r"^DeepseekV32ForCausalLM uses sparse attention: an indexer "
+                                                    r"picks the keys each query attends to \(config.index_topk\)"):
+        compile_decoder(sparse, prompts[0], budget=1.0)
+
+
+@pytest.mark.slow  # two ONNX exports: about 40 s
+def test_eager_attention_pads_and_exports(prompts, tmp_path):
+    """Gemma 2 (eager): a left-padded prompt gives what it gives alone (the model's own mask keeps the
+    probe off the padding), and the ONNX graphs generate like the program."""
+    from tokencompile.decoder import prefill
+    from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
+
+    model = build("gemma2", pad_token_id=0)
+    ids, continuation = prompts
+    ids, mask = ids.clone(), torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 0, 0
+    padded = compile_decoder(model, ids, keep=KEPT / SPAN[1], layer=LAYER, span=SPAN, padding=True)
+    forced = teacher_forced_logits(padded, ids, continuation, attention_mask=mask)
+    # padding is removed first: the 8 removed slots take the 6 padding tokens and 2 of the span's 14 real ones
+    # (4 real tokens follow the span)
+    kept = int(prefill(padded, ids, {"attention_mask": mask})[1][-1][2][1].sum()) - 4
+    assert kept == 12
+    alone = compile_decoder(model, ids[1:, 6:], keep=kept / 14, layer=LAYER, span=(0, 14))
+    torch.testing.assert_close(forced[1:], teacher_forced_logits(alone, ids[1:, 6:], continuation[1:]),
+                               atol=1e-5, rtol=1e-4)
+    export_decoder_onnx(padded, str(tmp_path))
+    runner = OnnxRunner(str(tmp_path))
+    assert torch.equal(generate(runner, ids, 8, attention_mask=mask), generate(padded, ids, 8, attention_mask=mask))
 
 
 def test_decoders_that_are_not_causal_attention_caches_are_refused(prompts):

@@ -5,6 +5,7 @@ and visionzip (before the language model) against eager references written from 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from types import SimpleNamespace
@@ -119,6 +120,30 @@ def test_budget_one_greedy_equals_hugging_face(vlm, llava, inputs, given):
     expected = llava.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                               max_new_tokens=8, do_sample=False)
     assert torch.equal(generate(program, ids, 8, extra={"pixel_values": pixels}), expected)
+
+
+@pytest.mark.slow  # two compiles per method: about 30 s
+@pytest.mark.parametrize("method", ["fastv", "vtc-cls"])
+def test_eager_attention_gives_what_sdpa_gives(vlm, llava, inputs, method):
+    """The same LLaVA with eager attention in both towers (FastV reads the language model's softmax row,
+    vtc-cls the vision tower's CLS row from q / k) keeps the same tokens and generates the same text."""
+    from models.decoders import LlavaPrefill
+
+    ids, pixels = inputs[0][:2], inputs[1][:2]
+    eager_llava = copy.deepcopy(llava)
+    for config in (eager_llava.config, eager_llava.config.text_config, eager_llava.config.vision_config):
+        config._attn_implementation = "eager"
+    continuation = ids[:, -5:]
+    results = []
+    for source in (vlm, LlavaPrefill(eager_llava).eval()):
+        extra = {"pixel_values": pixels}
+        program = compile_decoder(source, ids, keep=0.25, span=IMAGE, method=method, extra_inputs=extra)
+        results.append((program.tokens_per_layer, teacher_forced_logits(program, ids, continuation, extra=extra),
+                        generate(program, ids, 6, extra=extra)))
+    (sdpa_tokens, sdpa_logits, sdpa_ids), (eager_tokens, eager_logits, eager_ids) = results
+    assert sdpa_tokens == eager_tokens and min(eager_tokens) < ids.shape[1]
+    torch.testing.assert_close(eager_logits, sdpa_logits, atol=1e-5, rtol=1e-4)
+    assert torch.equal(eager_ids, sdpa_ids)
 
 
 def test_a_prefill_that_fixes_the_batch_is_a_clear_error(llava, inputs):

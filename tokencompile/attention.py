@@ -25,7 +25,7 @@ from .graph_utils import (
 _SOFTMAX = (aten.softmax.int, aten._softmax.default)
 _MATMUL = (aten.matmul.default, aten.bmm.default)
 _LOGIT_OPS = (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar,
-              aten.where.self)
+              aten.where.self, aten.tanh.default)  # tanh: logit soft-capping (Gemma 2)
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Attention:
     keys: Node                 # [B, H, N, D]
     quadratic: tuple[Node, ...]  # nodes whose cost grows with tokens squared
     logits: Node | None = None   # eager: the softmax input
+    added_mask: Node | None = None  # eager: the additive mask over keys added to the logits
 
     @property
     def tokens(self) -> int:
@@ -45,9 +46,16 @@ class Attention:
     def key_tokens(self) -> int:
         return shape_of(self.keys)[-2]
 
+    @property
+    def values(self) -> Node | None:
+        """[B, H, N, D]: SDPA's value input, or the right side of the eager probabilities' matmul."""
+        if self.kind == "sdpa":
+            return self.node.args[2]
+        return self.quadratic[1].args[1] if len(self.quadratic) == 2 else None
+
     def mask(self) -> Node | None:
-        """The additive / boolean mask over keys the model already applies (SDPA only)."""
-        return node_arg(self.node, 3, "attn_mask") if self.kind == "sdpa" else None
+        """The additive / boolean mask over keys the model already applies (eager: an additive one)."""
+        return node_arg(self.node, 3, "attn_mask") if self.kind == "sdpa" else self.added_mask
 
     def add_key_bias(self, gm: GraphModule, bias: Node, module_stack: dict | None = None) -> None:
         """Add ``bias`` ([B, 1, 1, N_keys]) to the attention logits, keeping SDPA fused."""
@@ -80,11 +88,15 @@ def _eager(softmax: Node) -> Attention | None:
     if len(shape_of(softmax) or ()) != 4 or softmax.args[1] not in (-1, 3):
         return None
     logits = softmax.args[0]
-    node = logits
+    node, mask = logits, None
     while node.op == "call_function" and node.target in _LOGIT_OPS:
-        node = next((a for a in node.args if isinstance(a, Node) and shape_of(a) == shape_of(softmax)), None)
-        if node is None:
+        chain = next((a for a in node.args if isinstance(a, Node) and shape_of(a) == shape_of(softmax)), None)
+        if chain is None:
             return None
+        if node.target == aten.add.Tensor and mask is None:  # the last one added: the mask, as Hugging Face adds it
+            mask = next((a for a in node.args if a is not chain and isinstance(a, Node)
+                         and _broadcasts_to(shape_of(a), shape_of(softmax))), None)
+        node = chain
     if node.op != "call_function" or node.target not in _MATMUL:
         return None
     query, keys = node.args[0], _strip_transpose(node.args[1])
@@ -93,7 +105,13 @@ def _eager(softmax: Node) -> Attention | None:
     weighted = next((n for n in sorted(descendants([softmax]), key=lambda n: list(softmax.graph.nodes).index(n))
                      if n.op == "call_function" and n.target in _MATMUL), None)
     quadratic = (node, weighted) if weighted is not None else (node,)
-    return Attention("eager", softmax, query, keys, quadratic, logits)
+    return Attention("eager", softmax, query, keys, quadratic, logits, mask)
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """A [.., N, N_keys] tensor that broadcasts to ``target`` over its leading dims (a mask, not a per-head bias)."""
+    return shape is not None and len(shape) == len(target) and tuple(shape[-2:]) == tuple(target[-2:]) \
+        and all(s in (1, t) for s, t in zip(shape, target))
 
 
 def find_attention(gm: GraphModule) -> list[Attention]:

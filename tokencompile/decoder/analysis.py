@@ -2,9 +2,10 @@
 
 The prefill program takes ``input_ids [B, N]`` and returns the last token's logits followed by every
 layer's key and value cache (see ``tokencompile.decoder.prefill``). From its graph we find the blocks
-(``tokencompile.analysis``), whether each attention is causal (SDPA's ``is_causal`` or a mask whose
-value is lower-triangular), the rotary position tables (the cos / sin that multiply q and k), which
-output is which layer's key or value cache, and the span of prompt tokens a method may remove.
+(``tokencompile.analysis``), whether each attention is causal (SDPA's ``is_causal``, or a mask whose
+value is lower-triangular: SDPA's, or the one eager attention adds to its logits), the rotary position
+tables (the cos / sin that multiply q and k), which output is which layer's key or value cache, and the
+span of prompt tokens a method may remove.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _is_causal_mask(mask: torch.Tensor) -> bool:
 
 
 def _causal_flags(gm: GraphModule, attentions: list[Attention], example_inputs: tuple) -> list[bool]:
-    masks = {a.mask() for a in attentions if a.kind == "sdpa" and isinstance(a.mask(), Node)}
+    masks = {a.mask() for a in attentions if isinstance(a.mask(), Node)}
     values = {}
     if masks:
         runner = _MaskValues(gm, masks)
@@ -105,9 +106,7 @@ def _causal_flags(gm: GraphModule, attentions: list[Attention], example_inputs: 
         values = runner.values
     flags = []
     for attention in attentions:
-        if attention.kind != "sdpa":
-            flags.append(False)  # eager attention: causality is not checked (export with SDPA)
-        elif node_arg(attention.node, 5, "is_causal", False):
+        if attention.kind == "sdpa" and node_arg(attention.node, 5, "is_causal", False):
             flags.append(attention.mask() is None)
         else:
             mask = attention.mask()
@@ -175,7 +174,7 @@ def _cache_outputs(gm: GraphModule, attentions: list[Attention],
     writes = in_place_writes(gm.graph)
     # an output feeds its own layer's attention first (and, through the residual stream, every later one)
     reads = [(layer, role, ancestors(source, writes) | {source}) for layer, attention in enumerate(attentions)
-             for role, source in (("key", attention.keys), ("value", attention.node.args[2]))]
+             for role, source in (("key", attention.keys), ("value", attention.values)) if source is not None]
     found = {}
     for index, arg in enumerate(output.args[0]):
         if mask is not None and _before_casts(arg) is mask:  # checked first: the mask shapes every key too
@@ -195,6 +194,12 @@ def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tu
     tokens is the decoder. ``extra_inputs``: the program's inputs after input_ids (a VLM's pixel values);
     ``mask``: the index among the program's inputs of a padding mask [B, N] (1: token, 0: padding)."""
     stacks = block_stacks(gm)
+    if not stacks:
+        raise UnsupportedModelError("no attention found in the language model's graph: prompt reduction reads SDPA, "
+                                    "or eager attention as matmul -> softmax -> matmul with an additive mask",
+                                    "load the model with attn_implementation='sdpa' where it has SDPA (eager "
+                                    "attention with sink logits, as GPT-OSS, or ALiBi, as Bloom and MPT, is not "
+                                    "supported)")
     decoder_stacks = [name for name, tokens in stacks.items() if tokens == example_ids.shape[1]]
     if len(stacks) > 1 and len(decoder_stacks) != 1:
         raise UnsupportedModelError(f"cannot tell the decoder among the block stacks {stacks} for a "
@@ -215,7 +220,8 @@ def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tu
     causal = _causal_flags(gm, attentions, (example_ids, *extra_inputs))
     if not all(causal):
         raise UnsupportedModelError(f"attention of blocks {[i for i, c in enumerate(causal) if not c]} is not "
-                                    "causal", "prompt reduction needs a causal decoder exported with SDPA")
+                                    "causal", "prompt reduction needs a causal decoder (SDPA, or eager attention that "
+                                    "adds a causal mask to its logits)")
     rope = list(dict.fromkeys(table for node in gm.graph.nodes for table in _rope_tables(node)))
     scales = [node_arg(a.node, 6, "scale", None) or shape_of(a.query)[-1] ** -0.5 for a in attentions]
     caches = _cache_outputs(gm, attentions, mask_node)

@@ -3,8 +3,10 @@
 FastV (Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024): at the probe layer the
 span's tokens are scored by the attention the last prompt token gives them (softmax of
 q_last . k / sqrt(d), averaged over heads). The row is computed from q and k next to the attention, so
-the layer's SDPA stays fused and no N x N matrix is built. The top tokens of the span stay for every
-later layer; tokens outside the span, the first ``sinks`` prompt tokens and the last token always stay.
+the layer's SDPA stays fused and no N x N matrix is built (eager attention has one: the row is read from
+its softmax, with whatever the model does to its logits, such as Gemma 2's soft-capping). The top
+tokens of the span stay for every later layer; tokens outside the span, the first ``sinks`` prompt
+tokens and the last token always stay.
 ``pool`` > 1 averages the score over that many neighbouring tokens first (SnapKV's pooling).
 ``lookup`` > 0 adds a prompt-lookup prior for continuations that copy earlier text (as prompt-lookup
 decoding drafts tokens): the n-grams ending at the last ``lookup`` prompt tokens are looked up earlier
@@ -97,8 +99,13 @@ class FastV(PruneMethod):
                                     "give layer >= 1 (the first layer that sees the kept tokens)")
 
     def last_token_attention(self, builder: GraphBuilder, site: SiteInputs) -> Node:
-        """[B, N]: mean over heads (and probe rows) of the last prompt tokens' causal attention rows."""
+        """[B, N]: mean over heads (and probe rows) of the last prompt tokens' causal attention rows (eager
+        attention: read from its softmax, which holds the model's own soft-capping or biases)."""
         probes = min(self.probes, site.n)
+        if site.probabilities is not None:
+            rows = builder.call(aten.slice.Tensor, site.probabilities, 2, site.n - probes, site.n)  # [B, H, P, N]
+            return builder.call(aten.mean.dim, builder.cast(rows, torch.float32), [1, 2],
+                                name=f"block{site.block}_last_token_attention")
         rows = builder.call(aten.slice.Tensor, site.query, 2, site.n - probes, site.n)          # [B, H, P, D]
         logits = builder.call(aten.matmul.default, rows, builder.call(aten.transpose.int, site.keys, -2, -1))
         scale = self.scales[site.block] if self.scales else self.scale

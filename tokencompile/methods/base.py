@@ -27,6 +27,7 @@ class SiteInputs:
     protect_last_valid: bool
     n: int              # tokens at the site
     depth: int          # blocks in the model
+    probabilities: Node | None = None  # eager attention: its softmax [B, H, N, N] (SDPA computes none)
 
 
 @dataclass(frozen=True)

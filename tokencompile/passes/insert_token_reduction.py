@@ -79,7 +79,8 @@ def _insert_site(gm: GraphModule, ctx: RewriteContext, block_index: int, n_in: i
     inputs = SiteInputs(block=block_index, x=site, query=block.attention.query, keys=block.keys, valid=valid,
                         sizes=sizes, num_prefix=ctx.analysis.num_prefix,
                         protect_last_valid=ctx.analysis.protect_last_valid, n=n_in,
-                        depth=len(ctx.analysis.blocks))
+                        depth=len(ctx.analysis.blocks),
+                        probabilities=block.attention.node if block.attention.kind == "eager" else None)
     plan = ctx.method.plan(builder, inputs, r)
     rep, src, dst = plan.rep, plan.src, plan.dst
     weight = sizes if plan.weight is None else plan.weight
