@@ -152,8 +152,9 @@ def test_fastv_equals_the_models_own_code(family, prompts):
 
 def test_attention_prompt_reduction_cannot_serve_is_refused(prompts):
     """Attention outside the graph (flex attention), eager attention with extra logit columns (GPT-OSS's
-    sinks), ALiBi biases (Falcon's option) and sparse attention over an indexer's top-k keys (DeepSeek V3.2,
-    which kept its own indexer cache and crashed in decoding) are refused in one line."""
+    sinks) or masked by where (GPT-Neo), ALiBi biases (Falcon's option, MPT, Bloom) and sparse attention over
+    an indexer's top-k keys (DeepSeek V3.2, which kept its own indexer cache and crashed in decoding) are
+    refused in one line."""
     with pytest.raises(UnsupportedModelError) as error:
         compile_decoder(build("qwen3", "flex_attention"), prompts[0], keep=0.5)
     assert str(error.value) == ("the language model computes attention with 'flex_attention'; prompt reduction reads "
@@ -167,14 +168,55 @@ def test_attention_prompt_reduction_cannot_serve_is_refused(prompts):
                                                     r"-> matmul with an additive mask \(load the model with "):
         compile_decoder(gpt_oss, prompts[0], budget=1.0)
     with pytest.raises(UnsupportedModelError, match=r"^FalconForCausalLM adds ALiBi position biases to its attention "
-                                                    r"\(config.alibi\), which prompt reduction does not support"):
+                                                    r"\(alibi in its config\), which prompt reduction does not "):
         compile_decoder(build("falcon", alibi=True), prompts[0], budget=1.0)
+    mpt = transformers.MptForCausalLM(transformers.MptConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=2))
+    with pytest.raises(UnsupportedModelError, match=r"^MptForCausalLM adds ALiBi position biases"):
+        compile_decoder(mpt.eval(), prompts[0], budget=1.0)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4))
+    with pytest.raises(UnsupportedModelError, match=r"^no attention found in the language model's graph"):
+        compile_decoder(bloom.eval(), prompts[0], budget=1.0)   # ALiBi through baddbmm: not read as attention
+    # GPT-Neo's local layers mask a window with where(): a check of the added mask alone would pass it, and
+    # decoding on a reduced cache would measure the window in cache slots
+    gpt_neo = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=256, max_position_embeddings=256)).eval()
+    with pytest.raises(UnsupportedModelError) as error:
+        compile_decoder(gpt_neo, prompts[0], budget=1.0)
+    assert str(error.value) == ("the eager attention of blocks [0, 1] masks its logits with where / masked_fill (e.g. "
+                                "a local attention window), which prompt reduction cannot check; it reads a mask "
+                                "added to the logits right before the softmax (load the model with "
+                                "attn_implementation='sdpa' where it has SDPA)")
     sparse = transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config(
         **{**COMMON, **MLA, "num_hidden_layers": 2}, n_group=1, topk_group=1, index_topk=64, index_n_heads=2,
         index_head_dim=16, attn_implementation="sdpa")).eval()
     with pytest.raises(UnsupportedModelError, match=r"^DeepseekV32ForCausalLM uses sparse attention: an indexer "
                                                     r"picks the keys each query attends to \(config.index_topk\)"):
         compile_decoder(sparse, prompts[0], budget=1.0)
+
+
+@pytest.mark.slow  # about 15 s
+def test_zipcache_reads_eager_attention_probabilities(prompts):
+    """ZipCache on Gemma 2 keeps the tokens of the saliency computed from the model's own attention
+    probabilities (each key over the probes that see it) and then equals the model's own forward. (On these
+    random weights q . k / sqrt(d) ranks the keys alike; tests/test_decoder_span_scores.py checks the score
+    itself.)"""
+    from tokencompile.methods.zipcache import probe_slices
+
+    model = build("gemma2")
+    ids, continuation = prompts
+    with torch.no_grad():
+        attention = model(input_ids=ids, output_attentions=True).attentions[LAYER - 1]            # [B, H, N, N]
+    rows = torch.cat([torch.arange(TOKENS)[slice(*s)] for s in probe_slices(TOKENS, 0.2)])
+    seen = torch.arange(TOKENS)[None, :] <= rows[:, None]                                          # [P, N]
+    saliency = (attention[:, :, rows].mean(1) * seen).sum(1) / seen.sum(0).clamp(min=1)
+    kept = reference_kept(saliency, Span(*SPAN).removable(ids), KEPT)
+    program = compile_decoder(model, ids, keep=KEPT / SPAN[1], layer=LAYER, span=SPAN, method="zipcache",
+                              options={"probes": 0.2})
+    rows = torch.cat([kept, torch.arange(TOKENS, TOKENS + CONTINUATION).expand(2, -1)], 1)
+    expected = reference_logits(model, torch.cat([ids, continuation], 1), rows, False)
+    torch.testing.assert_close(teacher_forced_logits(program, ids, continuation),
+                               expected[:, -CONTINUATION - 1:-1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow  # two ONNX exports: about 40 s

@@ -116,6 +116,37 @@ def test_span_scores_run_in_onnx_runtime(llama, prompts, method, tmp_path):
     assert torch.equal(generate(runner, prompts, 8), generate(program, prompts, 8))
 
 
+def test_zipcache_reads_the_probabilities_of_eager_attention():
+    """With eager attention the decoder's ZipCache takes its probe rows from the model's softmax (which holds
+    whatever the model does to its logits: soft-capping, its own scale), not from q . k / sqrt(d)."""
+    from tokencompile.graph_utils import GraphBuilder
+    from tokencompile.methods import ZipCache
+    from tokencompile.methods.base import SiteInputs
+
+    class Inputs(torch.nn.Module):
+        def forward(self, x, query, keys, probabilities):
+            return x + query.sum() + keys.sum() + probabilities.sum()
+
+    generator = torch.Generator().manual_seed(0)
+    n = 20
+    query, keys = torch.randn(2, 3, n, 4, generator=generator), torch.randn(2, 3, n, 4, generator=generator)
+    future = torch.arange(n)[None, :] > torch.arange(n)[:, None]
+    probabilities = torch.randn(2, 3, n, n, generator=generator).masked_fill(future, -math.inf).softmax(-1)
+    x = torch.zeros(2, n, 8)
+    gm = torch.export.export(Inputs(), (x, query, keys, probabilities)).module()
+    nodes = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    site = SiteInputs(block=0, x=nodes[0], query=nodes[1], keys=nodes[2], valid=None, sizes=None, num_prefix=0,
+                      protect_last_valid=False, n=n, depth=2, probabilities=nodes[3])
+    method = ZipCache(probes=0.2, causal=True)
+    score = method.score(GraphBuilder(gm, nodes[3]), site, 10)
+    next(node for node in gm.graph.nodes if node.op == "output").args = ((score,),)
+    gm.recompile()
+    rows = torch.cat([torch.arange(n)[slice(*s)] for s in probe_slices(n, 0.2)])
+    seen = torch.arange(n)[None, :] <= rows[:, None]                                               # [P, N]
+    expected = (probabilities[:, :, rows].mean(1) * seen).sum(1) / seen.sum(0).clamp(min=1)
+    torch.testing.assert_close(gm(x, query, keys, probabilities), expected)
+
+
 def test_budget_is_met(llama, prompts):
     program = compile_decoder(llama, prompts[:1], budget=0.7, layer=1, method="dart")
     assert program.report["flops_ratio"] <= 0.7

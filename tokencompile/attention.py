@@ -36,7 +36,8 @@ class Attention:
     keys: Node                 # [B, H, N, D]
     quadratic: tuple[Node, ...]  # nodes whose cost grows with tokens squared
     logits: Node | None = None   # eager: the softmax input
-    added_mask: Node | None = None  # eager: the additive mask over keys added to the logits
+    added_mask: Node | None = None  # eager: the mask over keys added to the logits right before the softmax
+    logit_ops: tuple[Node, ...] = ()  # eager: the ops between the q.k matmul and the softmax, softmax first
 
     @property
     def tokens(self) -> int:
@@ -88,15 +89,12 @@ def _eager(softmax: Node) -> Attention | None:
     if len(shape_of(softmax) or ()) != 4 or softmax.args[1] not in (-1, 3):
         return None
     logits = softmax.args[0]
-    node, mask = logits, None
+    node, ops = logits, []
     while node.op == "call_function" and node.target in _LOGIT_OPS:
-        chain = next((a for a in node.args if isinstance(a, Node) and shape_of(a) == shape_of(softmax)), None)
-        if chain is None:
+        ops.append(node)
+        node = next((a for a in node.args if isinstance(a, Node) and shape_of(a) == shape_of(softmax)), None)
+        if node is None:
             return None
-        if node.target == aten.add.Tensor and mask is None:  # the last one added: the mask, as Hugging Face adds it
-            mask = next((a for a in node.args if a is not chain and isinstance(a, Node)
-                         and _broadcasts_to(shape_of(a), shape_of(softmax))), None)
-        node = chain
     if node.op != "call_function" or node.target not in _MATMUL:
         return None
     query, keys = node.args[0], _strip_transpose(node.args[1])
@@ -105,13 +103,21 @@ def _eager(softmax: Node) -> Attention | None:
     weighted = next((n for n in sorted(descendants([softmax]), key=lambda n: list(softmax.graph.nodes).index(n))
                      if n.op == "call_function" and n.target in _MATMUL), None)
     quadratic = (node, weighted) if weighted is not None else (node,)
-    return Attention("eager", softmax, query, keys, quadratic, logits, mask)
+    mask = _added_mask(ops[0], ops[1] if len(ops) > 1 else node, shape_of(softmax)) if ops else None
+    return Attention("eager", softmax, query, keys, quadratic, logits, mask, tuple(ops))
 
 
-def _broadcasts_to(shape, target) -> bool:
-    """A [.., N, N_keys] tensor that broadcasts to ``target`` over its leading dims (a mask, not a per-head bias)."""
-    return shape is not None and len(shape) == len(target) and tuple(shape[-2:]) == tuple(target[-2:]) \
-        and all(s in (1, t) for s, t in zip(shape, target))
+def _added_mask(last: Node, scores: Node, target) -> Node | None:
+    """The [B or 1, 1, N, N_keys] mask that ``last``, the op right before the softmax, adds to the ``scores``
+    (as Hugging Face's eager attention adds it, after any scaling or soft-capping), else None."""
+    if last.target != aten.add.Tensor:
+        return None
+    for arg in last.args:
+        shape = shape_of(arg) if isinstance(arg, Node) and arg is not scores else None
+        if shape is not None and len(shape) == 4 and shape[0] in (1, target[0]) and shape[1] == 1 \
+                and tuple(shape[2:]) == tuple(target[2:]):
+            return arg
+    return None
 
 
 def find_attention(gm: GraphModule) -> list[Attention]:

@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from ..analysis import ModelAnalysis, analyse, block_stacks
-from ..attention import Attention
+from ..attention import Attention, find_attention
 from ..errors import TokenCompileError, UnsupportedModelError
 from ..graph_utils import ancestors, aten, in_place_writes, node_arg, shape_of
 
@@ -94,6 +94,9 @@ def _is_causal_mask(mask: torch.Tensor) -> bool:
     n_q, n_k = mask.shape[-2:]
     visible = mask if mask.dtype == torch.bool else torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min)
     return n_q == n_k and bool((visible == torch.ones(n_q, n_k, dtype=torch.bool).tril()).all())
+
+
+_MASKING = (aten.where.self, aten.masked_fill.Scalar)
 
 
 def _causal_flags(gm: GraphModule, attentions: list[Attention], example_inputs: tuple) -> list[bool]:
@@ -194,7 +197,7 @@ def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tu
     tokens is the decoder. ``extra_inputs``: the program's inputs after input_ids (a VLM's pixel values);
     ``mask``: the index among the program's inputs of a padding mask [B, N] (1: token, 0: padding)."""
     stacks = block_stacks(gm)
-    if not stacks:
+    if not find_attention(gm):
         raise UnsupportedModelError("no attention found in the language model's graph: prompt reduction reads SDPA, "
                                     "or eager attention as matmul -> softmax -> matmul with an additive mask",
                                     "load the model with attn_implementation='sdpa' where it has SDPA (eager "
@@ -217,6 +220,12 @@ def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tu
     if len(ids) != 1:
         raise UnsupportedModelError("the prefill program needs exactly one integer [B, N] input (input_ids)",
                                     "export through tokencompile.decoder.CausalLMPrefill")
+    masked = [i for i, a in enumerate(attentions) if any(op.target in _MASKING for op in a.logit_ops)]
+    if masked:  # only an added mask is checked for causality: a window or a bias hidden in another op would not be
+        raise UnsupportedModelError(f"the eager attention of blocks {masked} masks its logits with where / "
+                                    "masked_fill (e.g. a local attention window), which prompt reduction cannot "
+                                    "check; it reads a mask added to the logits right before the softmax",
+                                    "load the model with attn_implementation='sdpa' where it has SDPA")
     causal = _causal_flags(gm, attentions, (example_ids, *extra_inputs))
     if not all(causal):
         raise UnsupportedModelError(f"attention of blocks {[i for i, c in enumerate(causal) if not c]} is not "

@@ -266,22 +266,23 @@ def sliding_window(lm: torch.nn.Module) -> int | None:
 
 def check_model_attention(lm: torch.nn.Module, prompt_tokens: int) -> None:
     """Prompt reduction reads causal attention (SDPA or eager) from the graph, over the whole prompt."""
-    used = getattr(text_config(lm), "_attn_implementation", None)
+    config = text_config(lm)
+    used = getattr(config, "_attn_implementation", None)
     if used not in (None, "sdpa", "eager"):
         raise UnsupportedModelError(f"the language model computes attention with {used!r}; prompt reduction reads "
                                     "causal attention from the graph", "load it with attn_implementation='sdpa' "
                                     "(or 'eager' where the model has no SDPA)")
-    if getattr(text_config(lm), "alibi", False) is True:
-        raise UnsupportedModelError(f"{type(lm).__name__} adds ALiBi position biases to its attention (config.alibi), "
-                                    "which prompt reduction does not support (kept keys need the biases of their "
-                                    "original distances, over per-layer caches)",
+    if True in (getattr(config, "alibi", None), getattr(getattr(config, "attn_config", None), "alibi", None)):
+        raise UnsupportedModelError(f"{type(lm).__name__} adds ALiBi position biases to its attention (alibi in its "
+                                    "config), which prompt reduction does not support (kept keys need the biases of "
+                                    "their original distances, over per-layer caches)",
                                     "use a model with rotary or learned positions")
-    if getattr(text_config(lm), "index_topk", None) is not None:
+    if getattr(config, "index_topk", None) is not None:
         raise UnsupportedModelError(f"{type(lm).__name__} uses sparse attention: an indexer picks the keys each "
                                     "query attends to (config.index_topk) and keeps a cache of its own; prompt "
                                     "reduction needs dense causal attention over a key / value cache",
                                     "use a model with dense attention")
-    if getattr(text_config(lm), "use_bidirectional_attention", False):
+    if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{type(lm).__name__}'s language model lets the prompt's tokens attend both ways "
                                     "(use_bidirectional_attention, e.g. PaliGemma's prefix over the image and the "
                                     "prompt); prompt reduction and decoding on the reduced cache need causal attention",

@@ -36,6 +36,10 @@ class ZipCache(PruneMethod):
 
     def score(self, builder: GraphBuilder, site: SiteInputs, n_keep: int) -> Node:
         slices = probe_slices(site.n, self.probes)
+        if self.causal and site.probabilities is not None:  # a decoder's eager attention: its own rows
+            rows = builder.cast(self._take(builder, site.probabilities, 2, slices), torch.float32)  # [B, H, P, N]
+            return self._causal_saliency(builder, site, slices, builder.call(aten.mean.dim, rows, [1]),
+                                         self._future(builder, site, slices))
         probes = self._take(builder, site.query, 2, slices)                          # [B, H, P, D]
         scale = self.scale if self.scale is not None else tensor_meta(site.query).shape[-1] ** -0.5
         logits = builder.call(aten.matmul.default, probes, builder.call(aten.transpose.int, site.keys, -2, -1))
@@ -47,7 +51,11 @@ class ZipCache(PruneMethod):
             logits = builder.call(aten.masked_fill.Scalar, logits, builder.call(aten.logical_not.default, key_ok),
                                   float("-inf"))
         if self.causal:
-            return self._causal_saliency(builder, site, slices, logits)
+            future = self._future(builder, site, slices)
+            logits = builder.call(aten.masked_fill.Scalar, logits, builder.call(aten.unsqueeze.default, future, 1),
+                                  float("-inf"))
+            attention = builder.call(aten.mean.dim, builder.call(aten.softmax.int, logits, -1), [1])   # [B, P, N]
+            return self._causal_saliency(builder, site, slices, attention, future)
         attention = builder.call(aten.mean.dim, builder.call(aten.softmax.int, logits, -1), [1])   # [B, P, N]
         # each key's saliency is normalised by the number of probe queries that see it: padding
         # queries see nothing (under a causal mask, queries before the key would not either)
@@ -60,15 +68,17 @@ class ZipCache(PruneMethod):
         count = builder.call(aten.clamp.default, builder.call(aten.sum.dim_IntList, seen_by, [1], True), 1)
         return builder.call(aten.div.Tensor, total, count, name=f"block{site.block}_zipcache_saliency")
 
-    def _causal_saliency(self, builder: GraphBuilder, site: SiteInputs, slices, logits: Node) -> Node:
-        """Each key's attention summed over the probes at or after it, divided by their number."""
+    def _future(self, builder: GraphBuilder, site: SiteInputs, slices) -> Node:
+        """[B, P, N]: True at the keys after each probe."""
         positions = builder.positions(site.x)                                              # [B, N]
         probe_at = self._take(builder, positions, 1, slices)                               # [B, P]
-        future = builder.call(aten.gt.Tensor, builder.call(aten.unsqueeze.default, positions, 1),
-                              builder.call(aten.unsqueeze.default, probe_at, 2))           # [B, P, N]
-        logits = builder.call(aten.masked_fill.Scalar, logits, builder.call(aten.unsqueeze.default, future, 1),
-                              float("-inf"))
-        attention = builder.call(aten.mean.dim, builder.call(aten.softmax.int, logits, -1), [1])   # [B, P, N]
+        return builder.call(aten.gt.Tensor, builder.call(aten.unsqueeze.default, positions, 1),
+                            builder.call(aten.unsqueeze.default, probe_at, 2))
+
+    def _causal_saliency(self, builder: GraphBuilder, site: SiteInputs, slices, attention: Node,
+                         future: Node) -> Node:
+        """Each key's causal attention [B, P, N] (mean over heads) summed over the probes at or after it
+        (``future``: True at the keys after a probe), divided by their number."""
         seen = builder.call(aten.logical_not.default, future)
         if site.valid is not None:
             seen = builder.call(aten.logical_and.default, seen, builder.call(
