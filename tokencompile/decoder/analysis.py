@@ -197,7 +197,7 @@ def analyse_decoder(gm: GraphModule, example_ids: torch.Tensor, extra_inputs: tu
     tokens is the decoder. ``extra_inputs``: the program's inputs after input_ids (a VLM's pixel values);
     ``mask``: the index among the program's inputs of a padding mask [B, N] (1: token, 0: padding)."""
     stacks = block_stacks(gm)
-    if not find_attention(gm):
+    if not stacks and not find_attention(gm):  # attention outside indexed blocks: ``analyse`` says so
         raise UnsupportedModelError("no attention found in the language model's graph: prompt reduction reads SDPA, "
                                     "or eager attention as matmul -> softmax -> matmul with an additive mask",
                                     "load the model with attn_implementation='sdpa' where it has SDPA (eager "
