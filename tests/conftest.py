@@ -11,7 +11,8 @@ import models
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
-torch.set_num_threads(2)
+# One thread per pytest-xdist worker: CI's `-n 2` runs two workers on the machine's two cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

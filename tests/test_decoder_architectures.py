@@ -69,7 +69,8 @@ def build(family: str, attention: str | None = None, **changes) -> torch.nn.Modu
 
 
 def families():
-    return [family if family in DEFAULT_RUN else pytest.param(family, marks=pytest.mark.slow) for family in FAMILIES]
+    return [family if family in DEFAULT_RUN else pytest.param(family, marks=[pytest.mark.slow, pytest.mark.sweep])
+            for family in FAMILIES]
 
 
 def kept_rows(model, family: str, ids: torch.Tensor) -> torch.Tensor:

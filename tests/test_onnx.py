@@ -52,6 +52,7 @@ def test_onnx_parity_budget_half(optimized, name, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep  # budget 0.5 runs on every model above
 @pytest.mark.parametrize("budget", [1.0, 0.75, 0.25])
 @pytest.mark.parametrize("name", MODELS)
 def test_onnx_parity_other_budgets(optimized, name, budget, tmp_path):
