@@ -35,8 +35,8 @@ def test_official_tome_in_float64(recipe, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,r", [(name, r) if (name, r) == ("vit_small", 16) else
-                                    pytest.param(name, r, marks=pytest.mark.sweep)
-                                    for r in (4, 16) for name in ("vit_small", "deit_small_distilled", "vit_small_avg")])
+                                    pytest.param(name, r, marks=pytest.mark.sweep) for r in (4, 16)
+                                    for name in ("vit_small", "deit_small_distilled", "vit_small_avg")])
 def test_official_tome_in_float64_other_r(recipe, name, r):
     result = _compare_vit(recipe, name, r)
     if r == 16:  # the official cap, (tokens - protected) // 2, holds from some block on
