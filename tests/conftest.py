@@ -15,6 +15,14 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    """A sweep is part of the slow set: `-m slow` runs it, the default run leaves it out."""
+    for item in items:
+        if item.get_closest_marker("sweep") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def recipe():
     """recipe(name) -> (module, program with symbolic batch); built once per session."""

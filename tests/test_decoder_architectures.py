@@ -69,7 +69,7 @@ def build(family: str, attention: str | None = None, **changes) -> torch.nn.Modu
 
 
 def families():
-    return [family if family in DEFAULT_RUN else pytest.param(family, marks=[pytest.mark.slow, pytest.mark.sweep])
+    return [family if family in DEFAULT_RUN else pytest.param(family, marks=pytest.mark.sweep)
             for family in FAMILIES]
 
 

@@ -204,11 +204,8 @@ def test_every_method_exports_and_keeps_fused_attention(tiny, method, tmp_path):
 def _end_to_end_cases():
     """Every method on ViT-S and BERT; the default set keeps three pruners on BERT (padding), the rest is
     marked slow, and BERT's other methods sweep (every method's ONNX parity also runs on the small model above)."""
-    def marks(name):
-        return [pytest.mark.slow, pytest.mark.sweep] if name == "hf_bert" else [pytest.mark.slow]
-
     return [(name, method) if name == "hf_bert" and method in ("evit", "dart", "random")
-            else pytest.param(name, method, marks=marks(name))
+            else pytest.param(name, method, marks=pytest.mark.sweep if name == "hf_bert" else pytest.mark.slow)
             for name in ("vit_small", "hf_bert") for method in sorted(METHODS) if method != "tome"]
 
 
@@ -239,7 +236,6 @@ def check_method_end_to_end(program, name: str, method: str, tmp_path=None) -> N
     assert all(row["max_abs_error"] <= 1e-4 for row in rows), rows
 
 
-@pytest.mark.slow
 @pytest.mark.sweep
 @pytest.mark.parametrize("name", ["deit_small_distilled", "minilm"])
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"tome"}))

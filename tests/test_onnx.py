@@ -51,7 +51,6 @@ def test_onnx_parity_budget_half(optimized, name, tmp_path):
     assert "ScatterND" not in info.op_counts
 
 
-@pytest.mark.slow
 @pytest.mark.sweep  # budget 0.5 runs on every model above
 @pytest.mark.parametrize("budget", [1.0, 0.75, 0.25])
 @pytest.mark.parametrize("name", MODELS)
