@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 from onnx import helper
 
+import tokencompile
 from models import RECIPES, text_inputs
 from tokencompile.cli import main
 from tokencompile.lowering.onnx_export import (
@@ -14,6 +15,8 @@ from tokencompile.lowering.onnx_export import (
     ort_session,
     verify_onnx,
 )
+from tokencompile.lowering.onnx_ops import translation_table
+from tokencompile.lowering.onnx_optimize import optimize_onnx, single_output_rules
 from tokencompile.lowering.tensorrt_check import check_tensorrt
 
 MODELS = ["vit_small", "deit_small_distilled", "hf_vit", "hf_bert", "hf_bert_eager", "minilm"]
@@ -102,6 +105,33 @@ def test_each_op_lowers_exactly(tmp_path, use_valid, ab_order):
             assert (torch.from_numpy(g).float() - want.detach().float()).abs().max() <= 1e-5
 
 
+def _nodes(model):
+    return [(n.op_type, n.name, list(n.input), list(n.output), [str(a) for a in n.attribute])
+            for n in onnx.shape_inference.infer_shapes(model).graph.node]
+
+
+@pytest.mark.parametrize("method", ["tome", "evit", "divprune"])  # divprune: a Loop
+def test_optimize_onnx_equals_onnxscripts_whole_optimizer(tiny_bert, tiny_bert_module, method):
+    """optimize_onnx leaves out onnxscript's multi-output pattern rules (time quadratic in the graph) and
+    gives the same graph as torch.onnx.export(optimize=True)."""
+    import onnxscript.rewriter
+
+    program = tokencompile.optimize(tiny_bert, budget=0.7, method=method).program
+    inputs = tiny_bert_module[1]
+
+    def export(optimize):
+        return torch.onnx.export(program, inputs, dynamo=True, opset_version=18, optimize=optimize,
+                                 custom_translation_table=translation_table(), verbose=False)
+    ours, whole = export(False), export(True)
+    optimize_onnx(ours)
+    assert _nodes(ours.model_proto) == _nodes(whole.model_proto)
+    assert [i.name for i in ours.model_proto.graph.initializer] == [i.name for i in whole.model_proto.graph.initializer]
+    rules = single_output_rules()
+    assert rules is not None, "this onnxscript does not expose its rules: optimize_onnx runs the whole optimizer"
+    assert "SlicesSplit" not in {rule.name for rule in rules}
+    assert len(rules) == len(onnxscript.rewriter._DEFAULT_REWRITE_RULES) - 1  # restored after the call
+
+
 def test_tensorrt_check_flags_what_the_parser_cannot_build():
     topk = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="bad_topk", sorted=0)
     custom = helper.make_node("Magic", ["x"], ["y"], name="magic", domain="my.ops")
@@ -113,6 +143,7 @@ def test_tensorrt_check_flags_what_the_parser_cannot_build():
     assert ("bad_topk", "k > 3840") in findings
     assert any(node == "magic" and "custom domain" in problem for node, problem in findings)
     assert any(node == "strings" and "not supported" in problem for node, problem in findings)
+
 
 
 @pytest.mark.slow  # about 30 s: the default run keeps its 15-minute margin

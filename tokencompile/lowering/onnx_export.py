@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import logging
 import os
 import re
 import time
@@ -16,6 +15,7 @@ from torch.export import ExportedProgram
 from ..errors import TokenCompileError
 from .onnx_files import save_onnx
 from .onnx_ops import translation_table
+from .onnx_optimize import optimize_onnx
 
 DEFAULT_OPSET = 18
 
@@ -62,14 +62,12 @@ def _untranslated_op(error: BaseException) -> str | None:
 
 def run_torch_onnx_export(program: ExportedProgram, example_inputs: tuple, opset: int, table: dict,
                           what: str = "ONNX export"):
-    """torch.onnx's dynamo export with ``table`` for the tokencompile ops; the batch axis named "batch" and
-    readable node names. Returns the ONNXProgram and the number of nodes in token ops."""
-    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
-    level = folding.level
-    folding.setLevel(logging.ERROR)  # "Evaluation failed" warnings: a constant it could not fold stays a node
+    """torch.onnx's dynamo export with ``table`` for the tokencompile ops, optimized by optimize_onnx; the batch
+    axis named "batch" and readable node names. Returns the ONNXProgram and the number of nodes in token ops."""
     try:
         exported = torch.onnx.export(program, tuple(example_inputs), dynamo=True, opset_version=opset,
-                                     custom_translation_table=table, verbose=False)
+                                     custom_translation_table=table, verbose=False, optimize=False)
+        optimize_onnx(exported)
     except Exception as error:
         missing = _untranslated_op(error)
         if missing is not None:
@@ -78,8 +76,6 @@ def run_torch_onnx_export(program: ExportedProgram, example_inputs: tuple, opset
                                     "of experts have none; the torch program itself runs)") from error
         raise TokenCompileError(f"{what} failed: {str(error).splitlines()[0]}",
                                 "rerun with --debug and report the model") from error
-    finally:
-        folding.setLevel(level)
     model = exported.model
     batch = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape else None
     if batch is not None and not isinstance(batch, int):
