@@ -12,7 +12,7 @@ import torch
 import transformers
 from test_decoder import reference_kept
 
-from tokencompile.decoder import compile_decoder, generate, teacher_forced_logits
+from tokencompile.decoder import compile_decoder, generate, prefill, teacher_forced_logits
 from tokencompile.decoder.analysis import Span
 from tokencompile.errors import TokenCompileError, UnsupportedModelError
 
@@ -224,7 +224,6 @@ def test_zipcache_reads_eager_attention_probabilities(prompts):
 def test_eager_attention_pads_and_exports(prompts, tmp_path):
     """Gemma 2 (eager): a left-padded prompt gives what it gives alone (the model's own mask keeps the
     probe off the padding), and the ONNX graphs generate like the program."""
-    from tokencompile.decoder import prefill
     from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 
     model = build("gemma2", pad_token_id=0)
@@ -308,12 +307,17 @@ def test_export_errors_quote_the_first_sentence_of_the_reason():
     assert first_sentence("word " * 40) == ("word " * 32).strip() + "..."
 
 
-@pytest.mark.slow  # an ONNX export attempt: about 10 s
-def test_onnx_export_names_the_op_it_cannot_translate(prompts, tmp_path):
-    """Hugging Face's grouped experts run through its own op, which torch.onnx cannot translate: the error names it."""
-    from tokencompile.decoder.onnx_export import export_decoder_onnx
+# two exports and generation: about 40 s (Mixtral) in the slow set; test_onnx checks the Loop itself
+@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow),
+                                    *(pytest.param(family, marks=pytest.mark.sweep)
+                                      for family in ("qwen2_moe", "deepseek_v3"))])
+def test_experts_export_to_onnx_and_generate_like_torch(family, prompts, tmp_path):
+    """Hugging Face's grouped experts run through its own op (token-expert rows sorted by expert), lowered to
+    an ONNX Loop over the experts: ONNX Runtime's prefill logits and greedy tokens equal torch's."""
+    from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 
-    program = compile_decoder(build("mixtral"), prompts[0], keep=KEPT / SPAN[1], layer=LAYER, span=SPAN)
-    with pytest.raises(TokenCompileError, match=r"^ONNX export of the prefill failed: torch.onnx has no ONNX "
-                                                r"translation for the model's op transformers.grouped_mm_fallback"):
-        export_decoder_onnx(program, str(tmp_path))
+    program = compile_decoder(build(family), prompts[0], keep=KEPT / SPAN[1], layer=LAYER, span=SPAN)
+    export_decoder_onnx(program, str(tmp_path))
+    runner = OnnxRunner(str(tmp_path))
+    assert torch.allclose(runner.prefill(prompts[0])[0], prefill(program, prompts[0])[0], atol=1e-4)
+    assert torch.equal(generate(runner, prompts[0], 6), generate(program, prompts[0], 6))

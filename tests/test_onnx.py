@@ -9,6 +9,7 @@ from onnx import helper
 import tokencompile
 from models import RECIPES, text_inputs
 from tokencompile.cli import main
+from tokencompile.errors import TokenCompileError
 from tokencompile.lowering.onnx_export import (
     export_onnx,
     ort_feeds,
@@ -132,6 +133,67 @@ def test_optimize_onnx_equals_onnxscripts_whole_optimizer(tiny_bert, tiny_bert_m
     assert len(rules) == len(onnxscript.rewriter._DEFAULT_REWRITE_RULES) - 1  # restored after the call
 
 
+def _grouped_reference(rows, weight, offs):
+    out, start = torch.zeros(rows.shape[0], weight.shape[2]), 0
+    for expert, end in enumerate(offs.tolist()):
+        out[start:end] = rows[start:end] @ weight[expert]
+        start = end
+    return out
+
+
+class _Experts(torch.nn.Module):
+    def forward(self, rows, weight, offs):
+        return torch.ops.transformers.grouped_mm_fallback(rows, weight, offs)
+
+
+@pytest.mark.parametrize("dtype,offsets_dtype", [(torch.float32, torch.int64), (torch.float16, torch.int32)])
+def test_grouped_experts_lower_to_an_onnx_loop(tmp_path, dtype, offsets_dtype):
+    """Hugging Face's grouped matmul of a mixture of experts (rows sorted by expert, cumulative counts):
+    empty experts, rows past the last offset (left 0) and any number of rows, in ONNX Runtime."""
+    import transformers.integrations.moe  # noqa: F401  (registers the op)
+
+    rows, weight = torch.randn(10, 6, dtype=dtype), torch.randn(4, 6, 3, dtype=dtype)
+    offs = torch.tensor([3, 3, 7, 10], dtype=offsets_dtype)
+    rows_dim = torch.export.Dim("rows")
+    program = torch.export.export(_Experts(), (rows, weight, offs), dynamic_shapes=({0: rows_dim}, None, None))
+    path = str(tmp_path / "experts.onnx")
+    info = export_onnx(program, path, (rows, weight, offs))
+    assert info.op_counts.get("Loop") == 1
+    session = ort_session(path)
+    cases = [(rows, offs), (torch.randn(9, 6), [0, 5, 5, 7]), (torch.randn(1, 6), [0, 0, 1, 1]),
+             (torch.randn(12, 6), [2, 2, 2, 2]), (torch.randn(3, 6), [0, 0, 0, 0])]
+    for case_rows, case_offs in cases:
+        case_rows, case_offs = case_rows.to(dtype), torch.as_tensor(case_offs, dtype=offsets_dtype)
+        got = torch.from_numpy(session.run(None, ort_feeds(session, (case_rows, weight, case_offs)))[0])
+        want = _grouped_reference(case_rows.float(), weight.float(), case_offs)
+        assert got.dtype == dtype
+        assert torch.allclose(got.float(), want, atol=1e-5 if dtype == torch.float32 else 1e-2), (case_offs, got, want)
+
+
+@torch.library.custom_op("tokencompile_test::no_onnx", mutates_args=())
+def _no_onnx(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_no_onnx.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _NoOnnx(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.tokencompile_test.no_onnx(x) + 1
+
+
+def test_an_op_without_translation_is_named(tmp_path):
+    x = torch.randn(2, 3)
+    program = torch.export.export(_NoOnnx(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with pytest.raises(TokenCompileError, match=r"^ONNX export failed: torch.onnx has no ONNX translation for the "
+                                                r"model's op tokencompile_test.no_onnx.default \(export a model "
+                                                r"without it, or add a translation of it to "):
+        export_onnx(program, str(tmp_path / "x.onnx"), (x,))
+
+
 def test_tensorrt_check_flags_what_the_parser_cannot_build():
     topk = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="bad_topk", sorted=0)
     custom = helper.make_node("Magic", ["x"], ["y"], name="magic", domain="my.ops")
@@ -144,6 +206,28 @@ def test_tensorrt_check_flags_what_the_parser_cannot_build():
     assert any(node == "magic" and "custom domain" in problem for node, problem in findings)
     assert any(node == "strings" and "not supported" in problem for node, problem in findings)
 
+
+def test_tensorrt_check_reads_loop_bodies():
+    """Nodes inside a Loop's body are checked with the constants of the body and of the graphs around it."""
+    body = helper.make_graph(
+        [helper.make_node("TopK", ["x", "k"], ["v", "i"], name="inner_topk"),
+         helper.make_node("TopK", ["x", "k_inner"], ["v2", "i2"], name="inner_topk_inner_k"),
+         helper.make_node("TopK", ["x", "cond"], ["v3", "i3"], name="inner_topk_variable_k"),
+         helper.make_node("StringNormalizer", ["s"], ["t"], name="inner_strings"),
+         helper.make_node("Identity", ["cond"], ["cond_out"], name="inner_cond")],
+        "body", [helper.make_tensor_value_info("iteration", onnx.TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, [])],
+        initializer=[helper.make_tensor("k_inner", onnx.TensorProto.INT64, [1], [4000])])
+    loop = helper.make_node("Loop", ["n", ""], [], name="outer_loop", body=body)
+    graph = helper.make_graph([loop], "g", [], [], initializer=[helper.make_tensor("k", onnx.TensorProto.INT64, [1],
+                                                                                  [2])])
+    findings = {(f.node, f.problem, f.blocking) for f in check_tensorrt(helper.make_model(graph))}
+    assert ("inner_strings", "not supported by TensorRT's ONNX parser", True) in findings
+    assert ("inner_topk_inner_k", "k > 3840", True) in findings
+    assert ("inner_topk_variable_k", "input 1 must be a constant", True) in findings
+    assert not [f for f in findings if f[0] == "inner_topk"]   # k from the graph around the loop
+    assert any(node == "outer_loop" and not blocking for node, _, blocking in findings)
 
 
 @pytest.mark.slow  # about 30 s: the default run keeps its 15-minute margin

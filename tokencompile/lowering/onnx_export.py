@@ -72,8 +72,9 @@ def run_torch_onnx_export(program: ExportedProgram, example_inputs: tuple, opset
         missing = _untranslated_op(error)
         if missing is not None:
             raise TokenCompileError(f"{what} failed: torch.onnx has no ONNX translation for the model's op {missing}",
-                                    "export a model without it (e.g. Hugging Face's grouped experts of a mixture "
-                                    "of experts have none; the torch program itself runs)") from error
+                                    "export a model without it, or add a translation of it to "
+                                    "tokencompile.lowering.onnx_ops.translation_table (the torch program itself "
+                                    "runs)") from error
         raise TokenCompileError(f"{what} failed: {str(error).splitlines()[0]}",
                                 "rerun with --debug and report the model") from error
     model = exported.model

@@ -191,8 +191,8 @@ def max_tokens(t, rep, src, dst):
 
 
 @script()
-def _greedy_max_min(distance: FLOAT, nearest: FLOAT, taken: BOOL, valid: BOOL, virtual_start: BOOL,
-                    steps: INT64) -> FLOAT:
+def _greedy_max_min(distance: FLOAT[None, None, None], nearest: FLOAT[None, None], taken: BOOL[None, None],
+                    valid: BOOL[None, None], virtual_start: BOOL[None, 1], steps: INT64) -> FLOAT[None, None]:
     """One farthest-point pick per iteration, a fixed number of iterations (an ONNX Loop)."""
     n = op.Shape(nearest, start=1, end=2)
     positions = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1)),
@@ -253,11 +253,43 @@ def is_all_true(t):
     return op.Cast(op.ReduceMin(op.Cast(t, to=onnx.TensorProto.INT32), keepdims=0), to=onnx.TensorProto.BOOL)
 
 
+@script()
+def _grouped_matmul(rows: FLOAT[None, None], weight: FLOAT[None, None, None],
+                    offsets: INT64[None]) -> FLOAT[None, None]:
+    """rows[s:e] @ weight[i] for expert i's rows s = offsets[i - 1] (0 for i = 0) .. e = offsets[i]; rows past
+    the last offset are 0. An ONNX Loop over the experts that have rows (the graph does not grow with the
+    number of experts, and a decode step runs only its tokens' experts); each product is scattered into
+    its rows of a fixed-shape result."""
+    zero = op.Constant(value_ints=[0])
+    out = op.Expand(op.Constant(value_float=0.0), op.Concat(op.Shape(rows, start=0, end=1),
+                                                            op.Shape(weight, start=2, end=3), axis=0))
+    starts = op.Concat(zero, op.Slice(offsets, zero, op.Constant(value_ints=[-1])), axis=0)
+    active = op.Reshape(op.NonZero(op.Greater(offsets, starts)), op.Constant(value_ints=[-1]))
+    for step in range(op.Squeeze(op.Shape(active))):
+        expert = op.Gather(active, step)
+        begin, end = op.Gather(starts, expert), op.Gather(offsets, expert)
+        product = op.MatMul(op.Slice(rows, op.Reshape(begin, op.Constant(value_ints=[1])),
+                                     op.Reshape(end, op.Constant(value_ints=[1])), zero),
+                            op.Gather(weight, expert, axis=0))
+        rows_of_expert = op.Unsqueeze(op.Range(begin, end, op.Constant(value_int=1)), op.Constant(value_ints=[1]))
+        out = op.ScatterND(out, rows_of_expert, product)
+    return out
+
+
+def grouped_mm(rows, weight, offs):
+    """Hugging Face's ``transformers::grouped_mm_fallback`` (mixture-of-experts layers, export on the CPU):
+    [S, K] rows sorted by expert, [E, K, N] weights, [E] cumulative row counts. Computed in float32 (half
+    precision weights are cast once, when ONNX Runtime loads the graph: they are held in float32)."""
+    out = _grouped_matmul(op.Cast(rows, to=onnx.TensorProto.FLOAT), op.Cast(weight, to=onnx.TensorProto.FLOAT),
+                          op.Cast(offs, to=onnx.TensorProto.INT64))
+    return op.CastLike(out, rows)
+
+
 def translation_table() -> dict:
     import tokencompile.ops  # noqa: F401
 
     tc = torch.ops.tokencompile
-    return {
+    table = {
         tc.tome_plan.default: tome_plan,
         tc.topk_plan.default: topk_plan,
         tc.route_plan.default: route_plan,
@@ -268,3 +300,7 @@ def translation_table() -> dict:
         tc.gather_tokens.default: gather_tokens,
         torch.ops.aten._is_all_true.default: is_all_true,
     }
+    experts = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if experts is not None:  # registered when transformers' mixture-of-experts module is imported
+        table[experts.default] = grouped_mm
+    return table

@@ -46,9 +46,10 @@ class Finding:
         return f"{'ERROR' if self.blocking else 'note '} {self.op_type:<16} {self.node}: {self.problem}"
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    values = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
+def _constants(graph: onnx.GraphProto, outer: dict | None = None) -> dict[str, onnx.TensorProto]:
+    values = dict(outer or {})
+    values.update({init.name: init for init in graph.initializer})
+    for node in graph.node:
         if node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value":
@@ -62,8 +63,13 @@ def check_tensorrt(model: onnx.ModelProto) -> list[Finding]:
         if opset.domain in ("", "ai.onnx") and not MIN_OPSET <= opset.version <= MAX_OPSET:
             findings.append(Finding("(model)", "opset", f"opset {opset.version} is outside TensorRT 10's "
                                                         f"{MIN_OPSET}..{MAX_OPSET}", True))
-    constants = _constants(model)
-    for node in model.graph.node:
+    _check_graph(model.graph, _constants(model.graph), findings)
+    return findings
+
+
+def _check_graph(graph: onnx.GraphProto, constants: dict, findings: list[Finding]) -> None:
+    """The nodes of ``graph``, and of the graphs inside them (Loop bodies, If branches)."""
+    for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.domain == PLUGIN_DOMAIN and node.op_type in PLUGIN_OPS:
             if PLUGIN_OPS[node.op_type].name in KERNEL_PLUGIN_OPS:
@@ -93,4 +99,10 @@ def check_tensorrt(model: onnx.ModelProto) -> list[Finding]:
         if node.op_type == "ScatterElements" and attrs.get("reduction", b"none") not in (b"none", "none"):
             findings.append(Finding(node.name, node.op_type, "reduction is served by TensorRT's ScatterElements "
                                     "plugin (int64 indices; no BF16)", False))
-    return findings
+        if node.op_type == "Loop":
+            findings.append(Finding(node.name, node.op_type, "a loop: TensorRT restricts the layers inside loops "
+                                    "(the support matrix's flow-control section); only building the engine "
+                                    "confirms it", False))
+        for attribute in node.attribute:
+            for body in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+                _check_graph(body, _constants(body, constants), findings)
