@@ -300,7 +300,7 @@ def translation_table() -> dict:
         tc.gather_tokens.default: gather_tokens,
         torch.ops.aten._is_all_true.default: is_all_true,
     }
-    experts = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    experts = getattr(torch.ops.transformers, "grouped_mm_fallback", None)
     if experts is not None:  # registered when transformers' mixture-of-experts module is imported
         table[experts.default] = grouped_mm
     return table
