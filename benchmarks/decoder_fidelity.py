@@ -157,7 +157,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.decoders import smollm2, smollm2_tokenizer
-from tokencompile.decoder import Span, compile_decoder, teacher_forced_logits
+from tokencompile.decoder import Span, compile_decoder, reuse_traces, teacher_forced_logits
 
 TEXTS = ["torch", "numpy", "scipy", "matplotlib", "pillow", "typing_extensions", "transformers", "kiwisolver"]
 # calibration texts (--texts-from calibration): other license files, none of them one of the TEXTS
@@ -368,25 +368,26 @@ def main() -> None:
                          {"method": method, "layer": layer, "sinks": args.sinks, "options": options}))
     if args.compare:
         runs.append(("plain fastv K=2", {"method": "fastv", "layer": 2}))
-    for budget in [float(b) for b in args.budgets.split(",")]:
-        for run_name, options in runs:
-            started = time.perf_counter()
-            if args.eager:
-                options = {"layer": None, "probes": 1, "sinks": 0, "pool": 1, **options}
-                options.pop("lookup", None), options.pop("ahead", None)
-                report = eager_plan(model, prompt, budget, span, options)
-                compiled = time.perf_counter() - started
-                logits = eager_staged_logits(model, ids, [(s["layer"], s["span_kept"]) for s in report["stages"]],
-                                             span.length, options["probes"], options["sinks"], options["pool"])
-            else:
-                program = compile_decoder(model, prompt, budget=budget, span=span, **options)
-                compiled = time.perf_counter() - started
-                logits, report = teacher_forced_logits(program, prompt, continuation), program.report
-            seconds = (compiled, time.perf_counter() - started - compiled)
-            results.append(_row(run_name + " (eager)" * args.eager, budget, logits, full, continuation, report,
-                                seconds))
-            print(f"budget {budget} {run_name}: agreement {results[-1]['top1_agreement']:.4f}, perplexity "
-                  f"{results[-1]['perplexity']:.3f}, stages {results[-1]['stages']}", flush=True)
+    with reuse_traces():  # every compile is of the same model on the same prompts: one export
+        for budget in [float(b) for b in args.budgets.split(",")]:
+            for run_name, options in runs:
+                started = time.perf_counter()
+                if args.eager:
+                    options = {"layer": None, "probes": 1, "sinks": 0, "pool": 1, **options}
+                    options.pop("lookup", None), options.pop("ahead", None)
+                    report = eager_plan(model, prompt, budget, span, options)
+                    compiled = time.perf_counter() - started
+                    logits = eager_staged_logits(model, ids, [(s["layer"], s["span_kept"]) for s in report["stages"]],
+                                                 span.length, options["probes"], options["sinks"], options["pool"])
+                else:
+                    program = compile_decoder(model, prompt, budget=budget, span=span, **options)
+                    compiled = time.perf_counter() - started
+                    logits, report = teacher_forced_logits(program, prompt, continuation), program.report
+                seconds = (compiled, time.perf_counter() - started - compiled)
+                results.append(_row(run_name + " (eager)" * args.eager, budget, logits, full, continuation, report,
+                                    seconds))
+                print(f"budget {budget} {run_name}: agreement {results[-1]['top1_agreement']:.4f}, perplexity "
+                      f"{results[-1]['perplexity']:.3f}, stages {results[-1]['stages']}", flush=True)
 
     print(f"SmolLM2-135M-Instruct, {len(sources)} prompts of {PROMPT} tokens (last {PROTECTED} protected), "
           f"{CONTINUATION}-token teacher-forced continuation")

@@ -104,3 +104,13 @@ def tiny_bert(tiny_bert_module):
 def llama():
     """The tiny random-weight Llama of the decoder tests (Hugging Face LlamaForCausalLM), built once."""
     return models.build("tiny_llama")[0].model
+
+
+@pytest.fixture(scope="module")
+def one_trace_per_prompt():
+    """Compiles of the same model on equal prompts within a module share one export (the trace is
+    not what these tests check; tests/test_decoder.py checks that a reused trace compiles like a fresh one)."""
+    from tokencompile.decoder import reuse_traces
+
+    with reuse_traces():
+        yield

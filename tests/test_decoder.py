@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from tokencompile.decoder import (
     export_prefill,
     generate,
     prefill,
+    reuse_traces,
     teacher_forced_logits,
 )
 from tokencompile.errors import TokenCompileError, UnsupportedModelError
@@ -322,6 +324,31 @@ def test_budget_picks_layer_and_keep_and_is_met(llama, prompts):
     # layer 2 reaches 0.375 at best (every span token removed); a budget of 0.3 moves the reduction to layer 1
     deeper = compile_decoder(llama, prompts, budget=0.3, layer=2).report
     assert deeper["layer"] == 1 and deeper["flops_ratio"] <= 0.3
+
+
+def test_reused_traces_compile_what_fresh_traces_compile(llama, prompts, fastv_half, monkeypatch):
+    """Inside reuse_traces() the same model on equal prompts is exported once, and compiles to what a fresh
+    trace compiles to; other prompts (also the same tensor changed in place) are traced again, and no trace
+    outlives the block."""
+    module = sys.modules["tokencompile.decoder.prefill"]
+    exports, export = [], module.export_prefill
+    monkeypatch.setattr(module, "export_prefill", lambda *args: exports.append(args[1].clone()) or export(*args))
+    ids = prompts.clone()
+    with reuse_traces():
+        half = compile_decoder(llama, ids, keep=0.5, layer=2, span=(4, 16))
+        by_budget = compile_decoder(llama, ids, budget=0.7, layer=2)
+        assert len(exports) == 1
+        ids[0, 0] += 1
+        compile_decoder(llama, ids, keep=0.5, layer=2, span=(4, 16))
+        assert len(exports) == 2 and torch.equal(exports[1], ids)
+    fresh = compile_decoder(llama, prompts, budget=0.7, layer=2)
+    assert len(exports) == 3
+    continuation = models.decoders.prompt_ids(2, 3, seed=9)[0]
+    for reused, traced_alone in ((half, fastv_half), (by_budget, fresh)):
+        assert {k: v for k, v in reused.report.items() if k != "seconds"} == \
+            {k: v for k, v in traced_alone.report.items() if k != "seconds"}
+        assert torch.equal(teacher_forced_logits(reused, prompts, continuation),
+                           teacher_forced_logits(traced_alone, prompts, continuation))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -23,6 +23,8 @@ from tokencompile.decoder import (
 from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 from tokencompile.errors import TokenCompileError
 
+pytestmark = pytest.mark.usefixtures("one_trace_per_prompt")
+
 TOKENS, PAD_ID = 24, 0
 PADS = (0, 4, 10, 16) * 3   # padding per prompt
 SPAN, SINKS, KEPT = (0, 20), 2, 3   # 18 removable columns (2..19) of which 3 stay

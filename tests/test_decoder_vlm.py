@@ -31,6 +31,8 @@ from tokencompile.decoder.prefill import cache_tensors, returned_cache
 from tokencompile.decoder.vlm import language_model_inputs, language_model_of
 from tokencompile.errors import TokenCompileError
 
+pytestmark = pytest.mark.usefixtures("one_trace_per_prompt")
+
 IMAGE = Span(token_id=LLAVA_IMAGE_TOKEN)
 
 

@@ -15,8 +15,9 @@ from .prefill import (
            Stage,
            compile_decoder,
            export_prefill,
+           reuse_traces,
 )
 
 __all__ = ["CausalLMPrefill", "DecoderAnalysis", "DecoderProgram", "FastV", "PyramidDrop", "Span", "Stage",
            "analyse_decoder", "compile_decoder", "decode_step", "export_prefill", "generate", "prefill",
-           "pyramid_layers", "teacher_forced_logits"]
+           "pyramid_layers", "reuse_traces", "teacher_forced_logits"]

@@ -673,7 +673,7 @@ def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_fil
     each with the settings recommended for text (``TEXT_SETTINGS``)."""
     from ..evaluation.lm import evaluate_lm
     from ..evaluation.sweep import parse_list
-    from . import Span, compile_decoder
+    from . import Span, compile_decoder, reuse_traces
 
     names = list(CLI_METHODS) if method_list == "all" else parse_list(method_list, str, "methods")
     unknown = [name for name in names if name not in CLI_METHODS]
@@ -686,22 +686,23 @@ def sweep_lm(model_dir: str, data_path: str, tokenizer_dir: str | None, gguf_fil
     model, windows = _lm_data(model_dir, tokenizer_dir, gguf_file, data_path, prompt_tokens, continuation, limit)
     original = {"flops_ratio": 1.0, "next_token_agreement": 1.0, "perplexity_change": 0.0}
     runs = []
-    for name in names:
-        for budget in budgets:
-            try:
-                settings = TEXT_SETTINGS.get(name, TEXT_SETTINGS["other"])
-                program = compile_decoder(model, windows[:1, :prompt_tokens], budget=budget, method=name,
-                                          span=Span(0, prompt_tokens - protected), **settings)
-                result = evaluate_lm(model, program, windows, prompt_tokens, batch)
-                original["perplexity"] = result["perplexity_original"]
-                runs.append({"method": name, "budget": budget, "settings": settings,
-                             "flops_ratio": program.report["flops_ratio"],
-                             "layer": program.report["layer"], "tokens_per_layer": program.report["tokens_per_layer"],
-                             **{k: result[k] for k in ("next_token_agreement", "perplexity", "perplexity_change")}})
-            except TokenCompileError as error:
-                runs.append({"method": name, "budget": budget, "error": str(error)})
-            if progress:
-                progress(f"sweep: {name} at {budget:g} done")
+    with reuse_traces():  # every run compiles the same model on the same prompt: one export
+        for name in names:
+            for budget in budgets:
+                try:
+                    settings = TEXT_SETTINGS.get(name, TEXT_SETTINGS["other"])
+                    program = compile_decoder(model, windows[:1, :prompt_tokens], budget=budget, method=name,
+                                              span=Span(0, prompt_tokens - protected), **settings)
+                    result = evaluate_lm(model, program, windows, prompt_tokens, batch)
+                    original["perplexity"] = result["perplexity_original"]
+                    runs.append({"method": name, "budget": budget, "settings": settings,
+                                 "flops_ratio": program.report["flops_ratio"], "layer": program.report["layer"],
+                                 "tokens_per_layer": program.report["tokens_per_layer"],
+                                 **{k: result[k] for k in ("next_token_agreement", "perplexity", "perplexity_change")}})
+                except TokenCompileError as error:
+                    runs.append({"method": name, "budget": budget, "error": str(error)})
+                if progress:
+                    progress(f"sweep: {name} at {budget:g} done")
     return {"task": "lm", "samples": len(windows), "primary": "next_token_agreement", "original": original,
             "runs": runs, "prompt_tokens": prompt_tokens, "protected": protected, "continuation": continuation}
 

@@ -10,10 +10,13 @@ the first stage every token, layers between stages the survivors of the earlier 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -235,6 +238,15 @@ class TracedPrefill:
     def extra(self) -> tuple:
         return self.inputs[1:]
 
+    @cached_property
+    def flops(self) -> int:
+        """FLOPs of the unreduced prefill on the example inputs (one forward)."""
+        return count_flops(self.module, self.inputs)
+
+    @cached_property
+    def cost(self) -> CostModel:
+        return build_cost_model(self.module, self.analysis.base, self.inputs)
+
 
 def text_config(lm: torch.nn.Module):
     """The language model's config (a VLM's ``text_config``); None for a module without one."""
@@ -294,16 +306,47 @@ def check_model_attention(lm: torch.nn.Module, prompt_tokens: int) -> None:
                                     "tokens (reducing a prompt across a sliding window is not supported)")
 
 
+_REUSED_TRACES: ContextVar[list | None] = ContextVar("tokencompile_reused_traces", default=None)
+
+
+@contextlib.contextmanager
+def reuse_traces():
+    """Within the block, compiling the same model object on equal inputs again reuses its first trace
+    (export, analysis, cost model; a third of a compile on SmolLM2): for sweeps over budgets and methods.
+    Inputs are compared by value; the model must not change inside the block (its weights, its config).
+    The traces are dropped when the block ends."""
+    token = _REUSED_TRACES.set([])
+    try:
+        yield
+    finally:
+        _REUSED_TRACES.reset(token)
+
+
+def _same_trace(entry: tuple, model, input_ids: torch.Tensor, extra_inputs: dict) -> bool:
+    source, names, inputs, _ = entry
+    given = (input_ids, *extra_inputs.values())
+    return (source is model and names == list(extra_inputs) and len(inputs) == len(given)
+            and all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(inputs, given)))
+
+
 def trace_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra_inputs: dict | None) -> TracedPrefill:
-    """Export the prefill (keeping a recipe's own CausalLMPrefill wrapper) and analyse it."""
+    """Export the prefill (keeping a recipe's own CausalLMPrefill wrapper) and analyse it; inside
+    ``reuse_traces()`` an earlier trace of the same model and equal inputs is returned."""
     lm = as_causal_lm(model).eval()
     check_model_attention(lm, input_ids.shape[-1])
     extra_inputs = dict(extra_inputs or {})
+    reused = _REUSED_TRACES.get()
+    for entry in reused or ():
+        if _same_trace(entry, model, input_ids, extra_inputs):
+            return entry[-1]
     program = export_prefill(model, input_ids, extra_inputs)
     inputs = (input_ids, *extra_inputs.values())
     module = program.module()
-    return TracedPrefill(lm, program, extra_inputs, inputs, module,
-                         analyse_decoder(module, input_ids, inputs[1:], mask_index(extra_inputs)))
+    traced = TracedPrefill(lm, program, extra_inputs, inputs, module,
+                           analyse_decoder(module, input_ids, inputs[1:], mask_index(extra_inputs)))
+    if reused is not None:  # copies: the caller may change its tensors in place afterwards
+        reused.append((model, list(extra_inputs), tuple(x.clone() for x in inputs), traced))
+    return traced
 
 
 def check_token_count(analysis: DecoderAnalysis) -> None:
@@ -729,8 +772,8 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                                 "each token has a position on every rotary axis (an image's rows and columns)",
                                 "compile with positions='keep'")
     traced = trace_prefill(model, input_ids, extra_inputs)
-    lm, ep, extra_inputs, extra, inputs, original, analysis = (
-        traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.module, traced.analysis)
+    lm, ep, extra_inputs, extra, inputs, analysis = (
+        traced.lm, traced.program, traced.extra_inputs, traced.extra, traced.inputs, traced.analysis)
     if positions == "renumber" and not analysis.rope_tables:
         raise TokenCompileError("positions=renumber gives kept tokens new rotary positions, but the graph has no "
                                 "rotary tables (one cos / sin pair) to renumber: learned positions are added before "
@@ -753,8 +796,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                                 "every prompt of a batch needs the same number of image tokens (images of one "
                                 "size, for models whose token count follows the image size)")
     removable = int(removable_per_sample[0])
-    cost = build_cost_model(original, analysis.base, inputs)
-    original_flops = count_flops(original, inputs)
+    cost, original_flops = traced.cost, traced.flops
     if layer == "auto":
         layers = (auto_layer(cost, budget),)
 
@@ -821,4 +863,4 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
 
 
 __all__ = ["METHODS", "CausalLMPrefill", "DecoderProgram", "Stage", "auto_layer", "choose_pyramid", "eos_token_id",
-           "choose_schedule", "compile_decoder", "export_prefill", "stage_schedule"]
+           "choose_schedule", "compile_decoder", "export_prefill", "reuse_traces", "stage_schedule"]

@@ -322,7 +322,7 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
         raise TokenCompileError(f"the samples hold {sorted(set(per_sample.tolist()))} image tokens",
                                 "every prompt of a batch needs the same, non-zero number of image tokens")
     images = int(per_sample[0])
-    original_flops = count_flops(traced.module, inputs)
+    original_flops = traced.flops
 
     def rewrite(removed: int) -> GraphModule:
         gm = ep.module()
