@@ -19,6 +19,8 @@ from tokencompile.decoder import (
 )
 from tokencompile.errors import TokenCompileError
 
+pytestmark = pytest.mark.usefixtures("one_trace_per_prompt")
+
 
 @pytest.fixture(scope="module")
 def prompts():

@@ -23,6 +23,8 @@ from tokencompile.decoder.onnx_export import OnnxRunner, export_decoder_onnx
 from tokencompile.errors import TokenCompileError
 from tokencompile.methods.zipcache import probe_slices
 
+pytestmark = pytest.mark.usefixtures("one_trace_per_prompt")
+
 TOKENS, LAYER, SPAN = 24, 2, (4, 16)
 
 

@@ -981,8 +981,9 @@ def idefics3_folder(folder) -> None:
     Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4).save_pretrained(folder)
 
 
-@pytest.mark.parametrize("make_folder, image, layer, kept", [(llava_next_folder, 256, 1, "18/36"),
-                                                              (idefics3_folder, IDEFICS_IMAGE, 2, "2/4")])
+@pytest.mark.parametrize("make_folder, image, layer, kept", [  # Idefics3's language-model path runs by default above
+    (llava_next_folder, 256, 1, "18/36"),
+    pytest.param(idefics3_folder, IDEFICS_IMAGE, 2, "2/4", marks=pytest.mark.slow)])
 def test_cli_generates_from_folders_whose_processor_gives_more(tmp_path, make_folder, image, layer, kept):
     """LLaVA-NeXT (tiles chosen by each image's size: its vision path does not export) and Idefics3 (its
     pixel_attention_mask; the language model is its text_model) through the CLI: each prompt's merged

@@ -202,10 +202,10 @@ def test_every_method_exports_and_keeps_fused_attention(tiny, method, tmp_path):
 
 
 def _end_to_end_cases():
-    """Every method on ViT-S and BERT; the default set keeps three pruners on BERT (padding), the rest is
-    marked slow, and BERT's other methods sweep (every method's ONNX parity also runs on the small model above)."""
-    return [(name, method) if name == "hf_bert" and method in ("evit", "dart", "random")
-            else pytest.param(name, method, marks=pytest.mark.sweep if name == "hf_bert" else pytest.mark.slow)
+    """Every method on ViT-S and BERT; the default set keeps one pruner on BERT (padding), ViT-S's methods
+    are slow, and BERT's other methods sweep (every method's ONNX parity also runs on the small model above)."""
+    return [(name, method) if name == "hf_bert" and method == "evit"
+            else pytest.param(name, method, marks=pytest.mark.slow if name == "vit_small" else pytest.mark.sweep)
             for name in ("vit_small", "hf_bert") for method in sorted(METHODS) if method != "tome"]
 
 

@@ -50,7 +50,7 @@ def report(folder, model, *args):
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("name", ["vit", "bert"])
+@pytest.mark.parametrize("name", [pytest.param("vit", marks=pytest.mark.slow), "bert"])  # BERT: padding too
 def test_every_verb_on_a_static_batch_program(files, name, tmp_path, caplog):
     static, symbolic = files / f"{name}_b2.pt2", files / f"{name}.pt2"
     assert static_batch(torch.export.load(str(static))) == 2 and static_batch(torch.export.load(str(symbolic))) is None
