@@ -325,8 +325,8 @@ def reuse_traces():
 def _same_trace(entry: tuple, model, input_ids: torch.Tensor, extra_inputs: dict) -> bool:
     source, names, inputs, _ = entry
     given = (input_ids, *extra_inputs.values())
-    return (source is model and names == list(extra_inputs) and len(inputs) == len(given)
-            and all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(inputs, given)))
+    return source is model and names == list(extra_inputs) and all(  # equal names: as many tensors
+        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(inputs, given))
 
 
 def trace_prefill(model: torch.nn.Module, input_ids: torch.Tensor, extra_inputs: dict | None) -> TracedPrefill:
