@@ -150,8 +150,9 @@ class FastV(PruneMethod):
             aten.sub.Tensor, at, builder.call(aten.add.Scalar, back, self.ahead)), 0)    # [B, W, N]
         prior, match = None, None
         for d in range(min(LOOKUP_NGRAM, n - window)):
-            earlier = builder.call(aten.slice.Tensor, builder.call(aten.constant_pad_nd.default, ids, [d, 0], -1),
-                                   1, 0, n)                                               # ids[p - d]
+            earlier = ids if d == 0 else builder.call(aten.cat.default, [  # ids[p - d], -1 before the start
+                builder.call(aten.full_like.default, builder.call(aten.slice.Tensor, ids, 1, 0, d), -1),
+                builder.call(aten.slice.Tensor, ids, 1, 0, n - d)], 1)  # (constant_pad_nd fixes the batch)
             ending = builder.call(aten.flip.default, builder.call(aten.slice.Tensor, ids, 1, n - window - d, n - d),
                                   [1])                                                     # ids[N - 1 - back - d]
             equal = builder.call(aten.eq.Tensor, builder.call(aten.unsqueeze.default, earlier, 1),
