@@ -1,4 +1,4 @@
-"""optimize(): analyse, schedule, rewrite and re-export a program."""
+"""optimize(): analyse, schedule, rewrite and rebuild a program."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .errors import TokenCompileError
 from .flops import CostModel, build_cost_model, count_flops
 from .methods import Method, get_method
 from .passes import REDUCTION_PASSES, RewriteContext, run_passes
+from .rebuild import rebuild_program
 from .schedule import (
     Protected,
     capped,
@@ -67,11 +68,15 @@ def _retrace_inputs(inputs: tuple, dynamic: tuple) -> tuple:
     return tuple(result)
 
 
+def _export(module: torch.nn.Module, inputs: tuple, dynamic: tuple) -> ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(module, _retrace_inputs(inputs, dynamic), dynamic_shapes=dynamic)
+
+
 def export_module(module: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = True) -> ExportedProgram:
     """Export with the batch axis of every tensor input symbolic."""
     dynamic = tuple({0: Dim.AUTO} if isinstance(x, torch.Tensor) and dynamic_batch else None for x in example_inputs)
-    with torch.no_grad():
-        return torch.export.export(module, _retrace_inputs(example_inputs, dynamic), dynamic_shapes=dynamic)
+    return _export(module, example_inputs, dynamic)
 
 
 def attention_token_counts(module: torch.fx.GraphModule) -> list[int]:
@@ -170,9 +175,7 @@ def optimize(model: ExportedProgram | torch.nn.Module, example_inputs: tuple | N
     requested = _constant_r(schedule, len(analysis.blocks))
 
     for _ in range(8):
-        gm = rewrite(plan)
-        with torch.no_grad():
-            new_ep = torch.export.export(gm, _retrace_inputs(inputs, dynamic), dynamic_shapes=dynamic)
+        new_ep = rebuild_program(ep, rewrite(plan), lambda gm: _export(gm, inputs, dynamic))
         flops = count_flops(new_ep.module(), inputs)
         ratio = flops / original_flops
         if budget is None or ratio <= budget + 1e-9:

@@ -26,6 +26,7 @@ from ..errors import TokenCompileError, UnsupportedModelError
 from ..flops import CostModel, build_cost_model, count_flops
 from ..graph_utils import SDPA, GraphBuilder, aten, latest, shape_of
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
+from ..rebuild import rebuild_program
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
 from .fastv import AHEAD, POSITION_POLICIES, FastV, PyramidDrop, pyramid_layers
 from .span_scored import SPAN_SCORES, span_scored
@@ -510,8 +511,7 @@ def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, sites: list)
                 renumbered.append((node, root, reps[::-1]))
     for node, root, reps in renumbered:
         if mask is None:
-            with gm.graph.inserting_after(node):
-                first = gm.graph.call_function(aten.slice.Tensor, (root, node.args[2], 0, n_out[node.args[1]]))
+            first = GraphBuilder(gm, node).call(aten.slice.Tensor, root, node.args[2], 0, n_out[node.args[1]])
         else:  # one column computation per chain of sites (cos and sin share it)
             if tuple(reps) not in columns:
                 columns[tuple(reps)] = _renumbered_columns(GraphBuilder(gm, latest(gm, mask, *reps)), mask, reps,
@@ -815,7 +815,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                   if stage.kept < before]  # a stage that removes nothing is no stage
         gm = rewrite_prefill(ep, input_ids, pruner, stages, removable, extra, mask_index(extra_inputs)) \
             if stages else ep.module()
-        program = export_with_batch_axis(gm, inputs)
+        program = rebuild_program(ep, gm, lambda module: export_with_batch_axis(module, inputs))
         flops = count_flops(program.module(), inputs)
         if budget is None or flops <= budget * original_flops + 1e-9 or not stages or stages[-1].kept == 0:
             break

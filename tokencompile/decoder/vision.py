@@ -46,6 +46,7 @@ from ..methods.common import rows
 from ..methods.evit import cls_attention, cls_attention_row
 from ..methods.visionzip import VisionZip
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
+from ..rebuild import rebuild_program
 from .analysis import DecoderAnalysis, Span, analyse_decoder
 
 tc = torch.ops.tokencompile
@@ -352,7 +353,7 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
                 hi, removed, gm, flops = mid, mid, candidate, candidate_flops
             else:
                 lo = mid
-    program = export_with_batch_axis(gm, inputs)
+    program = rebuild_program(ep, gm, lambda module: export_with_batch_axis(module, inputs))
     tokens = analysis.tokens - removed
     report = {
         "method": method, "budget": budget, "layer": 0 if removed else None, "stages": [], "positions": positions,
