@@ -161,6 +161,37 @@ class GraphBuilder:
         return self.call(aten.sub.Tensor, self.call(aten.cumsum.default, ones, 1), 1, name=name)
 
 
+def _layout(value):
+    """Shape, stride and dtype of a fake tensor as sympy expressions (comparing SymInts would add guards)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_layout(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value.node.expr if isinstance(value, torch.SymInt) else value
+    exprs = [tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in sizes)
+             for sizes in (value.shape, value.stride())]
+    return (*exprs, value.dtype)
+
+
+def refresh_fake_values(gm, changed: Iterable[Node]) -> None:
+    """Recompute, in graph order, the fake values of the users of ``changed`` and onwards while they
+    change: a node replaced by one of another shape (e.g. a broadcastable [1, N, D] for [B, N, D]) leaves
+    its users' values stale, and a program rebuilt from the graph keeps them."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.node import map_arg
+
+    fake_mode = detect_fake_mode([node.meta.get("val") for node in gm.graph.nodes])
+    stale = {user for node in changed for user in node.users}
+    for node in gm.graph.nodes:
+        if node not in stale or node.op != "call_function":
+            continue
+        old = node.meta.get("val")
+        with fake_mode:
+            node.meta["val"] = node.target(*map_arg(node.args, lambda n: n.meta["val"]),
+                                           **map_arg(node.kwargs, lambda n: n.meta["val"]))
+        if _layout(node.meta["val"]) != _layout(old):
+            stale.update(node.users)
+
+
 def latest(gm, *nodes: Node) -> Node:
     """The node among ``nodes`` that comes last in graph order (where new nodes may read them all)."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}

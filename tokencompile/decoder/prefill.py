@@ -24,7 +24,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import TokenCompileError, UnsupportedModelError
 from ..flops import CostModel, build_cost_model, count_flops
-from ..graph_utils import SDPA, GraphBuilder, aten, latest, shape_of
+from ..graph_utils import SDPA, GraphBuilder, aten, latest, refresh_fake_values, shape_of
 from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
 from ..rebuild import rebuild_program
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
@@ -509,6 +509,7 @@ def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, sites: list)
                 root = root.args[0]
             if rope_table(root) in tables:
                 renumbered.append((node, root, reps[::-1]))
+    firsts = []
     for node, root, reps in renumbered:
         if mask is None:
             first = GraphBuilder(gm, node).call(aten.slice.Tensor, root, node.args[2], 0, n_out[node.args[1]])
@@ -520,6 +521,8 @@ def _renumber_positions(gm: GraphModule, analysis: DecoderAnalysis, sites: list)
             first = builder.call(tc.gather_tokens.default, root, columns[tuple(reps)], node.args[2])
         node.replace_all_uses_with(first)
         gm.graph.erase_node(node)
+        firsts.append(first)
+    refresh_fake_values(gm, firsts)  # a table shared by the batch is sliced to [1, n, D], not gathered to [B, ...]
 
 
 def _renumbered_columns(builder: GraphBuilder, mask: Node, reps: list[Node], tokens: int) -> Node:
