@@ -2,10 +2,10 @@
 
 The passes rewrite ``program.module()`` (parameters as ``get_attr``, user inputs as placeholders) and
 keep every node's fake value current. Exporting that module again would trace every op once more with a
-symbolic batch: on ViT-S at budget 0.5 about 5 s, more than half of ``optimize``, because each block's
-new token count misses FakeTensor's cache. Lifting the module back instead takes milliseconds: the
-weights, constants, shape constraints and call signature are the original program's; parameters,
-buffers and constants become placeholders again, named as the original signature names them.
+symbolic batch, and each block's new token count misses FakeTensor's cache: ViT-S at budget 0.5 optimizes
+in 10.6 s that way, 2.6 s rebuilt (``benchmarks/compile_time.py``). Lifting the module back takes
+milliseconds: the weights, constants, shape constraints and call signature are the original program's;
+parameters, buffers and constants become placeholders again, named as the original signature names them.
 """
 
 from __future__ import annotations
