@@ -108,6 +108,15 @@ def set_node_arg(node: Node, index: int, name: str, value) -> None:
         node.update_kwarg(name, value)
 
 
+def fake_value(node: Node, fake_mode):
+    """``node``'s value computed under ``fake_mode`` from the fake values recorded on its inputs."""
+    from torch.fx.node import map_arg
+
+    with fake_mode:
+        return node.target(*map_arg(node.args, lambda n: n.meta["val"]),
+                           **map_arg(node.kwargs, lambda n: n.meta["val"]))
+
+
 class GraphBuilder:
     """Inserts call_function nodes one after another and records their fake values, so that later
     passes (and the shape propagation) see correct shapes without re-tracing."""
@@ -121,8 +130,6 @@ class GraphBuilder:
         self.module_stack = module_stack
 
     def call(self, target, *args, name: str | None = None, **kwargs) -> Node:
-        from torch.fx.node import map_arg
-
         with self.graph.inserting_after(self.cursor):
             node = self.graph.call_function(target, args, kwargs)
         if name:
@@ -133,9 +140,7 @@ class GraphBuilder:
         inputs = [n for n in node.all_input_nodes]
         if all("val" in n.meta for n in inputs):
             try:
-                with self.fake_mode:
-                    node.meta["val"] = target(*map_arg(args, lambda n: n.meta["val"]),
-                                              **map_arg(kwargs, lambda n: n.meta["val"]))
+                node.meta["val"] = fake_value(node, self.fake_mode)
             except RuntimeError:
                 pass
         if self.module_stack is not None:
@@ -177,7 +182,6 @@ def refresh_fake_values(gm, changed: Iterable[Node]) -> None:
     change: a node replaced by one of another shape (e.g. a broadcastable [1, N, D] for [B, N, D]) leaves
     its users' values stale, and a program rebuilt from the graph keeps them."""
     from torch._guards import detect_fake_mode
-    from torch.fx.node import map_arg
 
     fake_mode = detect_fake_mode([node.meta.get("val") for node in gm.graph.nodes])
     stale = {user for node in changed for user in node.users}
@@ -185,9 +189,7 @@ def refresh_fake_values(gm, changed: Iterable[Node]) -> None:
         if node not in stale or node.op != "call_function":
             continue
         old = node.meta.get("val")
-        with fake_mode:
-            node.meta["val"] = node.target(*map_arg(node.args, lambda n: n.meta["val"]),
-                                           **map_arg(node.kwargs, lambda n: n.meta["val"]))
+        node.meta["val"] = fake_value(node, fake_mode)
         if _layout(node.meta["val"]) != _layout(old):
             stale.update(node.users)
 

@@ -16,10 +16,9 @@ import sympy
 import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
-from torch.fx.node import map_arg
 
 from ..errors import UnsupportedModelError
-from ..graph_utils import aten, node_arg, set_node_arg
+from ..graph_utils import aten, fake_value, node_arg, set_node_arg
 
 Factors = list[tuple[sympy.Expr, sympy.Expr]]  # (old, new) size of each factor of one dimension
 
@@ -242,11 +241,8 @@ class _Propagation:
                 self.check_index(node)
             elif node.target == aten.arange.default:
                 self.rewrite_arange(node)
-            args = map_arg(node.args, lambda n: n.meta["val"])
-            kwargs = map_arg(node.kwargs, lambda n: n.meta["val"])
             try:
-                with fake_mode:
-                    value = node.target(*args, **kwargs)
+                value = fake_value(node, fake_mode)
             except Exception as error:  # shape errors surface here; name the node, not torch internals
                 raise UnsupportedModelError(
                     f"cannot re-specialise node {node.name!r} ({node.target}) to the reduced token count: "
