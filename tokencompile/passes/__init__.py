@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch.fx import GraphModule
 
 from .context import ReductionSite, RewriteContext
+from .eliminate_dead_positions import eliminate_dead_positions
 from .insert_token_reduction import insert_token_reduction
 from .proportional_attention import proportional_attention
 from .respecialize_token_shapes import respecialize_token_shapes
@@ -44,6 +45,7 @@ __all__ = [
     "ReductionSite",
     "RewriteContext",
     "eliminate_dead_code",
+    "eliminate_dead_positions",
     "insert_token_reduction",
     "proportional_attention",
     "respecialize_token_shapes",
