@@ -68,9 +68,12 @@ class CostModel:
     outside: int              # embedding and head: independent of the schedule
     blocks: list[BlockCost]
     metric_dim: int
+    reference: float | None = None  # FLOPs budgets are a fraction of, when not those modelled at full width
 
     @property
-    def original(self) -> int:
+    def original(self) -> float:
+        if self.reference is not None:
+            return self.reference
         return self.outside + sum(b.before_linear + b.before_quadratic + b.after_linear + b.after_quadratic
                                   for b in self.blocks)
 

@@ -15,7 +15,7 @@ import inspect
 import re
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from ..errors import TokenCompileError, UnsupportedModelError
 from ..flops import CostModel, build_cost_model, count_flops
 from ..graph_utils import SDPA, GraphBuilder, aten, latest, refresh_fake_values, shape_of
-from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
+from ..passes import REDUCTION_PASSES, RewriteContext, eliminate_dead_positions, run_passes
 from ..rebuild import rebuild_program
 from .analysis import DecoderAnalysis, Span, analyse_decoder, rope_table
 from .fastv import AHEAD, POSITION_POLICIES, FastV, PyramidDrop, pyramid_layers
@@ -246,7 +246,11 @@ class TracedPrefill:
 
     @cached_property
     def cost(self) -> CostModel:
-        return build_cost_model(self.module, self.analysis.base, self.inputs)
+        """Per-layer costs of the prefill as every compiled program runs it (the last layer computes the
+        last token alone, but the keys and values of all), against the original FLOPs per sample."""
+        live = eliminate_dead_positions(self.program.module())
+        batch = self.inputs[0].shape[0]
+        return replace(build_cost_model(live, self.analysis.base, self.inputs), reference=self.flops / batch)
 
 
 def text_config(lm: torch.nn.Module):
@@ -818,6 +822,7 @@ def compile_decoder(model: torch.nn.Module, input_ids: torch.Tensor, *, budget: 
                   if stage.kept < before]  # a stage that removes nothing is no stage
         gm = rewrite_prefill(ep, input_ids, pruner, stages, removable, extra, mask_index(extra_inputs)) \
             if stages else ep.module()
+        gm = eliminate_dead_positions(gm)
         program = rebuild_program(ep, gm, lambda module: export_with_batch_axis(module, inputs))
         flops = count_flops(program.module(), inputs)
         if budget is None or flops <= budget * original_flops + 1e-9 or not stages or stages[-1].kept == 0:

@@ -45,7 +45,7 @@ from ..methods.base import Method, Plan, SiteInputs
 from ..methods.common import rows
 from ..methods.evit import cls_attention, cls_attention_row
 from ..methods.visionzip import VisionZip
-from ..passes import REDUCTION_PASSES, RewriteContext, run_passes
+from ..passes import REDUCTION_PASSES, RewriteContext, eliminate_dead_positions, run_passes
 from ..rebuild import rebuild_program
 from .analysis import DecoderAnalysis, Span, analyse_decoder
 
@@ -327,10 +327,10 @@ def compile_before_language_model(model: torch.nn.Module, input_ids: torch.Tenso
 
     def rewrite(removed: int) -> GraphModule:
         gm = ep.module()
-        if not removed:
-            return gm
-        analysis = analyse_decoder(gm, input_ids, extra, mask_index(traced.extra_inputs))
-        return rewrite_before_language_model(gm, analysis, pruner, removed, images, positions)
+        if removed:
+            analysis = analyse_decoder(gm, input_ids, extra, mask_index(traced.extra_inputs))
+            gm = rewrite_before_language_model(gm, analysis, pruner, removed, images, positions)
+        return eliminate_dead_positions(gm)
 
     if keep is not None:
         removed = images - round(keep * images)
