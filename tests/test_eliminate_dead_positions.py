@@ -156,3 +156,87 @@ def test_outputs_reading_every_position_leave_the_graph_alone():
     code = gm.code
     assert eliminate_dead_positions(gm).code == code
     _check_same_outputs(module, gm)
+
+
+class Masked(torch.nn.Module):
+    """One attention with an explicit mask of the given shape; ``prefix`` learned keys before the tokens
+    (fewer queries than keys)."""
+
+    def __init__(self, mask_shape=None, prefix=0, causal=False):
+        super().__init__()
+        self.causal = causal
+        self.q, self.kv = torch.nn.Linear(DIM, DIM), torch.nn.Linear(DIM, DIM)
+        self.prefix = torch.nn.Parameter(torch.randn(1, prefix, DIM))
+        mask = None if mask_shape is None else torch.rand(mask_shape) > 0.3
+        if mask is not None:
+            mask[..., -1] = True  # every row sees a key
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        keys = self.kv(torch.cat([self.prefix.expand(x.shape[0], -1, -1), x], 1))
+        out = F.scaled_dot_product_attention(self.q(x), keys, keys, attn_mask=self.mask, is_causal=self.causal)
+        return (out + x)[:, -1]
+
+
+@pytest.mark.parametrize("mask_shape, rows", [((TOKENS,), TOKENS), ((TOKENS, TOKENS), 1), ((1, TOKENS, TOKENS), 1),
+                                              ((1, 1, TOKENS), 1)])
+def test_masks_of_any_rank_keep_their_key_axis(mask_shape, rows):
+    """A mask's rows (axis -2 of [..., L, S]) follow the query; a mask without rows or with one row for
+    all queries is read whole."""
+    module, ep = _program(Masked(mask_shape))
+    gm = eliminate_dead_positions(ep.module())
+    (attention,) = nodes_with_target(gm.graph, SDPA)
+    assert _query_lengths(gm) == [1]
+    assert tuple(tensor_meta(attention.args[3]).shape) == ((TOKENS,) if len(mask_shape) == 1 else
+                                                          (*mask_shape[:-2], rows, TOKENS))
+    _check_same_outputs(module, gm)
+
+
+def test_causal_attention_with_fewer_queries_than_keys_stays_whole():
+    """With learned keys before the tokens, torch's top-left causal mask does not let the last query see
+    every key: dropping the flag would change it."""
+    module, ep = _program(Masked(prefix=3, causal=True))
+    gm = eliminate_dead_positions(ep.module())
+    assert _query_lengths(gm) == [TOKENS]
+    _check_same_outputs(module, gm)
+
+
+class Reads(torch.nn.Module):
+    def __init__(self, read):
+        super().__init__()
+        self.read, self.block = read, Block()
+
+    def forward(self, x):
+        return self.read(self.block(x))
+
+
+@pytest.mark.parametrize("read, queries", [
+    (lambda h: h[:, -2:-1], 1), (lambda h: h[:, TOKENS - 1:TOKENS + 5], 1), (lambda h: h[:, 3], 1),
+    (lambda h: h[:, 0:-TOKENS - 4], TOKENS),  # empty: not a one-position read
+    (lambda h: (h * 2).squeeze(2)[:, -1], 1),  # a squeeze that removes nothing
+    (lambda h: (h * 2).squeeze(1)[:, -1], TOKENS),  # ... of the read axis: on one position it would remove it
+    # a 1-D right operand: the result has no row axis, its axis -2 (here the tokens) is not the left's
+    (lambda h: (h.view(h.shape[0], TOKENS, 2, DIM // 2) @ torch.ones(DIM // 2))[:, -1], TOKENS),
+])
+def test_reads_by_slice_select_and_their_lookalikes(read, queries):
+    module, ep = _program(Reads(read))
+    gm = eliminate_dead_positions(ep.module())
+    assert _query_lengths(gm) == [queries]
+    _check_same_outputs(module, gm)
+
+
+class TwoRoles(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        w = self.lin(x[0])  # [N, D]: the input of the read path and, whole, its weight
+        return F.linear(w, w)[-1]
+
+
+def test_an_input_read_both_by_position_and_whole_is_left_alone():
+    module, ep = _program(TwoRoles())
+    gm = eliminate_dead_positions(ep.module())
+    assert all(tensor_meta(n).shape[0] == TOKENS for n in nodes_with_target(gm.graph, torch.ops.aten.linear.default))
+    _check_same_outputs(module, gm)

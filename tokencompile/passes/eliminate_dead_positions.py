@@ -60,17 +60,17 @@ def _position_read(node: Node) -> tuple[int, int] | None:
     length = source.shape[axis]
     if not isinstance(length, int) or length < 2:
         return None
+    if node.target == aten.slice.Tensor and tensor_meta(node).shape[axis] != 1:
+        return None
     if node.target == aten.select.int:
         index = node_arg(node, 2, "index")
         return (axis, index) if isinstance(index, int) else None
     start, end, step = node_arg(node, 2, "start"), node_arg(node, 3, "end"), node_arg(node, 4, "step", 1)
     if not isinstance(start, int) or not isinstance(end, int | None) or step != 1:
         return None
-    end = length if end is None or end > length else end
-    first, stop = start % length if -length <= start < length else None, end % length if end < 0 else end
-    if first is None or stop - first != 1:
+    if not -length <= start < length:
         return None
-    return axis, start if start < 0 else first
+    return axis, start  # (one position long, by the check above: start .. start + 1)
 
 
 def _tensor_axis(value: torch.Tensor, out: torch.Tensor, axis: int) -> int | None:
@@ -122,15 +122,14 @@ def _reads(node: Node, axis: int) -> list[tuple[Node, int | None]] | None:
         kept = range(rank) if node_arg(node, 2, "keepdim", False) else [d for d in range(rank) if d not in dims]
         mapped = list(kept)[axis]
         return [(source, mapped)] if mapped not in dims else None
-    if target in (aten.layer_norm.default, aten.rms_norm.default):
-        normalized = len(node_arg(node, 1, "normalized_shape"))
-        return [(source, axis)] + [(n, None) for n in values if n is not source] \
-            if axis < out.dim() - normalized else None
-    if target == aten.linear.default:
-        return [(source, axis)] + [(n, None) for n in values if n is not source] if axis < out.dim() - 1 else None
+    if target in (aten.layer_norm.default, aten.rms_norm.default, aten.linear.default):
+        features = 1 if target == aten.linear.default else len(node_arg(node, 1, "normalized_shape"))
+        parameters = [(a, None) for a in [*args[1:], *node.kwargs.values()] if isinstance(a, Node)]
+        return [(source, axis), *parameters] if axis < out.dim() - features else None
     if target in (aten.matmul.default, aten.bmm.default):
         left, right = args[0], args[1]
-        if left is right or axis == out.dim() - 1 or left not in values or values[left].dim() < 2:
+        if left is right or axis == out.dim() - 1 or left not in values or right not in values \
+                or values[left].dim() < 2 or values[right].dim() < 2:
             return None
         if axis == out.dim() - 2:  # rows of the left operand; the right one is contracted along it
             return [(left, values[left].dim() - 2), (right, None)]
@@ -151,6 +150,8 @@ def _reads(node: Node, axis: int) -> list[tuple[Node, int | None]] | None:
         return [(source, axis if axis < dim else axis - 1)] if axis != dim else None
     if target == aten.squeeze.dim:
         dim = args[1] % values[source].dim()
+        if not _same_size(values[source].shape[dim], 1):  # squeeze changes nothing, unless it is the read axis
+            return [(source, axis)] if dim != axis else None
         return [(source, axis if axis < dim else axis + 1)]
     if target == aten.select.int:
         dim = args[1] % values[source].dim()
@@ -173,17 +174,26 @@ def _attention_reads(node: Node, axis: int, out, values) -> list | None:
     if axis != out.dim() - 2 or query in (key, value, mask) or node_arg(node, 4, "dropout_p", 0.0):
         return None
     reads = [(query, values[query].dim() - 2), (key, None), (value, None)]
-    if isinstance(mask, Node):
-        mask_value = values[mask]
-        rows = mask_value.dim() - 2
-        reads.append((mask, None if _same_size(mask_value.shape[rows], 1) else rows))
+    if isinstance(mask, Node):  # broadcast against [..., L, S]: its rows are its axis -2, if it has one
+        rows = values[mask].dim() - 2
+        reads.append((mask, None if rows < 0 or _same_size(values[mask].shape[rows], 1) else rows))
     return reads
+
+
+def _causal_read(node: Node, index: int) -> bool:
+    """Whether causal attention read at ``index`` keeps its meaning on one query row. torch's flag aligns
+    the mask top-left: the first query sees the first key; the last sees every key only when there
+    are at least as many queries as keys."""
+    if index == 0:
+        return True
+    queries, keys = (tensor_meta(node.args[i]).shape[-2] for i in (0, 1))
+    return index == -1 and isinstance(queries, int) and isinstance(keys, int) and queries >= keys
 
 
 def _neutral(user: Node, axis: int) -> bool:
     """Users that read only metadata the rewrite keeps (dtype checks, the sizes of other axes)."""
     if user.target == aten._assert_tensor_metadata.default:
-        return user.kwargs.get("size") is None and user.kwargs.get("stride") is None
+        return node_arg(user, 1, "size") is None and node_arg(user, 2, "stride") is None
     if user.target == aten.sym_size.int:
         return user.args[1] % tensor_meta(user.args[0]).dim() != axis
     return False
@@ -205,9 +215,12 @@ def _region(read: Node, axis: int, index: int) -> tuple[dict[Node, int], dict[No
             (node_axis,) = axes
             users_ok = all(user is read or user in region or _neutral(user, node_axis) for user in node.users)
             plan = _reads(node, node_axis) if users_ok else None
+            if plan is not None and len({(source, source_axis) for source, source_axis in plan}) \
+                    != len({source for source, _ in plan}):
+                plan = None  # one input in two roles (e.g. linear(x, x)): one replacement cannot serve both
             if plan is not None and node.target == SDPA and node_arg(node, 5, "is_causal", False) \
-                    and index not in (0, -1):
-                plan = None  # only the first and the last query keep a causal mask without one given
+                    and not _causal_read(node, index):
+                plan = None
             if plan is not None:
                 region[node] = node_axis
                 reads[node] = plan
