@@ -20,6 +20,13 @@ def tensor_meta(node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def size_expr(size):
+    """A size (int or SymInt) as a sympy expression: comparing those adds no guard to the shape env."""
+    import sympy
+
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
 def shape_of(node) -> tuple | None:
     value = tensor_meta(node)
     return tuple(value.shape) if value is not None else None

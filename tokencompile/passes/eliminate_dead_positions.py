@@ -20,7 +20,17 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-from ..graph_utils import SDPA, aten, fake_value, node_arg, refresh_fake_values, set_node_arg, tensor_meta
+from ..graph_utils import (
+    SDPA,
+    GraphBuilder,
+    aten,
+    fake_value,
+    node_arg,
+    refresh_fake_values,
+    set_node_arg,
+    tensor_meta,
+)
+from ..graph_utils import size_expr as _expr
 
 _MAX = sys.maxsize
 _SAME_POSITIONS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.contiguous.default,
@@ -32,10 +42,6 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _LAYOUT = _VIEWS | {aten.slice.Tensor, aten.select.int, aten.transpose.int, aten.permute.default,
                     aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.alias.default,
                     aten.contiguous.default, aten.clone.default}
-
-
-def _expr(size) -> sympy.Expr:
-    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
 
 
 def _same_size(a, b) -> bool:
@@ -246,13 +252,9 @@ def _rewrite(gm: GraphModule, read: Node, axis: int, index: int, fake_mode) -> b
             if source_axis is None or source in region:
                 continue
             if (source, source_axis) not in pieces:  # the first reader comes first in graph order
-                with gm.graph.inserting_before(node):
-                    piece = gm.graph.call_function(aten.slice.Tensor, (source, source_axis, index,
-                                                                       _MAX if index == -1 else index + 1))
-                piece.meta["val"] = fake_value(piece, fake_mode)
-                if "nn_module_stack" in node.meta:
-                    piece.meta["nn_module_stack"] = dict(node.meta["nn_module_stack"])
-                pieces[source, source_axis] = piece
+                builder = GraphBuilder(gm, node.prev, node.meta.get("nn_module_stack"))
+                pieces[source, source_axis] = builder.call(aten.slice.Tensor, source, source_axis, index,
+                                                           _MAX if index == -1 else index + 1)
             node.replace_input_with(source, pieces[source, source_axis])
         if node.target in _VIEWS or node.target == aten.expand.default:
             sizes = list(node.args[1])

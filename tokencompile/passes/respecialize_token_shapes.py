@@ -19,6 +19,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import UnsupportedModelError
 from ..graph_utils import aten, fake_value, node_arg, set_node_arg
+from ..graph_utils import size_expr as _expr
 
 Factors = list[tuple[sympy.Expr, sympy.Expr]]  # (old, new) size of each factor of one dimension
 
@@ -28,12 +29,6 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _NEW = {aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default}
 _SIZED_LIKE_SOURCE = {aten.expand.default, aten.broadcast_to.default} | _NEW
 _PROBE = 1_000_003  # value given to symbolic sizes when sizes must be ordered
-
-
-def _expr(size) -> sympy.Expr:
-    if isinstance(size, torch.SymInt):
-        return size.node.expr
-    return sympy.Integer(int(size))
 
 
 def _number(expr: sympy.Expr) -> int:
