@@ -3,8 +3,9 @@
 Texts: the license files of installed packages (real English prose, no data set download). For each of
 the distributions in TEXTS (or CALIBRATION with ``--texts-from calibration``), its first license file
 (sorted by path) with at least PROMPT + CONTINUATION tokens; the first PROMPT tokens are the prompt, the
-next CONTINUATION tokens the continuation. The span a method may remove is the prompt minus its last
-PROTECTED tokens (kept like an instruction).
+next CONTINUATION tokens the continuation. ``--texts-from heldout`` takes later windows of
+PROMPT + CONTINUATION tokens instead (HELDOUT), ``all`` the evaluation texts and those. The span a method
+may remove is the prompt minus its last PROTECTED tokens (kept like an instruction).
 
 For each prefill-FLOPs budget: compile once (stages chosen from the budget), prefill the prompts, then
 teacher-force the continuation through decode steps on the reduced per-layer KV caches. Reported: top-1
@@ -17,7 +18,7 @@ cost model and the logits from one eager staged pass (same numbers as the compil
     .venv/bin/python benchmarks/decoder_fidelity.py [--budgets 0.6,0.4] [--method fastv|pyramiddrop]
         [--layer K | L1,L2,.. | auto] [--sinks N] [--pool W] [--lookup N] [--ahead M] [--probes P]
         [--method dart,divprune,zipcache,random [--option KEY=VALUE]] [--compare] [--eager]
-        [--texts-from evaluation|calibration] [--texts N] [--json FILE]
+        [--texts-from evaluation|calibration|heldout|all] [--texts N] [--json FILE]
 
 Measured here (2 shared CPU cores; 8 evaluation texts, 512-token prompts, span = the first 448). The
 bold lookup rows, the rule rows (``the rule: K=...``) and plain FastV were measured again on 2026-12-02,
@@ -154,6 +155,38 @@ interval +0.3% .. +18.3%, agreement 0.863 .. 0.924. At 0.4: +2.7% .. +19.6%, agr
 With eight texts both misses (0.0035 in agreement, 0.1 point in perplexity) are far inside the noise of
 the choice of texts: ten more kept span tokens moved the agreement by -0.008 (below the target) and
 the perplexity by -0.6 points (still above it).
+
+Held-out texts (2026-12-02). Eight continuations cannot tell +8.1% from +8%; more text of the same kind
+can. HELDOUT was fixed before any run on it and nothing was set on it: the 576-token windows 2-5 of the
+evaluation files (torch's and kiwisolver's have one window), and windows 1-4 of scikit-learn's and
+sympy's license texts, the only installed license texts that are neither calibration texts nor copies of
+one or of an evaluation text (the other distinct ones are Apache 2.0 copies, like transformers, regex
+and cuda-bindings, or NVIDIA's SDK agreement, like nvidia-cudnn-cu13): 27 prompts from 8 files. ``all``
+adds the 8 evaluation prompts: 35 prompts, 2,240 predictions, 10 files. The intervals draw files, each
+with all its windows. Commands: ``--texts-from heldout --budgets 0.6,0.4 --layer auto --sinks 4 --pool 15
+--lookup 16 --compare`` (about 13 minutes), the same without ``--lookup 16 --compare`` (the rule), and
+``--texts-from all`` with the first (about 22 minutes); logs benchmarks/results/decoder_fidelity_heldout.log,
+decoder_fidelity_heldout_rule.log, decoder_fidelity_all.log.
+
+| texts | run | budget | stages | agreement | perplexity (full) | vs full | 95%, files drawn again |
+|---|---|---|---|---|---|---|---|
+| held-out (27) | **recommended** (rule, sinks 4, pool 15, lookup 16) | 0.6 | 4:240 | **0.9161** | 7.739 (7.448) | **+3.9%** | +2.0 .. +6.0%, 0.894 .. 0.939 |
+| held-out | the rule without lookup | 0.6 | 4:240 | 0.9062 | 8.464 | +13.6% | +3.1 .. +33.1%, 0.862 .. 0.940 |
+| held-out | plain FastV K=2 | 0.6 | 2:260 | 0.8356 | 9.479 | +27.3% | +8.2 .. +66.5%, 0.778 .. 0.873 |
+| held-out | recommended | 0.4 | 3:133 | 0.8634 | 8.160 | +9.6% | +5.1 .. +14.5%, 0.840 .. 0.887 |
+| held-out | the rule without lookup | 0.4 | 3:133 | 0.8490 | 8.907 | +19.6% | +8.9 .. +38.3%, 0.811 .. 0.887 |
+| held-out | plain FastV K=2 | 0.4 | 2:149 | 0.7685 | 11.844 | +59.0% | +22.8 .. +119.3%, 0.723 .. 0.799 |
+| all (35) | **recommended** | 0.6 | 4:240 | **0.9116** | 7.221 (6.888) | **+4.8%** | +2.3 .. +8.5%, 0.891 .. 0.932 |
+| all | plain FastV K=2 | 0.6 | 2:260 | 0.8286 | 8.990 | +30.5% | +15.9 .. +61.0%, 0.784 .. 0.860 |
+| all | recommended | 0.4 | 3:133 | 0.8629 | 7.563 | +9.8% | +5.8 .. +14.5%, 0.840 .. 0.885 |
+| all | plain FastV K=2 | 0.4 | 2:149 | 0.7634 | 11.083 | +60.9% | +33.6 .. +103.9%, 0.725 .. 0.793 |
+
+On the held-out windows the lookup prior earns its place (+13.6% -> +3.9% at 0.6: sympy +91% -> +0.2%,
+scikit-learn +20% -> +2.0%, pillow +17% -> +2.0%; it costs numpy +4.6% -> +7.8%, scipy -1.6% -> +2.3%
+and typing_extensions +0.9% -> +7.0%). On all 35 prompts the recommended setting meets issue 13's targets at 0.6: agreement
+0.912 (>= 0.90) and perplexity +4.8% (within +8%), against plain FastV's 0.829 / +30.5% at the same FLOPs;
+the upper ends of the intervals (+8.5%, agreement 0.891) say the targets are met in expectation for such
+text, not for every draw of ten files. Torch's text (+38%) stays the worst case.
 """
 
 from __future__ import annotations
@@ -176,10 +209,18 @@ TEXTS = ["torch", "numpy", "scipy", "matplotlib", "pillow", "typing_extensions",
 # calibration texts (--texts-from calibration): other license files, none of them one of the TEXTS
 CALIBRATION = ["cuda-bindings", "fonttools", "nvidia-cublas", "nvidia-cudnn-cu13", "python-dateutil", "regex", "ruff",
                "setuptools"]
+# held-out texts (--texts-from heldout), fixed before any run on them: the 576-token windows 2-5 of each of
+# TEXTS (those that exist: torch and kiwisolver have one), and windows 1-4 of the only other installed license
+# texts that are neither a calibration text nor a copy of one or of TEXTS (the rest are Apache 2.0 copies,
+# like transformers / regex / cuda-bindings, or NVIDIA's SDK agreement, like nvidia-cudnn-cu13)
+HELDOUT = [(TEXTS, range(1, 5)), (["scikit-learn", "sympy"], range(4))]
 PROMPT, CONTINUATION, PROTECTED = 512, 64, 64
 
 
-def license_token_ids(tokenizer, distributions: list[str], needed: int) -> tuple[torch.Tensor, list[str]]:
+def license_token_ids(tokenizer, distributions: list[str], needed: int,
+                      windows: range = range(1)) -> tuple[torch.Tensor, list[str]]:
+    """Each distribution's first license file (sorted by path) with at least ``needed`` tokens, cut into
+    consecutive ``needed``-token windows; the rows are the ``windows`` of them that exist."""
     rows, sources = [], []
     for name in distributions:
         files = sorted(str(f) for f in importlib.metadata.distribution(name).files or []
@@ -189,8 +230,10 @@ def license_token_ids(tokenizer, distributions: list[str], needed: int) -> tuple
             with open(path, errors="replace") as text:
                 ids = tokenizer(text.read()).input_ids
             if len(ids) >= needed:
-                rows.append(ids[:needed])
-                sources.append(f"{name}:{file}")
+                for window in windows:
+                    if (window + 1) * needed <= len(ids):
+                        rows.append(ids[window * needed:(window + 1) * needed])
+                        sources.append(f"{name}:{file}" + (f"#{window + 1}" if windows != range(1) else ""))
                 break
     return torch.tensor(rows), sources
 
@@ -203,17 +246,21 @@ def fidelity(logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tenso
             "per_text_agreement": agreement.tolist(), "per_text_nll": nll.tolist()}
 
 
-def bootstrap_interval(row: dict, full: dict, draws: int = 10000, seed: int = 0) -> dict:
+def bootstrap_interval(row: dict, full: dict, groups: list[str], draws: int = 10000, seed: int = 0) -> dict:
     """95% intervals of the perplexity change and the agreement when the texts are drawn again with
     replacement (paired: one draw for the run and the full model): how much the figures owe to which
-    texts were chosen."""
+    texts were chosen. Rows of one group (windows of one file) are drawn together."""
     nll, base = torch.tensor(row["per_text_nll"]), torch.tensor(full["per_text_nll"])
     agreement = torch.tensor(row["per_text_agreement"])
-    draw = torch.randint(0, len(nll), (draws, len(nll)), generator=torch.Generator().manual_seed(seed))
-    change = (nll[draw].mean(1) - base[draw].mean(1)).exp() - 1
+    names = sorted(set(groups), key=groups.index)
+    member = torch.tensor([names.index(g) for g in groups])
+    draw = torch.randint(0, len(names), (draws, len(names)), generator=torch.Generator().manual_seed(seed))
+    counts = torch.nn.functional.one_hot(draw, len(names)).sum(1).float()[:, member]  # [draws, rows]
+    counts = counts / counts.sum(1, keepdim=True)
+    change = (counts @ nll - counts @ base).exp() - 1
     quantiles = torch.tensor([0.025, 0.975])
     return {"perplexity_change_95": change.quantile(quantiles).tolist(),
-            "agreement_95": agreement[draw].mean(1).quantile(quantiles).tolist()}
+            "agreement_95": (counts @ agreement).quantile(quantiles).tolist()}
 
 
 def _causal(n: int) -> torch.Tensor:
@@ -330,9 +377,10 @@ def main() -> None:
     parser.add_argument("--ahead", type=int, default=64, help="how far past the prompt a lookup match reaches")
     parser.add_argument("--compare", action="store_true", help="also run plain FastV (K=2, last token, no sinks) "
                         "at each budget")
-    parser.add_argument("--texts", type=int, default=len(TEXTS), help="the first N texts only (exploration)")
-    parser.add_argument("--texts-from", default="evaluation", choices=["evaluation", "calibration"],
-                        help="TEXTS, or the CALIBRATION texts the schedule rule was set on")
+    parser.add_argument("--texts", type=int, default=None, help="the first N texts only (exploration)")
+    parser.add_argument("--texts-from", default="evaluation", choices=["evaluation", "calibration", "heldout", "all"],
+                        help="TEXTS, the CALIBRATION texts the schedule rule was set on, the HELDOUT windows, or "
+                        "all = evaluation + heldout")
     parser.add_argument("--eager", action="store_true", help="stages from the cost model, logits from one eager "
                         "staged pass (fast exploration; equal to the compiled program) instead of compiling")
     parser.add_argument("--json", default=None)
@@ -340,8 +388,10 @@ def main() -> None:
     torch.set_num_threads(2)
 
     tokenizer = smollm2_tokenizer()
-    names = TEXTS if args.texts_from == "evaluation" else CALIBRATION
-    ids, sources = license_token_ids(tokenizer, names[:args.texts], PROMPT + CONTINUATION)
+    sets = {"evaluation": [(TEXTS, range(1))], "calibration": [(CALIBRATION, range(1))], "heldout": HELDOUT,
+            "all": [(TEXTS, range(1)), *HELDOUT]}[args.texts_from]
+    parts = [license_token_ids(tokenizer, names, PROMPT + CONTINUATION, windows) for names, windows in sets]
+    ids, sources = torch.cat([p[0] for p in parts])[:args.texts], [s for p in parts for s in p[1]][:args.texts]
     prompt, continuation = ids[:, :PROMPT], ids[:, PROMPT:]
     print(f"{len(sources)} texts: {', '.join(sources)}")
     model = smollm2().model
@@ -414,11 +464,15 @@ def main() -> None:
     for r in results:
         if "tokens_per_layer" in r:
             print(f"budget {r['budget']} {r['name']}: tokens per layer {r['tokens_per_layer']}")
-    names = [source.split(":")[0] for source in sources]
+    groups = [source.split(":")[0] for source in sources]
+    names = sorted(set(groups), key=groups.index)
     for r in results[1:]:
-        r.update(bootstrap_interval(r, results[0]))
-        changes = [100 * (torch.tensor(a - b).exp().item() - 1) for a, b in zip(r["per_text_nll"],
-                                                                              results[0]["per_text_nll"])]
+        r.update(bootstrap_interval(r, results[0], groups))
+        changes = []  # per file: its windows' mean log-perplexity against the full model's
+        for name in names:
+            rows = [i for i, g in enumerate(groups) if g == name]
+            change = sum(r["per_text_nll"][i] - results[0]["per_text_nll"][i] for i in rows) / len(rows)
+            changes.append(100 * (torch.tensor(change).exp().item() - 1))
         low, high = (100 * x for x in r["perplexity_change_95"])
         print(f"budget {r['budget']} {r['name']}: perplexity change per text "
               f"{', '.join(f'{n} {c:+.1f}%' for n, c in zip(names, changes))}; texts drawn again (95%): "
