@@ -147,8 +147,9 @@ cannot foresee them, which is what the lookup prior adds. Plain FastV at K=2 (0.
 at the same FLOPs by the rule (0.898 / +20.1%) and more by the rule with the lookup (0.904 / +8.7%; with
 the dead positions removed 0.8965 / +8.1%).
 
-Each run also prints its perplexity change per text and 95% intervals with the texts drawn again
-(paired bootstrap over the texts, 10,000 draws). For the recommended settings (log:
+Each run also prints its perplexity change per file and 95% intervals with the files drawn again
+(paired bootstrap over the files, each with all its prompts, 10,000 draws; the evaluation texts are one
+prompt per file). For the recommended settings (log:
 benchmarks/results/decoder_fidelity_lookup.log, 2026-12-02): at 0.6 torch +38.0%, numpy +1.7%, scipy
 -1.3%, matplotlib -0.2%, pillow -1.2%, typing_extensions -0.3%, transformers +26.9%, kiwisolver +7.8%;
 interval +0.3% .. +18.3%, agreement 0.863 .. 0.924. At 0.4: +2.7% .. +19.6%, agreement 0.818 .. 0.900.
@@ -157,16 +158,20 @@ the choice of texts: ten more kept span tokens moved the agreement by -0.008 (be
 the perplexity by -0.6 points (still above it).
 
 Held-out texts (2026-12-02). Eight continuations cannot tell +8.1% from +8%; more text of the same kind
-can. HELDOUT was fixed before any run on it and nothing was set on it: the 576-token windows 2-5 of the
-evaluation files (torch's and kiwisolver's have one window), and windows 1-4 of scikit-learn's and
-sympy's license texts, the only installed license texts that are neither calibration texts nor copies of
-one or of an evaluation text (the other distinct ones are Apache 2.0 copies, like transformers, regex
-and cuda-bindings, or NVIDIA's SDK agreement, like nvidia-cudnn-cu13): 27 prompts from 8 files. ``all``
-adds the 8 evaluation prompts: 35 prompts, 2,240 predictions, 10 files. The intervals draw files, each
-with all its windows. Commands: ``--texts-from heldout --budgets 0.6,0.4 --layer auto --sinks 4 --pool 15
---lookup 16 --compare`` (about 13 minutes), the same without ``--lookup 16 --compare`` (the rule), and
-``--texts-from all`` with the first (about 22 minutes); logs benchmarks/results/decoder_fidelity_heldout.log,
-decoder_fidelity_heldout_rule.log, decoder_fidelity_all.log.
+narrows the interval. HELDOUT was fixed before any run on it and nothing was set on it: the 576-token
+windows 2-5 of the evaluation files (those that exist: transformers has windows 2-3, torch and
+kiwisolver none), and windows 1-4 of scikit-learn's and sympy's license texts (2 and 3 exist), the only
+installed license texts that are neither calibration texts nor copies of one or of an evaluation text
+(the other distinct ones are Apache 2.0 copies, like transformers, regex and cuda-bindings, or NVIDIA's
+SDK agreement, like nvidia-cudnn-cu13): 27 prompts from 8 files, 22 of them later windows of 6
+evaluation files. ``all`` adds the 8 evaluation prompts: 35 prompts, 2,240 predictions, 10 files. The
+intervals draw files, each with all its windows; with 8 or 10 files they are rough. Commands:
+``--texts-from heldout --budgets 0.6,0.4 --layer auto --sinks 4 --pool 15 --lookup 16 --compare`` (about
+13 minutes), the same without ``--lookup 16 --compare`` (the rule), and ``--texts-from all`` with the
+first (about 22 minutes); logs and JSON in benchmarks/results/decoder_fidelity_heldout*, _all* (printed
+by the first version of the held-out code, whose lines still say "per text" and "texts drawn again" for
+what are files; "files weighted equally" below is ``per_file`` over the JSON's rows, which the benchmark
+now prints too).
 
 | texts | run | budget | stages | agreement | perplexity (full) | vs full | 95%, files drawn again |
 |---|---|---|---|---|---|---|---|
@@ -183,10 +188,13 @@ decoder_fidelity_heldout_rule.log, decoder_fidelity_all.log.
 
 On the held-out windows the lookup prior earns its place (+13.6% -> +3.9% at 0.6: sympy +91% -> +0.2%,
 scikit-learn +20% -> +2.0%, pillow +17% -> +2.0%; it costs numpy +4.6% -> +7.8%, scipy -1.6% -> +2.3%
-and typing_extensions +0.9% -> +7.0%). On all 35 prompts the recommended setting meets issue 13's targets at 0.6: agreement
-0.912 (>= 0.90) and perplexity +4.8% (within +8%), against plain FastV's 0.829 / +30.5% at the same FLOPs;
-the upper ends of the intervals (+8.5%, agreement 0.891) say the targets are met in expectation for such
-text, not for every draw of ten files. Torch's text (+38%) stays the worst case.
+and typing_extensions +0.9% -> +7.0%). On all 35 prompts the point estimates of the recommended setting
+meet issue 13's targets at 0.6: agreement 0.912 (>= 0.90) and perplexity +4.8% (within +8%), against
+plain FastV's 0.829 / +30.5% at the same FLOPs. Pooled over predictions, the five long licenses count 5
+prompts each and torch and kiwisolver one each; with the 10 files weighted equally the figures are 0.909
+/ +7.4% (plain FastV 0.828 / +33.2%; at 0.4 0.865 / +11.4%). The intervals reach past both targets
+(+8.5%, agreement 0.891), so these data do not rule out a miss on another draw of files, and the
+eight-text evaluation above still misses both (0.8965 / +8.1%). Torch's text (+38%) stays the worst case.
 """
 
 from __future__ import annotations
@@ -255,12 +263,23 @@ def bootstrap_interval(row: dict, full: dict, groups: list[str], draws: int = 10
     names = sorted(set(groups), key=groups.index)
     member = torch.tensor([names.index(g) for g in groups])
     draw = torch.randint(0, len(names), (draws, len(names)), generator=torch.Generator().manual_seed(seed))
-    counts = torch.nn.functional.one_hot(draw, len(names)).sum(1).float()[:, member]  # [draws, rows]
+    counts = torch.zeros(draws, len(names)).scatter_add_(1, draw, torch.ones(draws, len(names)))[:, member]
     counts = counts / counts.sum(1, keepdim=True)
     change = (counts @ nll - counts @ base).exp() - 1
     quantiles = torch.tensor([0.025, 0.975])
     return {"perplexity_change_95": change.quantile(quantiles).tolist(),
             "agreement_95": (counts @ agreement).quantile(quantiles).tolist()}
+
+
+def per_file(row: dict, full: dict, groups: list[str]) -> tuple[dict, dict]:
+    """Each file's mean log-perplexity change against the full model and its mean agreement, over its
+    windows (``groups`` names each row's file)."""
+    nll, agreement = {}, {}
+    for name in sorted(set(groups), key=groups.index):
+        rows = [i for i, g in enumerate(groups) if g == name]
+        nll[name] = sum(row["per_text_nll"][i] - full["per_text_nll"][i] for i in rows) / len(rows)
+        agreement[name] = sum(row["per_text_agreement"][i] for i in rows) / len(rows)
+    return nll, agreement
 
 
 def _causal(n: int) -> torch.Tensor:
@@ -377,7 +396,7 @@ def main() -> None:
     parser.add_argument("--ahead", type=int, default=64, help="how far past the prompt a lookup match reaches")
     parser.add_argument("--compare", action="store_true", help="also run plain FastV (K=2, last token, no sinks) "
                         "at each budget")
-    parser.add_argument("--texts", type=int, default=None, help="the first N texts only (exploration)")
+    parser.add_argument("--texts", type=int, default=None, help="the first N prompts only (exploration)")
     parser.add_argument("--texts-from", default="evaluation", choices=["evaluation", "calibration", "heldout", "all"],
                         help="TEXTS, the CALIBRATION texts the schedule rule was set on, the HELDOUT windows, or "
                         "all = evaluation + heldout")
@@ -393,7 +412,7 @@ def main() -> None:
     parts = [license_token_ids(tokenizer, names, PROMPT + CONTINUATION, windows) for names, windows in sets]
     ids, sources = torch.cat([p[0] for p in parts])[:args.texts], [s for p in parts for s in p[1]][:args.texts]
     prompt, continuation = ids[:, :PROMPT], ids[:, PROMPT:]
-    print(f"{len(sources)} texts: {', '.join(sources)}")
+    print(f"{len(sources)} prompts: {', '.join(sources)}")
     model = smollm2().model
     with torch.no_grad():
         full = model(input_ids=ids).logits[:, PROMPT - 1:-1]
@@ -468,15 +487,14 @@ def main() -> None:
     names = sorted(set(groups), key=groups.index)
     for r in results[1:]:
         r.update(bootstrap_interval(r, results[0], groups))
-        changes = []  # per file: its windows' mean log-perplexity against the full model's
-        for name in names:
-            rows = [i for i, g in enumerate(groups) if g == name]
-            change = sum(r["per_text_nll"][i] - results[0]["per_text_nll"][i] for i in rows) / len(rows)
-            changes.append(100 * (torch.tensor(change).exp().item() - 1))
+        nll, agreement = per_file(r, results[0], groups)
+        changes = [100 * (torch.tensor(x).exp().item() - 1) for x in nll.values()]
         low, high = (100 * x for x in r["perplexity_change_95"])
-        print(f"budget {r['budget']} {r['name']}: perplexity change per text "
-              f"{', '.join(f'{n} {c:+.1f}%' for n, c in zip(names, changes))}; texts drawn again (95%): "
-              f"{low:+.1f}% .. {high:+.1f}%, agreement {r['agreement_95'][0]:.3f} .. {r['agreement_95'][1]:.3f}")
+        print(f"budget {r['budget']} {r['name']}: perplexity change per file "
+              f"{', '.join(f'{n} {c:+.1f}%' for n, c in zip(names, changes))}; files drawn again (95%): "
+              f"{low:+.1f}% .. {high:+.1f}%, agreement {r['agreement_95'][0]:.3f} .. {r['agreement_95'][1]:.3f}; "
+              f"files weighted equally: perplexity {100 * (torch.tensor(list(nll.values())).mean().exp().item() - 1):+.1f}%, "
+              f"agreement {sum(agreement.values()) / len(agreement):.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "texts": sources, "prompt": PROMPT, "continuation": CONTINUATION, "protected": PROTECTED,
