@@ -21,14 +21,17 @@ cost model and the logits from one eager staged pass (same numbers as the compil
         [--texts-from evaluation|calibration|heldout|all] [--texts N] [--json FILE]
 
 Measured here (2 shared CPU cores; 8 evaluation texts, 512-token prompts, span = the first 448). The
-bold lookup rows, the rule rows (``the rule: K=...``) and plain FastV were measured again on 2026-12-02,
+bold lookup rows, the rule rows (``the rule: K=...``), plain FastV, the span scores (dart, divprune,
+zipcache, random) and the compiled pyramiddrop rows were measured again on 2026-12-02,
 after the last layer's dead positions were removed (``passes/eliminate_dead_positions.py``: the prefill
 computes the last layer's query, attention row and MLP for the last token alone, 3.1% of the FLOPs, and
 the cost model counts it, so a budget keeps more span tokens: 240 instead of 230 at 0.6, 133 instead of
-127 at 0.4). Every other row (and table below) was measured before it, at the same FLOPs with those
-fewer span tokens (their stages say how many). The earlier figures of the re-measured rows: lookup
-4:230 0.9043 / +8.7% and 3:127 0.8613 / +10.5%; the rule 4:230 0.8984 / +20.1% and 3:127 0.8535 /
-+30.0%; plain FastV 2:250 0.7969 / +43.8% and 2:143 0.7344 / +68.7%.
+127 at 0.4). Every other row (the eager rows, and the tables below) was measured before it, at the
+same FLOPs with those fewer span tokens (their stages say how many). The earlier figures of the
+re-measured rows: lookup 4:230 0.9043 / +8.7% and 3:127 0.8613 / +10.5%; the rule 4:230 0.8984 / +20.1%
+and 3:127 0.8535 / +30.0%; plain FastV 2:250 0.7969 / +43.8% and 2:143 0.7344 / +68.7%; dart / divprune
+/ zipcache / random 4:230 0.8496 / +32.4%, 0.8145 / +34.1%, 0.8574 / +38.3%, 0.8145 / +37.4%;
+pyramiddrop 8:282 15:179 23:114 0.8789 / +20.3% and 8:115 15:30 23:7 0.8281 / +46.4%.
 
 | run | budget | FLOPs ratio | stages (layer:span kept) | top-1 agreement | perplexity | vs full |
 |---|---|---|---|---|---|---|
@@ -37,11 +40,11 @@ fewer span tokens (their stages say how many). The earlier figures of the re-mea
 | plain FastV (K=2, last token, no sinks) | 0.6 | 0.600 | 2:260 | 0.8047 | 7.520 | +42.2% |
 | fastv layer=auto sinks=4 pool=15 (the rule: K=4) | 0.6 | 0.599 | 4:240 | 0.9023 | 6.335 | +19.8% |
 | **fastv layer=auto sinks=4 pool=15 lookup=16** (K=4) | 0.6 | 0.599 | 4:240 | **0.8965** | 5.717 | **+8.1%** |
-| dart (pivots 8) layer=auto sinks=4 | 0.6 | 0.599 | 4:230 | 0.8496 | 7.001 | +32.4% |
-| divprune layer=auto sinks=4 | 0.6 | 0.599 | 4:230 | 0.8145 | 7.096 | +34.1% |
-| zipcache (probes 0.05, causal) layer=auto sinks=4 | 0.6 | 0.599 | 4:230 | 0.8574 | 7.315 | +38.3% |
-| random layer=auto sinks=4 | 0.6 | 0.599 | 4:230 | 0.8145 | 7.268 | +37.4% |
-| pyramiddrop 8/15/23 sinks=4 pool=15 | 0.6 | 0.600 | 8:282 15:179 23:114 | 0.8789 | 6.365 | +20.3% |
+| dart (pivots 8) layer=auto sinks=4 | 0.6 | 0.599 | 4:240 | 0.8477 | 6.976 | +31.9% |
+| divprune layer=auto sinks=4 | 0.6 | 0.599 | 4:240 | 0.8242 | 7.165 | +35.5% |
+| zipcache (probes 0.05, causal) layer=auto sinks=4 | 0.6 | 0.599 | 4:240 | 0.8711 | 7.172 | +35.6% |
+| random layer=auto sinks=4 | 0.6 | 0.599 | 4:240 | 0.8164 | 7.173 | +35.6% |
+| pyramiddrop 8/15/23 sinks=4 pool=15 | 0.6 | 0.600 | 8:288 15:187 23:121 | 0.8848 | 6.326 | +19.6% |
 | pyramiddrop paper (8/15/23, ratio r, r^2, r^3 from the budget), eager | 0.6 | 0.600 | 8:287 15:183 23:117 | 0.8594 | 7.101 | +34.2% |
 | rule without pool (sinks=4), eager | 0.6 | 0.599 | 4:230 | 0.8457 | 7.487 | +41.5% |
 | rule without sinks (pool=15), eager | 0.6 | 0.599 | 4:234 | 0.8984 | 6.355 | +20.1% |
@@ -49,7 +52,7 @@ fewer span tokens (their stages say how many). The earlier figures of the re-mea
 | plain FastV (K=2, last token, no sinks) | 0.4 | 0.398 | 2:149 | 0.7461 | 8.860 | +67.5% |
 | fastv layer=auto sinks=4 pool=15 (the rule: K=3) | 0.4 | 0.399 | 3:133 | 0.8594 | 6.690 | +26.5% |
 | **fastv layer=auto sinks=4 pool=15 lookup=16** (K=3) | 0.4 | 0.399 | 3:133 | **0.8613** | 5.854 | **+10.7%** |
-| pyramiddrop 8/15/23 sinks=4 pool=15 | 0.4 | 0.400 | 8:115 15:30 23:7 | 0.8281 | 7.743 | +46.4% |
+| pyramiddrop 8/15/23 sinks=4 pool=15 | 0.4 | 0.400 | 8:120 15:33 23:9 | 0.8320 | 7.726 | +46.1% |
 | pyramiddrop paper (8/15/23), eager | 0.4 | 0.400 | 8:123 15:33 23:9 | 0.8086 | 8.185 | +54.7% |
 | rule without pool (sinks=4), eager | 0.4 | 0.399 | 3:127 | 0.7812 | 7.975 | +50.8% |
 | rule without sinks (pool=15), eager | 0.4 | 0.399 | 3:131 | 0.8535 | 6.878 | +30.0% |
@@ -58,12 +61,13 @@ fewer span tokens (their stages say how many). The earlier figures of the re-mea
 Tokens per layer (prompt tokens each layer sees and caches; 30 layers): budget 0.6 rule 512 x 4, 308 x 26
 (plain K=2: 512 x 2, 324 x 28); budget 0.4 rule 512 x 3, 201 x 27 (plain K=2: 512 x 2, 213 x 28); before
 the dead positions were removed 298 / 314 / 195 / 207.
-PyramidDrop 8/15/23 sinks=4 pool=15 at 0.6: 512 x 8, 350 x 7, 247 x 8, 182 x 7; at 0.4: 512 x 8, 183 x 7,
-98 x 8, 75 x 7 (the paper form: 512 x 8, 351 x 7, 247 x 8, 181 x 7 and 512 x 8, 187 x 7, 97 x 8, 73 x 7).
+PyramidDrop 8/15/23 sinks=4 pool=15 at 0.6: 512 x 8, 356 x 7, 255 x 8, 189 x 7; at 0.4: 512 x 8, 188 x 7,
+101 x 8, 77 x 7 (before the dead positions were removed 350 / 247 / 182 and 183 / 98 / 75; the paper form,
+eager, then: 512 x 8, 351 x 7, 247 x 8, 181 x 7 and 512 x 8, 187 x 7, 97 x 8, 73 x 7).
 
 Commands (all with ``--budgets 0.6,0.4``): ``--layer auto --sinks 4 --pool 15 --compare`` (the rule and
 plain FastV rows, compiled; about 12 minutes here), ``--method pyramiddrop --sinks 4 --pool 15``
-(compiled), and with ``--eager``: ``--method pyramiddrop``; ``--layer auto --sinks 4``; ``--layer auto
+(compiled, about 5 minutes; log benchmarks/results/decoder_fidelity_pyramiddrop.log), and with ``--eager``: ``--method pyramiddrop``; ``--layer auto --sinks 4``; ``--layer auto
 --pool 15``; ``--layer auto``. Sinks change nothing at K >= 3 (the score keeps token 0 by itself); the
 pooling is what lifts the rule above plain FastV. PyramidDrop's paper stages (8/15/23 of 30) at the same
 FLOPs beat plain FastV at 0.6 but not the single pooled stage: at 0.4 its late stages keep 30 and 7 tokens.
@@ -101,7 +105,8 @@ deeper stages keep fewer tokens than one stage keeps, and the late scores do not
 
 Commands of the rows added later: ``--budgets 0.6,0.4 --layer auto --sinks 4 --pool 15 --lookup 16``
 (compiled, about 7 minutes; the same numbers as a scratch eager copy of the scoring) and ``--budgets 0.6
---layer auto --sinks 4 --method dart,divprune,zipcache,random`` (about 13 minutes). The span scores of
+--layer auto --sinks 4 --method dart,divprune,zipcache,random`` (about 5 minutes; log
+benchmarks/results/decoder_fidelity_span_methods.log). The span scores of
 the encoder methods lose to FastV's pooled attention here (they do not look at the query at all, or,
 for ZipCache, average it over strided probes).
 
