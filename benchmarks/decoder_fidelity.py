@@ -27,7 +27,8 @@ after the last layer's dead positions were removed (``passes/eliminate_dead_posi
 computes the last layer's query, attention row and MLP for the last token alone, 3.1% of the FLOPs, and
 the cost model counts it, so a budget keeps more span tokens: 240 instead of 230 at 0.6, 133 instead of
 127 at 0.4). Every other row (the eager rows, and the tables below) was measured before it, at the
-same FLOPs with those fewer span tokens (their stages say how many). The earlier figures of the
+same FLOPs with those fewer span tokens (their stages say how many; ``--eager`` now plans with the
+compiler's own cost model, dead positions included, so it keeps the compiled programs' counts). The earlier figures of the
 re-measured rows: lookup 4:230 0.9043 / +8.7% and 3:127 0.8613 / +10.5%; the rule 4:230 0.8984 / +20.1%
 and 3:127 0.8535 / +30.0%; plain FastV 2:250 0.7969 / +43.8% and 2:143 0.7344 / +68.7%; dart / divprune
 / zipcache / random 4:230 0.8496 / +32.4%, 0.8145 / +34.1%, 0.8574 / +38.3%, 0.8145 / +37.4%;
@@ -207,6 +208,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import sys
 import time
@@ -265,7 +267,7 @@ def bootstrap_interval(row: dict, full: dict, groups: list[str], draws: int = 10
     texts were chosen. Rows of one group (windows of one file) are drawn together."""
     nll, base = torch.tensor(row["per_text_nll"]), torch.tensor(full["per_text_nll"])
     agreement = torch.tensor(row["per_text_agreement"])
-    names = sorted(set(groups), key=groups.index)
+    names = list(dict.fromkeys(groups))
     member = torch.tensor([names.index(g) for g in groups])
     draw = torch.randint(0, len(names), (draws, len(names)), generator=torch.Generator().manual_seed(seed))
     counts = torch.zeros(draws, len(names)).scatter_add_(1, draw, torch.ones(draws, len(names)))[:, member]
@@ -280,7 +282,7 @@ def per_file(row: dict, full: dict, groups: list[str]) -> tuple[dict, dict]:
     """Each file's mean log-perplexity change against the full model and its mean agreement, over its
     windows (``groups`` names each row's file)."""
     nll, agreement = {}, {}
-    for name in sorted(set(groups), key=groups.index):
+    for name in dict.fromkeys(groups):
         rows = [i for i, g in enumerate(groups) if g == name]
         nll[name] = sum(row["per_text_nll"][i] - full["per_text_nll"][i] for i in rows) / len(rows)
         agreement[name] = sum(row["per_text_agreement"][i] for i in rows) / len(rows)
@@ -336,21 +338,18 @@ def eager_staged_logits(lm, ids: torch.Tensor, stages, span_end: int, probes: in
 def eager_plan(lm, prompt: torch.Tensor, budget: float, span: Span, options: dict) -> dict:
     """The stages compile_decoder would choose (from the cost model; no rewrite), as a report."""
     from tokencompile.decoder import pyramid_layers
-    from tokencompile.decoder.analysis import analyse_decoder
     from tokencompile.decoder.prefill import (
         Stage,
         auto_layer,
         choose_pyramid,
         choose_schedule,
-        export_prefill,
         stage_schedule,
+        trace_prefill,
     )
-    from tokencompile.flops import build_cost_model
 
     example = prompt[:1]
-    gm = export_prefill(lm, example).module()
-    analysis = analyse_decoder(gm, example)
-    cost = build_cost_model(gm, analysis.base, (example,))
+    traced = trace_prefill(lm, example, None)  # the cost model compile_decoder plans with
+    analysis, cost = traced.analysis, traced.cost
     removable = int((span.removable(example) & (torch.arange(PROMPT) >= options["sinks"])).sum())
     layer = options["layer"]
     if layer is None:
@@ -489,16 +488,15 @@ def main() -> None:
         if "tokens_per_layer" in r:
             print(f"budget {r['budget']} {r['name']}: tokens per layer {r['tokens_per_layer']}")
     groups = [source.split(":")[0] for source in sources]
-    names = sorted(set(groups), key=groups.index)
     for r in results[1:]:
         r.update(bootstrap_interval(r, results[0], groups))
         nll, agreement = per_file(r, results[0], groups)
-        changes = [100 * (torch.tensor(x).exp().item() - 1) for x in nll.values()]
         low, high = (100 * x for x in r["perplexity_change_95"])
         print(f"budget {r['budget']} {r['name']}: perplexity change per file "
-              f"{', '.join(f'{n} {c:+.1f}%' for n, c in zip(names, changes))}; files drawn again (95%): "
-              f"{low:+.1f}% .. {high:+.1f}%, agreement {r['agreement_95'][0]:.3f} .. {r['agreement_95'][1]:.3f}; "
-              f"files weighted equally: perplexity {100 * (torch.tensor(list(nll.values())).mean().exp().item() - 1):+.1f}%, "
+              f"{', '.join(f'{name} {100 * (math.exp(x) - 1):+.1f}%' for name, x in nll.items())}; files drawn "
+              f"again (95%): {low:+.1f}% .. {high:+.1f}%, agreement {r['agreement_95'][0]:.3f} .. "
+              f"{r['agreement_95'][1]:.3f}; files weighted equally: perplexity "
+              f"{100 * (math.exp(sum(nll.values()) / len(nll)) - 1):+.1f}%, "
               f"agreement {sum(agreement.values()) / len(agreement):.3f}")
     if args.json:
         with open(args.json, "w") as f:

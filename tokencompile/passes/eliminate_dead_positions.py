@@ -28,9 +28,9 @@ from ..graph_utils import (
     node_arg,
     refresh_fake_values,
     set_node_arg,
+    size_expr,
     tensor_meta,
 )
-from ..graph_utils import size_expr as _expr
 
 _MAX = sys.maxsize
 _SAME_POSITIONS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.contiguous.default,
@@ -45,13 +45,13 @@ _LAYOUT = _VIEWS | {aten.slice.Tensor, aten.select.int, aten.transpose.int, aten
 
 
 def _same_size(a, b) -> bool:
-    return sympy.expand(_expr(a) - _expr(b)) == 0
+    return sympy.expand(size_expr(a) - size_expr(b)) == 0
 
 
 def _prod(sizes) -> sympy.Expr:
     result = sympy.Integer(1)
     for size in sizes:
-        result *= _expr(size)
+        result *= size_expr(size)
     return sympy.expand(result)
 
 

@@ -18,8 +18,7 @@ from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
 from ..errors import UnsupportedModelError
-from ..graph_utils import aten, fake_value, node_arg, set_node_arg
-from ..graph_utils import size_expr as _expr
+from ..graph_utils import aten, fake_value, node_arg, set_node_arg, size_expr
 
 Factors = list[tuple[sympy.Expr, sympy.Expr]]  # (old, new) size of each factor of one dimension
 
@@ -97,7 +96,7 @@ class _Propagation:
             return self.factors[node]
         old = self.old.get(node, node.meta["val"])
         new = node.meta["val"]
-        return [[(_expr(o), _expr(n))] for o, n in zip(old.shape, new.shape)]
+        return [[(size_expr(o), size_expr(n))] for o, n in zip(old.shape, new.shape)]
 
     def inherit_dims(self, node: Node, old_value, new_value) -> None:
         """Changed output dims take the factors of an input dim that changed the same way."""
@@ -107,7 +106,7 @@ class _Propagation:
                 candidates.setdefault((_product(factors, 0), _product(factors, 1)), factors)
         dims = []
         for o, n in zip(old_value.shape, new_value.shape):
-            pair = (_expr(o), _expr(n))
+            pair = (size_expr(o), size_expr(n))
             dims.append(candidates.get(pair, [pair]) if pair[0] != pair[1] else [pair])
         self.factors[node] = dims
 
@@ -132,7 +131,7 @@ class _Propagation:
     def rewrite_view(self, node: Node) -> None:
         source = node.args[0]
         in_factors = [factor for factors in self.dims(source) for factor in factors]
-        old_out = [_expr(s) for s in self.old[node].shape]
+        old_out = [size_expr(s) for s in self.old[node].shape]
         new_out = list(old_out)
         out_factors: list[Factors] = [[(s, s)] for s in old_out]
         for gi, gj in _group(in_factors, old_out):
@@ -169,11 +168,11 @@ class _Propagation:
         offset = len(sizes) - len(old_in)
         for j, size in enumerate(sizes):
             d = j - offset
-            if node.target in _NEW and _expr(size.meta["val"] if isinstance(size, Node) else size) \
-                    != _expr(old_in[d]):
+            if node.target in _NEW and size_expr(size.meta["val"] if isinstance(size, Node) else size) \
+                    != size_expr(old_in[d]):
                 continue  # a size of its own (another layout, an extra token): not the source's dim
             if d >= 0 and old_in[d] != new_in[d]:
-                sizes[j] = self.size_arg(size, _expr(old_in[d]), _expr(new_in[d]), node)
+                sizes[j] = self.size_arg(size, size_expr(old_in[d]), size_expr(new_in[d]), node)
         node.args = (source, sizes, *node.args[2:])
 
     def rewrite_arange(self, node: Node) -> None:
@@ -183,7 +182,7 @@ class _Propagation:
         end = node.args[0]
         if not isinstance(end, Node) or not isinstance(end.meta.get("val"), torch.SymInt):
             return
-        old = _expr(end.meta["val"])
+        old = size_expr(end.meta["val"])
         partners = [arg for user in node.users for arg in _tensor_inputs(user) if arg is not node]
         news = {_product(factors, 1) for arg in partners if arg in self.factors for factors in self.factors[arg]
                 if _product(factors, 0) == old}
